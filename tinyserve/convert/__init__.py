@@ -1,0 +1,1 @@
+"""Importers that turn other formats (llama2.c, GGUF, SentencePiece) into Hugging Face-named files."""

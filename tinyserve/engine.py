@@ -1,0 +1,284 @@
+"""tinyserve.load(): a model directory in, an LLM object out (weights on a backend, tokenizer, defaults).
+
+    llm = tinyserve.load("DIR", backend="cpu", quant="int8")
+    llm.logits([1, 403, 407])                      # (3, V) float32: one teacher-forced prefill
+    outs = llm.generate(["Once upon a time"], max_new_tokens=50, temperature=0.0)
+    outs[0].text, outs[0].token_ids                # the continuation only
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig, load_config
+from .errors import TinyserveError
+from .generate import Generator, Request
+from .kv_cache import KVCache, cache_bytes, default_context
+from .model import forward, load_weights, upload_weights
+from .ops import get_ops
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO_ROOT / "weights" / "tinystories"
+DEFAULT_BACKEND = "numpy"
+
+
+def default_model_dir() -> Path:
+    """The model used when none is named: $TINYSERVE_MODEL, else the small model shipped in weights/."""
+    env = os.environ.get("TINYSERVE_MODEL")
+    path = Path(env) if env else DEFAULT_MODEL
+    if not (path / "config.json").is_file():
+        raise TinyserveError(
+            f"no model given and the default model is missing at {path} "
+            "(pass --model DIR; tinyserve never downloads weights)"
+        )
+    return path
+
+
+@dataclass
+class GenerationOutput:
+    text: str  # the continuation only
+    token_ids: list[int]  # generated ids (an EOS that ended the text is included)
+    finish_reason: str  # "eos" | "stop" | "length" | "context"
+    prompt_tokens: int
+    seconds: float  # from admission to the last token
+    ttft: float | None  # time to first token
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        return dict(
+            text=self.text,
+            token_ids=self.token_ids,
+            finish_reason=self.finish_reason,
+            prompt_tokens=self.prompt_tokens,
+            generated_tokens=self.generated_tokens,
+            seconds=round(self.seconds, 6),
+            ttft_s=None if self.ttft is None else round(self.ttft, 6),
+            tokens_per_s=round(self.tokens_per_s, 3),
+        )
+
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+class LLM:
+    def __init__(
+        self,
+        model_dir=None,
+        backend: str = DEFAULT_BACKEND,
+        quant: str | None = None,
+        group_size: int = 128,
+        zero_point: bool = False,
+        progress: bool = False,
+        timer=None,
+    ):
+        t0 = time.perf_counter()
+        self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        self.config: ModelConfig = load_config(self.model_dir)
+        self.backend = backend
+        self.ops = get_ops(backend)
+        self.timer = timer
+        self.tokenizer = Tokenizer(self.model_dir, self.config)
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            raise TinyserveError(
+                f"{self.model_dir}: tokenizer has {self.tokenizer.vocab_size} tokens, "
+                f"more than the model's vocab_size {self.config.vocab_size}"
+            )
+        self.ckpt = Checkpoint(self.model_dir)
+        read_linear = None
+        self.quant = quant
+        if quant not in (None, "none"):
+            from .quant import make_read_linear
+
+            bits = {"int8": 8, "int4": 4}.get(quant)
+            if bits is None:
+                raise TinyserveError(f"unknown quantization {quant!r} (choose none, int8 or int4)")
+            read_linear = make_read_linear(bits, group_size, zero_point)
+        elif self.ckpt.metadata.get("tinyserve_quant"):  # a checkpoint written by `tinyserve quantize`
+            from .quant import make_read_linear
+
+            read_linear = make_read_linear(None, None, None)
+            self.quant = self.ckpt.metadata["tinyserve_quant"]
+        bar = _progress_bar("loading") if progress else None
+        host = load_weights(self.ckpt, self.config, read_linear=read_linear, progress=bar)
+        if bar:
+            bar(None, None)
+        self.weights = upload_weights(host, self.ops)
+        self.load_seconds = time.perf_counter() - t0
+        self.generation_defaults = self._generation_defaults()
+        self.compile_seconds = self.ops.warmup() if hasattr(self.ops, "warmup") else 0.0
+
+    # --------------------------------------------------------------------------------------------- info
+    @property
+    def eos_ids(self) -> frozenset:
+        return self.tokenizer.eos_ids
+
+    def _generation_defaults(self) -> dict:
+        """Sampling defaults from generation_config.json: the model author's settings, if sampling is on."""
+        path = self.model_dir / "generation_config.json"
+        try:
+            gc = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            raise TinyserveError(f"{path}: not valid JSON") from None
+        if not isinstance(gc, dict) or not gc.get("do_sample"):
+            return {"temperature": 0.0}
+        out = {k: gc[k] for k in SAMPLING_KEYS if k in gc}
+        out.setdefault("temperature", 1.0)
+        return out
+
+    # ------------------------------------------------------------------------------------------- model
+    def new_cache(self, slots: int, context: int | None = None) -> KVCache:
+        """A KV cache with `slots` sequences of `context` positions (default: the model's, capped)."""
+        if context is None:
+            context, capped = default_context(self.config, slots)
+            if capped:
+                print(
+                    f"note: context capped at {context} tokens (the model allows {self.config.max_position_embeddings}) "
+                    f"to keep the KV cache at {cache_bytes(self.config, slots, context) / 2**30:.1f} GiB; "
+                    "pass a context length to change it",
+                    file=sys.stderr,
+                )
+        elif not isinstance(context, int) or context <= 0:
+            raise TinyserveError(f"context must be a positive integer, got {context!r}")
+        elif context > self.config.max_position_embeddings:
+            raise TinyserveError(
+                f"context {context} is longer than the model's max_position_embeddings "
+                f"({self.config.max_position_embeddings})"
+            )
+        return KVCache(self.config, slots, context, self.ops)
+
+    def forward(self, token_ids, positions, slots, cache, rows=None, tap=None, phase="prefill") -> np.ndarray:
+        """model.forward on host int arrays; returns host float32 logits (R, V)."""
+        up = self.ops.upload
+        logits = forward(
+            self.weights, self.config, self.ops,
+            up(np.asarray(token_ids, np.int64)), up(np.asarray(positions, np.int64)), up(np.asarray(slots, np.int64)),
+            cache, rows=None if rows is None else up(np.asarray(rows, np.int64)), tap=tap,
+        )
+        return self.ops.download(logits)
+
+    def logits(self, token_ids, tap=None) -> np.ndarray:
+        """Logits (T, V) for every position of one sequence, computed in one prefill (teacher forcing)."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise TinyserveError("logits() needs at least one token")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise TinyserveError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+        if ids.size > self.config.max_position_embeddings:
+            raise TinyserveError(
+                f"{ids.size} tokens are more than the model's {self.config.max_position_embeddings} positions"
+            )
+        cache = KVCache(self.config, 1, ids.size, self.ops)
+        return self.forward(ids, np.arange(ids.size), np.zeros(ids.size, np.int64), cache, tap=tap)
+
+    # -------------------------------------------------------------------------------------- generation
+    def encode_prompt(self, prompt, chat: bool = False) -> list[int]:
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+            return [int(t) for t in prompt]
+        if not isinstance(prompt, str):
+            raise TinyserveError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}")
+        return self.tokenizer.encode_chat(prompt) if chat else self.tokenizer.encode(prompt)
+
+    def sampling_params(self, **given) -> SamplingParams:
+        """SamplingParams from the given values; missing ones come from generation_config.json."""
+        values = dict(self.generation_defaults)
+        values.update({k: v for k, v in given.items() if v is not None})
+        return SamplingParams(**{k: values[k] for k in (*SAMPLING_KEYS, "seed") if k in values}).validate()
+
+    def request(self, prompt, max_new_tokens=128, stop=None, chat=False, id=None, **sampling) -> Request:
+        if isinstance(stop, str):
+            stop = (stop,)
+        stop = tuple(s for s in (stop or ()) if s)
+        return Request(
+            prompt_ids=self.encode_prompt(prompt, chat),
+            params=self.sampling_params(**sampling),
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            id=id,
+        )
+
+    def stream(self, requests, max_batch: int | None = None, context: int | None = None):
+        """Run requests with continuous batching; yields generate.Event objects as tokens are made."""
+        requests = list(requests)
+        gen = Generator(self, max_batch=max_batch or max(1, min(len(requests), 8)), context=context, timer=self.timer)
+        for r in requests:
+            gen.add(r)
+        self.last_generator = gen
+        yield from gen.run()
+
+    def generate(
+        self,
+        prompts,
+        max_new_tokens: int = 128,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop=None,
+        chat: bool = False,
+        max_batch: int | None = None,
+        context: int | None = None,
+        on_event=None,
+    ) -> list[GenerationOutput]:
+        """Generate continuations of one prompt or several (of any lengths) at once, in input order."""
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer))
+        )
+        if single:
+            prompts = [prompts]
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repetition_penalty=repetition_penalty, seed=seed)
+        reqs = [self.request(p, max_new_tokens, stop, chat, id=i, **sampling) for i, p in enumerate(prompts)]
+        for ev in self.stream(reqs, max_batch=max_batch, context=context):
+            if on_event is not None:
+                on_event(ev)
+        by_id = {r.request_id: r for r in self.last_generator.results()}
+        return [
+            GenerationOutput(
+                text=r.text, token_ids=r.token_ids, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
+                seconds=r.seconds, ttft=r.ttft,
+            )
+            for r in (by_id[i] for i in range(len(reqs)))
+        ]
+
+
+def load(model_dir=None, backend: str = DEFAULT_BACKEND, quant=None, group_size: int = 128, zero_point: bool = False,
+         progress: bool = False, timer=None) -> LLM:
+    """Load a Hugging Face model directory (default: the small model shipped in weights/)."""
+    return LLM(model_dir, backend=backend, quant=quant, group_size=group_size, zero_point=zero_point,
+               progress=progress, timer=timer)
+
+
+def _progress_bar(label: str):
+    """A one-line progress bar on stderr (only when stderr is a terminal)."""
+    tty = sys.stderr.isatty()
+
+    def bar(done, total):
+        if not tty:
+            return
+        if done is None:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+            return
+        n = int(30 * done / total)
+        sys.stderr.write(f"\r{label} [{'#' * n}{'.' * (30 - n)}] {done}/{total}")
+        sys.stderr.flush()
+
+    return bar

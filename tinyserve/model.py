@@ -1,0 +1,203 @@
+"""The transformer forward pass of Llama-family models, as a recipe.
+
+Read `forward()` top to bottom: it is the whole model. It calls `ops.<name>` for every piece of math and
+never knows which backend runs it (ops/reference.py is the NumPy spec of each op; ops/cpu.py and
+ops/cuda.py are the fast versions). Sampling is not here: forward() returns logits, the generator
+(generate.py) picks tokens.
+
+Shape legend
+    N    tokens in this step, from any number of sequences (a whole prompt, or one token per sequence)
+    D    hidden size                      (config.hidden_size)
+    H    query heads                      (config.num_attention_heads)
+    KVH  key/value heads                  (config.num_key_value_heads; H // KVH query heads share one)
+    hd   head dim                         (config.head_dim)
+    F    MLP width                        (config.intermediate_size)
+    V    vocabulary size                  (config.vocab_size)
+    L    layers                           (config.num_hidden_layers)
+    R    rows whose logits are wanted     (usually the last token of each sequence)
+
+One step of many sequences is one flat batch of N tokens: token n carries its sequence's cache slot
+`slots[n]` and its position `positions[n]`. Prefill (a prompt of T tokens: N = T) and decode (one token
+per running sequence) are the same call, so every matrix product reads each weight once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig, rope_inv_freq
+
+
+@dataclass
+class LayerWeights:
+    input_layernorm: np.ndarray  # (D,)
+    q_proj: object  # (H*hd, D)  float32 array or quantized tensor
+    k_proj: object  # (KVH*hd, D)
+    v_proj: object  # (KVH*hd, D)
+    o_proj: object  # (D, H*hd)
+    post_attention_layernorm: np.ndarray  # (D,)
+    gate_proj: object  # (F, D)
+    up_proj: object  # (F, D)
+    down_proj: object  # (D, F)
+    q_bias: np.ndarray | None = None  # (H*hd,)  Qwen2, or Llama with attention_bias
+    k_bias: np.ndarray | None = None
+    v_bias: np.ndarray | None = None
+    o_bias: np.ndarray | None = None
+    gate_bias: np.ndarray | None = None  # Llama with mlp_bias
+    up_bias: np.ndarray | None = None
+    down_bias: np.ndarray | None = None
+
+
+@dataclass
+class Weights:
+    embed_tokens: np.ndarray  # (V, D)
+    layers: list[LayerWeights]
+    norm: np.ndarray  # (D,)
+    lm_head: object  # (V, D); the embedding table itself when the embeddings are tied
+    inv_freq: np.ndarray  # (hd/2,) RoPE frequencies, scaling applied
+    extra: dict = field(default_factory=dict)
+
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    D, F, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    H, KVH = cfg.num_attention_heads, cfg.num_key_value_heads
+    return {
+        "q_proj": (H * hd, D),
+        "k_proj": (KVH * hd, D),
+        "v_proj": (KVH * hd, D),
+        "o_proj": (D, H * hd),
+        "gate_proj": (F, D),
+        "up_proj": (F, D),
+        "down_proj": (D, F),
+    }
+
+
+def hf_name(layer: int, name: str) -> str:
+    """The Hugging Face tensor name of a layer's weight."""
+    part = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"model.layers.{layer}.{part}.{name}.weight"
+
+
+def load_weights(ckpt: Checkpoint, cfg: ModelConfig, read_linear=None, progress=None) -> Weights:
+    """Read every tensor the config asks for, checking each shape against the config.
+
+    read_linear(ckpt, name, shape) -> float32 array or quantized tensor decides how the big matrices are
+    held (float, quantized while loading, or read already quantized); by default they are float32.
+    """
+    if read_linear is None:
+
+        def read_linear(ckpt, name, shape):
+            return ckpt.get(name, shape)
+
+    D, V = cfg.hidden_size, cfg.vocab_size
+    shapes = linear_shapes(cfg)
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        lin = {n: read_linear(ckpt, hf_name(i, n), shapes[n]) for n in LINEAR_NAMES}
+        biases = {}
+        if cfg.attention_bias:
+            for n in ("q", "k", "v"):
+                biases[f"{n}_bias"] = ckpt.get(hf_name(i, f"{n}_proj")[: -len("weight")] + "bias", (shapes[f"{n}_proj"][0],))
+        if cfg.o_bias:
+            biases["o_bias"] = ckpt.get(hf_name(i, "o_proj")[: -len("weight")] + "bias", (D,))
+        if cfg.mlp_bias:
+            for n in ("gate", "up", "down"):
+                biases[f"{n}_bias"] = ckpt.get(hf_name(i, f"{n}_proj")[: -len("weight")] + "bias", (shapes[f"{n}_proj"][0],))
+        layers.append(
+            LayerWeights(
+                input_layernorm=ckpt.get(f"model.layers.{i}.input_layernorm.weight", (D,)),
+                post_attention_layernorm=ckpt.get(f"model.layers.{i}.post_attention_layernorm.weight", (D,)),
+                **lin,
+                **biases,
+            )
+        )
+        if progress is not None:
+            progress(i + 1, cfg.num_hidden_layers)
+    embed = ckpt.get("model.embed_tokens.weight", (V, D))
+    if cfg.tie_word_embeddings:  # the output head is the embedding table (or a quantized copy of it)
+        lm_head = read_linear(ckpt, "model.embed_tokens.weight", (V, D))
+        lm_head = embed if isinstance(lm_head, np.ndarray) else lm_head
+    else:
+        lm_head = read_linear(ckpt, "lm_head.weight", (V, D))
+    return Weights(
+        embed_tokens=embed,
+        layers=layers,
+        norm=ckpt.get("model.norm.weight", (D,)),
+        lm_head=lm_head,
+        inv_freq=rope_inv_freq(cfg),
+    )
+
+
+def upload_weights(w: Weights, ops) -> Weights:
+    """The same weights, placed where the backend computes (a no-op on the CPU backends)."""
+
+    def up(a):
+        return None if a is None else ops.upload(a)
+
+    layers = [LayerWeights(**{k: up(v) for k, v in vars(layer).items()}) for layer in w.layers]
+    lm_head = up(w.lm_head) if w.lm_head is not w.embed_tokens else None
+    embed = up(w.embed_tokens)
+    return Weights(
+        embed_tokens=embed,
+        layers=layers,
+        norm=up(w.norm),
+        lm_head=embed if lm_head is None else lm_head,
+        inv_freq=up(w.inv_freq),
+        extra=w.extra,
+    )
+
+
+def forward(w: Weights, cfg: ModelConfig, ops, token_ids, positions, slots, cache, rows=None, tap=None):
+    """Run the model over one step's tokens and return logits (R, V) for the chosen rows.
+
+    token_ids, positions, slots: (N,) int arrays (on the backend's device). The keys and values of these
+    tokens are written into `cache` at (slot, position); each token attends to its own sequence's cache up
+    to its own position. rows: (R,) indices of the tokens whose logits are wanted (None: all N).
+    tap(name, layer, array), if given, sees the hidden state at each stage (used by validation tools).
+    """
+    N = token_ids.shape[0]
+    H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    eps, window = cfg.rms_norm_eps, cfg.sliding_window or 0
+
+    x = ops.take_rows(w.embed_tokens, token_ids)  # (N, D) the token embeddings
+    if tap:
+        tap("embed", -1, x)
+    for i, layer in enumerate(w.layers):
+        # --- attention block: x + o_proj(attention(rope(q), rope(k), v))
+        h = ops.rmsnorm(x, layer.input_layernorm, eps)  # (N, D)
+        q = ops.linear(h, layer.q_proj, layer.q_bias).reshape(N, H, hd)  # (N, D) -> (N, H, hd)
+        k = ops.linear(h, layer.k_proj, layer.k_bias).reshape(N, KVH, hd)  # (N, D) -> (N, KVH, hd)
+        v = ops.linear(h, layer.v_proj, layer.v_bias).reshape(N, KVH, hd)  # (N, D) -> (N, KVH, hd)
+        q = ops.rope(q, positions, w.inv_freq)  # (N, H, hd) rotated by position
+        k = ops.rope(k, positions, w.inv_freq)  # (N, KVH, hd)
+        ops.kv_write(cache.k[i], cache.v[i], k, v, slots, positions)  # cache[slot, :, pos] = k, v
+        a = ops.attention(q, cache.k[i], cache.v[i], slots, positions, window)  # (N, H, hd)
+        a = ops.linear(a.reshape(N, H * hd), layer.o_proj, layer.o_bias)  # (N, H*hd) -> (N, D)
+        x = ops.add(x, a)  # (N, D) residual
+        if tap:
+            tap("attn", i, x)
+
+        # --- MLP block (SwiGLU): x + down(silu(gate(h)) * up(h))
+        h = ops.rmsnorm(x, layer.post_attention_layernorm, eps)  # (N, D)
+        g = ops.linear(h, layer.gate_proj, layer.gate_bias)  # (N, F)
+        u = ops.linear(h, layer.up_proj, layer.up_bias)  # (N, F)
+        m = ops.linear(ops.swiglu(g, u), layer.down_proj, layer.down_bias)  # (N, F) -> (N, D)
+        x = ops.add(x, m)  # (N, D) residual
+        if tap:
+            tap("mlp", i, x)
+
+    if rows is not None:
+        x = ops.take_rows(x, rows)  # (R, D) only the tokens whose next token we want
+    x = ops.rmsnorm(x, w.norm, eps)  # (R, D)
+    if tap:
+        tap("norm", -1, x)
+    logits = ops.linear(x, w.lm_head)  # (R, V)
+    if tap:
+        tap("logits", -1, logits)
+    return logits
