@@ -138,7 +138,7 @@ class LLM:
             raise TinyserveError(f"{path}: not valid JSON") from None
         if not isinstance(gc, dict) or not gc.get("do_sample"):
             return {"temperature": 0.0}
-        out = {k: gc[k] for k in SAMPLING_KEYS if k in gc}
+        out = {k: gc[k] for k in SAMPLING_KEYS if gc.get(k) is not None}
         out.setdefault("temperature", 1.0)
         return out
 
