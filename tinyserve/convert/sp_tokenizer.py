@@ -29,11 +29,15 @@ How SentencePiece BPE encodes a text, and how each step maps onto ``tokenizers``
 Decoding reverses it: "▁" -> space, runs of byte tokens -> UTF-8 text, and the one leading space that the
 dummy prefix introduced is stripped (exactly what llama2.c's ``decode`` does after BOS).
 
-Known, documented differences from SentencePiece (none of them occurs with Llama-family vocabularies):
-ties between two different pieces with the same score are broken by merge rank here and by text position
-in SentencePiece; a piece whose halves are not both pieces can never be formed here; and control tokens
-such as ``<s>`` typed literally in a text are recognised as special tokens (as in transformers' Llama
-tokenizer), while SentencePiece treats them as plain characters.
+Known differences from SentencePiece (Llama-style vocabularies, whose normal pieces all have distinct
+scores, avoid the first two):
+- ties between two different pieces with the same score are broken by merge rank here, by text position
+  in SentencePiece;
+- a piece whose two halves are not both pieces can never be formed here;
+- control tokens such as ``<s>`` typed literally in a text are recognised as special tokens here (as in
+  transformers' Llama tokenizer); SentencePiece encodes them as plain characters;
+- decoding strips one leading space, as llama2.c does; SentencePiece strips every leading space when the
+  text starts with whitespace-only pieces (e.g. ids that encode "▁▁x").
 """
 
 from __future__ import annotations
@@ -308,8 +312,11 @@ def _read_sentencepiece_model(data: bytes, source: str) -> SPVocab:
 
     # Protobuf has no end marker: a file cut at a field boundary parses. SentencePiece always writes the
     # pieces, then trainer_spec, then normalizer_spec, so a missing part means a truncated (or foreign) file.
-    parts = {_MODEL_PIECES: "pieces", _MODEL_TRAINER_SPEC: "trainer_spec", _MODEL_NORMALIZER_SPEC: "normalizer_spec"}
-    for field, what in parts.items():
+    for field, what in [
+        (_MODEL_PIECES, "pieces"),
+        (_MODEL_TRAINER_SPEC, "trainer_spec"),
+        (_MODEL_NORMALIZER_SPEC, "normalizer_spec"),
+    ]:
         if field not in seen_fields:
             raise TinyserveError(f"{source}: not a valid SentencePiece model (no {what}; truncated?)")
     model_type = trainer["model_type"]
@@ -327,7 +334,9 @@ def _read_sentencepiece_model(data: bytes, source: str) -> SPVocab:
     special_ids = {}  # unk_id, bos_id, eos_id, pad_id
     for name, _, required_type in _SPECIAL_PIECES.values():
         token_id = ids.get(special_pieces[name], -1)
-        special_ids[name.replace("_piece", "_id")] = token_id if types[token_id] == required_type else -1
+        if token_id >= 0 and types[token_id] != required_type:
+            token_id = -1
+        special_ids[name.replace("_piece", "_id")] = token_id
     return SPVocab(
         pieces=pieces,
         scores=scores,
