@@ -85,7 +85,12 @@ def cmd_generate(args) -> int:
         items += _read_prompt_file(args.prompt_file)
     if not items:
         items = [{"prompt": ""}]  # the empty prompt: BOS alone
-    llm = _load(args)
+    timer = None
+    if args.profile:
+        from .timer import Timer
+
+        timer = Timer()
+    llm = _load(args, timer=timer)
     common = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -112,10 +117,15 @@ def cmd_generate(args) -> int:
         sys.stdout.write("\n")
     elif args.json:
         for r in results:
-            print(json.dumps(_result_dict(r), ensure_ascii=False))
+            d = _result_dict(r)
+            if timer is not None:
+                d["profile"] = timer.report().as_dict()
+            print(json.dumps(d, ensure_ascii=False))
     else:
         for r, it in zip(results, items):
             print(f"--- [{r.request_id}] {it['prompt']}{r.text}")
+    if timer is not None and not args.json:
+        print(timer.report().table())
     return 0
 
 
@@ -132,6 +142,48 @@ def _result_dict(r) -> dict:
         "ttft_s": None if r.ttft is None else round(r.ttft, 6),
         "tokens_per_s": round(n / r.seconds, 3) if r.seconds > 0 else None,
     }
+
+
+# ------------------------------------------------------------------------------------------------ bench
+def _csv(value: str, what: str, cast=str) -> list:
+    try:
+        items = [cast(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise TinyserveError(f"--{what}: cannot read {value!r}") from None
+    if not items:
+        raise TinyserveError(f"--{what} is empty")
+    return items
+
+
+def cmd_bench(args) -> int:
+    from . import bench, engine
+
+    backends = _csv(args.backend or engine.DEFAULT_BACKEND, "backend")
+    quants = _csv(args.quant, "quant")
+    for q in quants:
+        if q not in ("none", "int8", "int4"):
+            raise TinyserveError(f"--quant: unknown quantization {q!r} (none, int8, int4)")
+    batches = _csv(args.batch, "batch", int)
+    if any(b <= 0 for b in batches):
+        raise TinyserveError("--batch sizes must be positive")
+    for name, v in (("prompt-tokens", args.prompt_tokens), ("gen-tokens", args.gen_tokens),
+                    ("repetitions", args.repetitions)):
+        if v <= 0:
+            raise TinyserveError(f"--{name} must be positive, got {v}")
+    model = args.model
+    if model is None and args.shape is None:
+        model = str(engine.default_model_dir())
+    report = bench.run_bench(model=model, shape=args.shape, backends=backends, quants=quants, batches=batches,
+                             prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
+                             repetitions=args.repetitions, group_size=args.group_size)
+    if args.plot:
+        name, llm = bench.load_for_bench(model, args.shape, backends[0], quants[0], args.group_size)
+        prof = bench.profile_ops(llm, name, batches[0], args.prompt_tokens, min(args.gen_tokens, 16))
+        bw = max(report["bandwidth_gb_s"]) * 1e9
+        bench.roofline_plot(args.plot, prof, bw, bench.measure_gflops(), title=f"{name} {backends[0]} {quants[0]}")
+        report["roofline_plot"] = args.plot
+    print(bench.dump_json(report) if args.json else bench.markdown_table(report))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- convert
@@ -169,7 +221,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (continuous batching)")
     g.add_argument("--context", type=int, default=None, help="KV-cache length per sequence")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    g.add_argument("--profile", action="store_true", help="print where the time and bytes went (instrumented timer)")
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="measure prefill and decode speed against the machine's bandwidth")
+    src = b.add_mutually_exclusive_group()
+    src.add_argument("--model", help="Hugging Face model directory (default: the shipped model)")
+    src.add_argument("--shape", help="random weights of a named shape: stories15M, stories110M, llama-1b, stories260K")
+    b.add_argument("--backend", default=None, help="comma-separated backends (default: the default backend)")
+    b.add_argument("--quant", default="none", help="comma-separated: none,int8,int4")
+    b.add_argument("--group-size", type=int, default=128)
+    b.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8,16")
+    b.add_argument("--prompt-tokens", type=int, default=512)
+    b.add_argument("--gen-tokens", type=int, default=128)
+    b.add_argument("--repetitions", type=int, default=3)
+    b.add_argument("--json", action="store_true", help="machine-readable results")
+    b.add_argument("--plot", help="write a roofline picture (PNG) of the ops of the first configuration")
+    b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("convert", help="import a llama2.c or GGUF checkpoint as a Hugging Face directory")
     c.add_argument("format", choices=["llama2c", "gguf"])

@@ -93,13 +93,13 @@ class LLM:
         self.config: ModelConfig = load_config(self.model_dir)
         self.backend = backend
         self.ops = get_ops(backend)
-        self.timer = timer
         self.tokenizer = Tokenizer(self.model_dir, self.config)
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise TinyserveError(
                 f"{self.model_dir}: tokenizer has {self.tokenizer.vocab_size} tokens, "
                 f"more than the model's vocab_size {self.config.vocab_size}"
             )
+        self.generation_defaults = self._generation_defaults()
         self.ckpt = Checkpoint(self.model_dir)
         read_linear = None
         self.quant = quant
@@ -119,15 +119,39 @@ class LLM:
         host = load_weights(self.ckpt, self.config, read_linear=read_linear, progress=bar)
         if bar:
             bar(None, None)
-        self.weights = upload_weights(host, self.ops)
+        self._place(host, t0, timer)
+
+    @classmethod
+    def from_weights(cls, config: ModelConfig, host_weights, backend: str = DEFAULT_BACKEND, timer=None,
+                     quant: str | None = None) -> "LLM":
+        """An LLM from weights already in memory (random-weight benchmarks); no tokenizer, no EOS."""
+        t0 = time.perf_counter()
+        self = cls.__new__(cls)
+        self.model_dir, self.config, self.backend, self.quant = None, config, backend, quant
+        self.ops = get_ops(backend)
+        self.tokenizer = None
+        self.generation_defaults = {"temperature": 0.0}
+        self._place(host_weights, t0, timer)
+        return self
+
+    def _place(self, host_weights, t0, timer) -> None:
+        """Put the weights on the backend, compile its kernels, and time both."""
+        self.timer = timer
+        self.weights = upload_weights(host_weights, self.ops)
         self.load_seconds = time.perf_counter() - t0
-        self.generation_defaults = self._generation_defaults()
-        self.compile_seconds = self.ops.warmup() if hasattr(self.ops, "warmup") else 0.0
+        t1 = time.perf_counter()
+        if hasattr(self.ops, "warmup"):
+            self.ops.warmup()  # JIT-compile (or load from the cache) every kernel, up front
+        self.compile_seconds = time.perf_counter() - t1
+        self._timed_ops = None
+        if timer is not None:
+            timer.add_phase("load", self.load_seconds)
+            timer.add_phase("compile", self.compile_seconds)
 
     # --------------------------------------------------------------------------------------------- info
     @property
     def eos_ids(self) -> frozenset:
-        return self.tokenizer.eos_ids
+        return self.tokenizer.eos_ids if self.tokenizer is not None else frozenset()
 
     def _generation_defaults(self) -> dict:
         """Sampling defaults from generation_config.json: the model author's settings, if sampling is on."""
@@ -164,14 +188,26 @@ class LLM:
         return KVCache(self.config, slots, context, self.ops)
 
     def forward(self, token_ids, positions, slots, cache, rows=None, tap=None, phase="prefill") -> np.ndarray:
-        """model.forward on host int arrays; returns host float32 logits (R, V)."""
+        """model.forward on host int arrays; returns host float32 logits (R, V).
+
+        phase ("prefill" or "decode") only labels the time spent, when a timer is attached.
+        """
+        ops = self.ops
+        if self.timer is not None:
+            if self._timed_ops is None:
+                self._timed_ops = self.timer.wrap(self.ops, self.weights)
+            ops = self._timed_ops
+            t0 = time.perf_counter()
         up = self.ops.upload
         logits = forward(
-            self.weights, self.config, self.ops,
+            self.weights, self.config, ops,
             up(np.asarray(token_ids, np.int64)), up(np.asarray(positions, np.int64)), up(np.asarray(slots, np.int64)),
             cache, rows=None if rows is None else up(np.asarray(rows, np.int64)), tap=tap,
         )
-        return self.ops.download(logits)
+        logits = self.ops.download(logits)
+        if self.timer is not None:
+            self.timer.add_phase(phase, time.perf_counter() - t0)
+        return logits
 
     def logits(self, token_ids, tap=None) -> np.ndarray:
         """Logits (T, V) for every position of one sequence, computed in one prefill (teacher forcing)."""
@@ -216,7 +252,9 @@ class LLM:
     def stream(self, requests, max_batch: int | None = None, context: int | None = None):
         """Run requests with continuous batching; yields generate.Event objects as tokens are made."""
         requests = list(requests)
-        gen = Generator(self, max_batch=max_batch or max(1, min(len(requests), 8)), context=context, timer=self.timer)
+        if max_batch is None:
+            max_batch = max(1, min(len(requests), 8))
+        gen = Generator(self, max_batch=max_batch, context=context, timer=self.timer)
         for r in requests:
             gen.add(r)
         self.last_generator = gen

@@ -232,12 +232,17 @@ class Generator:
         )
         for s, row in zip(seqs, logits):
             s.cached = len(s.tokens)
+            t0 = time.perf_counter()
             token = s.sampler(row, s.tokens)
+            if self.timer is not None:
+                self.timer.add_sampling(time.perf_counter() - t0)
             ev = s.accept(token)
             events.append(ev)
             if ev.finished:
                 s.finish_reason = ev.finish_reason
                 self.finished.append(s.result())
+                if self.timer is not None:
+                    self.timer.add_request(self.finished[-1])
                 del self.running[s.slot]
         return events
 

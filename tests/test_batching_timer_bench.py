@@ -1,0 +1,195 @@
+"""Continuous batching, the instrumented timer and `tinyserve bench`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tinyserve
+from tinyserve.generate import Generator, Request
+from tinyserve.sampling import SamplingParams
+from tinyserve.timer import Timer
+
+PROMPTS = ["Once upon a time", "The cat", "Lily wanted to go to the park with her mom and dad", "", "He"]
+
+
+@pytest.fixture(scope="module")
+def llm(stories_dir):
+    return tinyserve.load(stories_dir, backend="numpy")
+
+
+def alone(llm, prompt, **kw):
+    return llm.generate(prompt, max_batch=1, **kw)[0]
+
+
+def test_continuous_batching_equals_each_request_alone(llm):
+    # 5 requests of mixed lengths, 2 slots, one request finishing early (max_new_tokens=3)
+    lengths = [20, 3, 15, 25, 9]
+    reqs = [llm.request(p, n, temperature=0.0, id=i) for i, (p, n) in enumerate(zip(PROMPTS, lengths))]
+    gen = Generator(llm, max_batch=2)
+    for r in reqs:
+        gen.add(r)
+    max_running, admitted_order = 0, []
+    while gen.waiting or gen.running:
+        for ev in gen.step():
+            if ev.finished:
+                admitted_order.append(ev.request_id)
+        max_running = max(max_running, len(gen.running))
+    assert max_running == 2
+    got = {r.request_id: r.token_ids for r in gen.results()}
+    for i, (p, n) in enumerate(zip(PROMPTS, lengths)):
+        assert got[i] == alone(llm, p, max_new_tokens=n, temperature=0.0).token_ids, f"request {i}"
+    # request 1 finished first and its slot went to request 2 without waiting for request 0
+    assert admitted_order[0] == 1
+
+
+def test_one_forward_per_step_for_all_running_sequences(llm):
+    calls = []
+    orig = llm.forward
+
+    def spy(ids, *a, **k):
+        calls.append(len(ids))
+        return orig(ids, *a, **k)
+
+    llm.forward = spy
+    try:
+        llm.generate(["Once", "The cat sat"], max_new_tokens=5, temperature=0.0, max_batch=2)
+    finally:
+        del llm.forward
+    # step 1 prefills both prompts together; then one call per step decodes both sequences at once
+    assert calls[0] == len(llm.encode_prompt("Once")) + len(llm.encode_prompt("The cat sat"))
+    assert calls[1:] == [2] * 4
+
+
+def test_per_request_seeds_reproduce(llm):
+    kw = dict(max_new_tokens=20, temperature=1.0, top_k=40)
+    reqs = lambda: [llm.request("Once", seed=s, id=i, **kw) for i, s in enumerate([1, 2, 1])]  # noqa: E731
+    a = [r.token_ids for r in sorted(_run(llm, reqs(), 3), key=lambda r: r.request_id)]
+    b = [r.token_ids for r in sorted(_run(llm, reqs(), 1), key=lambda r: r.request_id)]
+    assert a == b  # same seeds, same tokens, batched or one at a time
+    assert a[0] == a[2] and a[0] != a[1]
+
+
+def _run(llm, reqs, max_batch):
+    gen = Generator(llm, max_batch=max_batch)
+    for r in reqs:
+        gen.add(r)
+    list(gen.run())
+    return gen.results()
+
+
+def test_stop_strings_and_eos_free_slots(llm):
+    # EOS: pretend "." (its token id) is an end-of-sequence token
+    dot = llm.tokenizer.encode(".", add_special_tokens=False)[-1]
+    gen = Generator(llm, max_batch=1)
+    eos_before = llm.tokenizer.eos_ids
+    llm.tokenizer.eos_ids = frozenset({dot})
+    try:
+        gen.add(Request(llm.encode_prompt("Once upon a time"), SamplingParams(), 100, id="eos"))
+        gen.add(Request(llm.encode_prompt("The cat"), SamplingParams(), 100, stop=("park",), id="stop"))
+        gen.add(Request(llm.encode_prompt("He"), SamplingParams(), 4, id="len"))
+        list(gen.run())
+    finally:
+        llm.tokenizer.eos_ids = eos_before
+    res = {r.request_id: r for r in gen.results()}
+    assert res["eos"].finish_reason == "eos" and res["eos"].token_ids[-1] == dot
+    assert res["stop"].finish_reason in ("stop", "eos") and "park" not in res["stop"].text
+    assert res["len"].finish_reason == "length" and len(res["len"].token_ids) == 4
+    assert not gen.running and not gen.waiting  # every slot came back
+
+
+def test_timer_counts_are_exact(stories_dir):
+    timer = Timer()
+    llm = tinyserve.load(stories_dir, backend="numpy", timer=timer)
+    cfg = llm.config
+    L = cfg.num_hidden_layers
+    timer.per_step = {}
+    llm.generate("Once upon a time", max_new_tokens=1, temperature=0.0)
+    per = timer.per_step
+    # one forward step: per layer 7 linears, 2 norms, 2 ropes, 1 cache write, 1 attention, 1 swiglu, 2 adds
+    assert per[("linear", "qkv")] == 3 * L and per[("linear", "attention")] == L and per[("linear", "mlp")] == 3 * L
+    assert per[("linear", "logits")] == 1
+    assert per[("rmsnorm", "qkv")] == L and per[("rmsnorm", "mlp")] == L and per[("rmsnorm", "logits")] == 1
+    assert per[("rope", "qkv")] == 2 * L and per[("kv_write", "qkv")] == L and per[("attention", "attention")] == L
+    assert per[("swiglu", "mlp")] == L and per[("add", "residual")] == 2 * L
+    assert per[("take_rows", "embedding")] == 1 and per[("take_rows", "logits")] == 1
+    rep = timer.report().as_dict()
+    # bytes of linear calls = the weights' own bytes + activations in and out
+    w = llm.weights
+    weight_bytes = sum(getattr(layer, n).nbytes for layer in w.layers
+                       for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    weight_bytes += w.lm_head.nbytes
+    n_prompt = len(llm.encode_prompt("Once upon a time"))
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    act = n_prompt * 4 * L * ((D + q) + 2 * (D + kv) + (q + D) + 2 * (D + F) + (F + D)) + 1 * 4 * (D + cfg.vocab_size)
+    assert rep["ops"]["linear"]["bytes"] == weight_bytes + act
+    assert rep["ops"]["linear"]["calls"] == 7 * L + 1
+    assert rep["phases"]["prefill"]["calls"] == 1 and "decode" not in rep["phases"]
+    assert len(rep["requests"]) == 1 and rep["requests"][0]["generated_tokens"] == 1
+    assert "op" in timer.report().table()
+
+
+def test_bench_runs_on_a_tiny_shape():
+    from tinyserve.bench import markdown_table, run_bench
+
+    rep = run_bench(shape="stories260K", backends=("numpy",), quants=("none",), batches=(1, 2), prompt_tokens=8,
+                    gen_tokens=4, repetitions=1, progress=False)
+    assert len(rep["results"]) == 2
+    for r in rep["results"]:
+        for key in ("shape", "backend", "quant", "batch", "prefill_tok_s", "decode_tok_s", "weight_bytes_per_token",
+                    "bandwidth_gb_s", "floor_fraction"):
+            assert key in r
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["bandwidth_gb_s"] > 0
+    assert "| stories260K | numpy | none | 2 |" in markdown_table(rep)
+
+
+def test_bench_cli_json():
+    r = subprocess.run([sys.executable, "-m", "tinyserve", "bench", "--shape", "stories260K", "--backend", "numpy",
+                        "--batch", "1", "--prompt-tokens", "8", "--gen-tokens", "4", "--repetitions", "1", "--json"],
+                       capture_output=True, text=True, check=True)
+    rep = json.loads(r.stdout)
+    assert rep["results"][0]["shape"] == "stories260K"
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "tinyserve", *map(str, args)], capture_output=True, text=True)
+
+
+def test_prompt_file_jsonl_in_input_order(stories_dir, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "Once upon a time", "max_new_tokens": 6}\n'
+                 '{"prompt": "The cat", "max_new_tokens": 3, "temperature": 0.8, "seed": 3}\n'
+                 'Lily went\n', encoding="utf-8")
+    r = cli("generate", "--model", stories_dir, "--backend", "numpy", "--prompt-file", f, "--max-batch", "2",
+            "--max-new-tokens", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    objs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [o["id"] for o in objs] == [0, 1, 2]
+    assert [o["generated_tokens"] for o in objs] == [6, 3, 5]
+
+
+@pytest.mark.parametrize("content, word", [("\n\n", "no prompts"), ('{"prompt": "a"\n', "malformed"),
+                                           ('{"text": "a"}\n', "prompt")])
+def test_bad_prompt_files(stories_dir, tmp_path, content, word):
+    f = tmp_path / "p.txt"
+    f.write_text(content)
+    r = cli("generate", "--model", stories_dir, "--backend", "numpy", "--prompt-file", f)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and word in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_max_batch(stories_dir):
+    r = cli("generate", "--model", stories_dir, "--backend", "numpy", "--max-batch", "0")
+    assert r.returncode == 2 and "max_batch" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_profile_output(stories_dir):
+    r = cli("generate", "--model", stories_dir, "--backend", "numpy", "--max-new-tokens", "5", "--profile")
+    assert r.returncode == 0, r.stderr
+    for word in ("prefill", "decode", "linear", "attention", "mlp", "sampling", "TTFT", "peak resident memory"):
+        assert word in r.stdout

@@ -1,0 +1,362 @@
+"""Measurements behind `tinyserve bench`, in the spirit of llama-bench.
+
+For each configuration (model or shape, backend, quantization, batch) it measures, in one run:
+- prefill: one prompt of `prompt_tokens` tokens through one forward call -> tokens/s and GFLOP/s;
+- decode: `batch` sequences that each hold the prompt in their KV cache, stepping `gen_tokens` times
+  together (greedy) -> aggregate tokens/s, mean and standard deviation over the repetitions;
+- the weight bytes one decode step reads (every linear weight once, plus the norms), divided by the batch:
+  bytes per token; and the floor: (weight bytes per step) / (measured read bandwidth) is the least time a
+  step can take when it is limited by memory. floor_fraction = floor / measured step time: 1.0 would mean
+  decoding at the speed of memory.
+- the machine's read bandwidth, measured right before and after the configurations (the figure used is
+  the larger of the two: the machine is shared and noisy, and a ceiling is the best it showed).
+Nothing is estimated: every figure printed is a measurement or arithmetic on measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .config import ModelConfig, config_from_dict, rope_inv_freq
+from .errors import TinyserveError
+from .model import LINEAR_NAMES, LayerWeights, Weights, linear_shapes
+
+# Random-weight shapes (no download). stories15M / stories110M: the llama2.c TinyStories models;
+# llama-1b: Llama 3.2 1B (tied embeddings, GQA 4:1).
+SHAPES = {
+    "stories260K": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=5, num_attention_heads=8,
+                        num_key_value_heads=4, vocab_size=512, max_position_embeddings=512, tie_word_embeddings=True),
+    "stories15M": dict(hidden_size=288, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6,
+                       num_key_value_heads=6, vocab_size=32000, max_position_embeddings=256, tie_word_embeddings=True),
+    "stories110M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                        num_key_value_heads=12, vocab_size=32000, max_position_embeddings=1024,
+                        tie_word_embeddings=True),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
+                     tie_word_embeddings=True, rope_theta=500000.0,
+                     rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+
+def shape_config(name: str) -> ModelConfig:
+    if name not in SHAPES:
+        raise TinyserveError(f"unknown shape {name!r} (choose from {', '.join(SHAPES)})")
+    d = dict(architectures=["LlamaForCausalLM"], hidden_act="silu", rms_norm_eps=1e-5, bos_token_id=1,
+             eos_token_id=2, **SHAPES[name])
+    return config_from_dict(d, where=f"shape {name}")
+
+
+def random_weights(cfg: ModelConfig, seed: int = 0, transform=None) -> Weights:
+    """Random float32 weights of a config's shapes (std 0.02, norms 1). transform(W) may quantize each matrix."""
+    rng = np.random.default_rng(seed)
+
+    def mat(shape):
+        w = rng.random(shape, dtype=np.float32)
+        w -= 0.5
+        w *= 0.07  # uniform(-0.035, 0.035): std 0.02
+        return transform(w) if transform else w
+
+    D = cfg.hidden_size
+    shapes = linear_shapes(cfg)
+    layers = [
+        LayerWeights(input_layernorm=np.ones(D, np.float32), post_attention_layernorm=np.ones(D, np.float32),
+                     **{n: mat(shapes[n]) for n in LINEAR_NAMES})
+        for _ in range(cfg.num_hidden_layers)
+    ]
+    embed = rng.random((cfg.vocab_size, D), dtype=np.float32) - np.float32(0.5)
+    lm_head = embed if cfg.tie_word_embeddings and transform is None else mat((cfg.vocab_size, D))
+    return Weights(embed_tokens=embed, layers=layers, norm=np.ones(D, np.float32), lm_head=lm_head,
+                   inv_freq=rope_inv_freq(cfg))
+
+
+def weight_bytes_per_step(w: Weights) -> int:
+    """Bytes of weights one forward step reads: every linear weight once, the norms, one embedding row."""
+    from .timer import _nbytes
+
+    total = _nbytes(w.lm_head) + _nbytes(w.norm) + w.embed_tokens.shape[1] * 4
+    for layer in w.layers:
+        for n in LINEAR_NAMES:
+            total += _nbytes(getattr(layer, n))
+        total += _nbytes(layer.input_layernorm) + _nbytes(layer.post_attention_layernorm)
+    return total
+
+
+def linear_flops_per_token(w: Weights) -> int:
+    total = 2 * int(np.prod(w.lm_head.shape))
+    for layer in w.layers:
+        for n in LINEAR_NAMES:
+            total += 2 * int(np.prod(getattr(layer, n).shape))
+    return total
+
+
+# ------------------------------------------------------------------------------------------ bandwidth
+_read_kernel = None
+
+
+def _get_read_kernel():
+    global _read_kernel
+    if _read_kernel is None:
+        from numba import njit, prange
+
+        @njit(parallel=True, fastmath=True, cache=True)
+        def read_all(a, chunks):
+            partial = np.zeros(chunks, dtype=np.float32)
+            step = (a.size + chunks - 1) // chunks
+            for c in prange(chunks):
+                lo = c * step
+                hi = min(a.size, lo + step)
+                part = a[lo:hi]  # slice first: a loop index from 0 vectorizes (NUMBA_NOTES)
+                s = np.float32(0.0)
+                for i in range(part.size):
+                    s += part[i]
+                partial[c] = s
+            return partial.sum()
+
+        _read_kernel = read_all
+    return _read_kernel
+
+
+def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
+    """Read bandwidth in bytes/s: the best of `repeats` parallel passes over a buffer far larger than L3."""
+    kern = _get_read_kernel()
+    a = np.ones(nbytes // 4, dtype=np.float32)
+    from numba import get_num_threads
+
+    chunks = 8 * get_num_threads()
+    kern(a[:1024], chunks)  # compile / load from cache
+    kern(a, chunks)  # touch every page once
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        kern(a, chunks)
+        best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best
+
+
+# ---------------------------------------------------------------------------------------------- runs
+@dataclass
+class BenchResult:
+    model: str
+    backend: str
+    quant: str
+    batch: int
+    prompt_tokens: int
+    gen_tokens: int
+    repetitions: int
+    prefill_tok_s: float
+    prefill_tok_s_sd: float
+    prefill_gflop_s: float
+    decode_tok_s: float
+    decode_tok_s_sd: float
+    decode_gflop_s: float
+    weight_bytes_per_token: float
+    bandwidth_gb_s: float
+    floor_fraction: float
+    compile_s: float
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["shape" if self.model in SHAPES else "model"] = self.model
+        return d
+
+
+def _copy_slot(cache, src: int, dst: int) -> bool:
+    """Give slot dst the cache contents of slot src (host backends); False where arrays live elsewhere."""
+    if not isinstance(cache.k[0], np.ndarray):
+        return False
+    for k, v in zip(cache.k, cache.v):
+        k[dst] = k[src]
+        v[dst] = v[src]
+    return True
+
+
+def run_config(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, repetitions: int,
+               bandwidth: float, progress=None) -> BenchResult:
+    cfg = llm.config
+    context = prompt_tokens + gen_tokens + 1
+    if context > cfg.max_position_embeddings:
+        raise TinyserveError(
+            f"{name}: prompt + generated tokens ({context}) exceed the model's {cfg.max_position_embeddings} positions"
+        )
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, cfg.vocab_size, prompt_tokens)
+    step_bytes = weight_bytes_per_step(llm.weights)
+    flops_tok = linear_flops_per_token(llm.weights)
+    prefill_rates, decode_rates = [], []
+    for rep in range(repetitions):
+        cache = llm.new_cache(batch, context)
+        t0 = time.perf_counter()
+        logits = llm.forward(prompt, np.arange(prompt_tokens), np.zeros(prompt_tokens, np.int64), cache,
+                             rows=[prompt_tokens - 1], phase="prefill")
+        prefill_rates.append(prompt_tokens / (time.perf_counter() - t0))
+        for s in range(1, batch):  # every sequence holds the same prompt
+            if not _copy_slot(cache, 0, s):
+                llm.forward(prompt, np.arange(prompt_tokens), np.full(prompt_tokens, s), cache,
+                            rows=[prompt_tokens - 1])
+        tokens = np.full(batch, int(np.argmax(logits[0])), dtype=np.int64)
+        slots = np.arange(batch)
+        t0 = time.perf_counter()
+        for t in range(gen_tokens):
+            logits = llm.forward(tokens, np.full(batch, prompt_tokens + t), slots, cache, phase="decode")
+            tokens = np.argmax(logits, axis=1)  # greedy: the sampling cost of temperature 0
+        decode_rates.append(batch * gen_tokens / (time.perf_counter() - t0))
+        if progress:
+            progress()
+    pre, dec = float(np.mean(prefill_rates)), float(np.mean(decode_rates))
+    step_time = batch / dec
+    return BenchResult(
+        model=name, backend=llm.backend, quant=llm.quant or "none", batch=batch, prompt_tokens=prompt_tokens,
+        gen_tokens=gen_tokens, repetitions=repetitions,
+        prefill_tok_s=pre, prefill_tok_s_sd=float(np.std(prefill_rates)), prefill_gflop_s=pre * flops_tok / 1e9,
+        decode_tok_s=dec, decode_tok_s_sd=float(np.std(decode_rates)), decode_gflop_s=dec * flops_tok / 1e9,
+        weight_bytes_per_token=step_bytes / batch, bandwidth_gb_s=bandwidth / 1e9,
+        floor_fraction=(step_bytes / bandwidth) / step_time, compile_s=llm.compile_seconds,
+    )
+
+
+def load_for_bench(model: str | None, shape: str | None, backend: str, quant: str, group_size: int = 128,
+                   timer=None):
+    """(name, LLM): a model directory, or random weights of a named shape."""
+    from .engine import LLM, load
+
+    q = None if quant in (None, "none") else quant
+    if shape:
+        cfg = shape_config(shape)
+        transform = None
+        if q:
+            from .quant import quantize
+
+            bits = {"int8": 8, "int4": 4}[q]
+
+            def transform(w):
+                return quantize(w, bits, group_size)
+
+        return shape, LLM.from_weights(cfg, random_weights(cfg, transform=transform), backend=backend, quant=q,
+                                       timer=timer)
+    return str(model), load(model, backend=backend, quant=q, group_size=group_size, timer=timer)
+
+
+def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batches=(1,), prompt_tokens=512,
+              gen_tokens=128, repetitions=3, group_size=128, progress=True) -> dict:
+    """Every combination; returns {"bandwidth_gb_s": [before, after], "results": [BenchResult dicts]}."""
+    combos = [(b, q) for b in backends for q in quants]
+    total = len(combos) * len(batches) * repetitions
+    done = [0]
+    tty = progress and sys.stderr.isatty()
+
+    def tick(label=""):
+        done[0] += 1
+        if tty:
+            n = int(30 * done[0] / total)
+            sys.stderr.write(f"\rbench [{'#' * n}{'.' * (30 - n)}] {done[0]}/{total} {label}   ")
+            sys.stderr.flush()
+
+    bw_before = measure_bandwidth()
+    results = []
+    for backend, quant in combos:
+        name, llm = load_for_bench(model, shape, backend, quant, group_size)
+        for b in batches:
+            results.append(run_config(llm, name, b, prompt_tokens, gen_tokens, repetitions, bw_before,
+                                      progress=lambda: tick(f"{backend}/{quant}/b{b}")))
+        del llm
+    bw_after = measure_bandwidth()
+    bw = max(bw_before, bw_after)
+    for r in results:  # floor against the best bandwidth seen in this run
+        r.floor_fraction *= (r.bandwidth_gb_s * 1e9) / bw
+        r.bandwidth_gb_s = bw / 1e9
+    if tty:
+        sys.stderr.write("\r" + " " * 70 + "\r")
+    return {
+        "bandwidth_gb_s": [bw_before / 1e9, bw_after / 1e9],
+        "threads": _threads(),
+        "results": [r.as_dict() for r in results],
+    }
+
+
+def _threads() -> int:
+    try:
+        from numba import get_num_threads
+
+        return get_num_threads()
+    except Exception:  # pragma: no cover - numba is a dependency; this is only a label
+        return os.cpu_count() or 1
+
+
+def markdown_table(report: dict) -> str:
+    bw = report["bandwidth_gb_s"]
+    lines = [
+        f"read bandwidth (measured before / after): {bw[0]:.1f} / {bw[1]:.1f} GB/s, {report['threads']} threads",
+        "",
+        "| model | backend | quant | batch | prefill tok/s | decode tok/s | weight MB/token | floor fraction | "
+        "prefill GFLOP/s | decode GFLOP/s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['model']} | {r['backend']} | {r['quant']} | {r['batch']} | "
+            f"{r['prefill_tok_s']:.1f} ± {r['prefill_tok_s_sd']:.1f} | {r['decode_tok_s']:.1f} ± {r['decode_tok_s_sd']:.1f} | "
+            f"{r['weight_bytes_per_token'] / 1e6:.2f} | {r['floor_fraction']:.2f} | {r['prefill_gflop_s']:.1f} | "
+            f"{r['decode_gflop_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def measure_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Peak-ish float32 matrix-multiply rate of this machine (NumPy's BLAS), in FLOP/s."""
+    a = np.ones((n, n), np.float32)
+    a @ a
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def roofline_plot(path: str, timer_report: dict, bandwidth: float, peak_flops: float, title: str = "") -> None:
+    """Each op's achieved GFLOP/s against its arithmetic intensity, under the measured ceilings."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TinyserveError("--plot needs matplotlib (pip install 'tinyserve[plot]')") from None
+    fig, ax = plt.subplots(figsize=(7, 5))
+    xs = np.logspace(-2, 3, 200)
+    ax.loglog(xs, np.minimum(xs * bandwidth, peak_flops) / 1e9, "k-", label="measured ceilings")
+    for name, op in timer_report["ops"].items():
+        if op["bytes"] and op["flops"] and op["seconds"]:
+            ai = op["flops"] / op["bytes"]
+            ax.loglog([ai], [op["flops"] / op["seconds"] / 1e9], "o", label=name)
+            ax.annotate(name, (ai, op["flops"] / op["seconds"] / 1e9), fontsize=8)
+    ax.set_xlabel("arithmetic intensity (FLOP / byte)")
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title(title or "tinyserve roofline")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def profile_ops(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int) -> dict:
+    """One timed run with the instrumented timer attached: per-op seconds, bytes and FLOPs."""
+    from .timer import Timer
+
+    timer = Timer()
+    llm.timer, llm._timed_ops = timer, None
+    try:
+        run_config(llm, name, batch, prompt_tokens, gen_tokens, 1, 1.0)
+    finally:
+        llm.timer, llm._timed_ops = None, None
+    return timer.report().as_dict()
+
+
+def dump_json(report: dict) -> str:
+    return json.dumps(report, indent=2)
