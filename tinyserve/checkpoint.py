@@ -18,6 +18,7 @@ file. Nothing here ever unpickles anything: `.bin` / `.pt` checkpoints are refus
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -175,3 +176,6 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = No
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors creates the file private (0600); make it an ordinary file

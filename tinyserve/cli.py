@@ -186,6 +186,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- quantize
+def cmd_quantize(args) -> int:
+    from .convert.quantize import quantize_checkpoint
+    from .engine import _progress_bar
+
+    bar = _progress_bar("quantizing")
+    out = quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.zero_point, progress=bar)
+    bar(None, None)
+    print(f"wrote {out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- convert
 def cmd_convert(args) -> int:
     if args.format == "llama2c":
@@ -198,6 +210,109 @@ def cmd_convert(args) -> int:
         out = convert_gguf(args.checkpoint, args.out)
     print(f"wrote {out}")
     return 0
+
+
+# ------------------------------------------------------------------- validate, dump, compare, perplexity
+# (the library is tinyserve/validate.py and tinyserve/testing.py; docs/validation.md explains the figures)
+def _print_report(rep, as_json) -> None:
+    print(json.dumps(rep.to_dict(), default=float) if as_json else rep.table())
+
+
+def cmd_validate(args) -> int:
+    from . import validate as v
+
+    if bool(args.kernel) != bool(args.op):
+        raise TinyserveError("--kernel and --op go together: --kernel package.module:function --op NAME")
+    common = dict(backend=args.backend or "numpy", quant=args.quant, group_size=args.group_size,
+                  zero_point=args.zero_point)
+    if args.kernel:
+        from .testing import load_kernel
+
+        if args.op not in v.OP_NAMES:
+            raise TinyserveError(f"unknown op {args.op!r} (ops are: {', '.join(v.OP_NAMES)})")
+        rep = v.validate_kernel(args.model, args.op, load_kernel(args.kernel), prompt=args.prompt, **common)
+    else:
+        rep = v.validate(args.model, prompt=args.prompt, dtype=args.dtype, **common)
+    _print_report(rep, args.json)
+    return 0 if rep.passed else 1
+
+
+def cmd_dump(args) -> int:
+    from . import validate as v
+
+    out = v.dump(args.model, args.prompt, args.out, backend=args.backend or "numpy", quant=args.quant,
+                 engine=args.engine, dtype=args.dtype, group_size=args.group_size, zero_point=args.zero_point)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from . import validate as v
+
+    rep = v.compare_dumps(args.a, args.b)
+    _print_report(rep, args.json)
+    return 0 if rep.passed else 1
+
+
+def _bar(label):
+    """A progress bar on stderr, drawn only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def bar(done, total):
+        n = int(30 * done / total)
+        sys.stderr.write(f"\r{label} [{'#' * n}{'.' * (30 - n)}] {done}/{total}")
+        if done == total:
+            sys.stderr.write("\r" + " " * (len(label) + 50) + "\r")
+        sys.stderr.flush()
+
+    return bar
+
+
+def cmd_perplexity(args) -> int:
+    from . import validate as v
+
+    llm = v.load_llm(args.model, args.backend or "numpy", args.quant, args.group_size, args.zero_point)
+    res = v.perplexity(llm, args.text, context=args.context, paragraphs=args.paragraphs,
+                       save_logits=args.save_logits, kl_base=args.kl_base, progress=_bar("perplexity"))
+    print(json.dumps(res.to_dict()) if args.json else res.table())
+    return 0
+
+
+def _add_validation_parsers(sub) -> None:
+    v = sub.add_parser("validate", help="compare every layer with Hugging Face transformers (or check a kernel)")
+    _add_model_args(v)
+    v.add_argument("--prompt", default=None, help="text to run (default: a short story opening)")
+    v.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="transformers' dtype")
+    v.add_argument("--kernel", help="package.module:function to swap in for --op (checked against the reference)")
+    v.add_argument("--op", help="the op the kernel replaces: take_rows, rmsnorm, linear, rope, kv_write, "
+                                "attention, swiglu, add")
+    v.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    v.set_defaults(func=cmd_validate)
+
+    d = sub.add_parser("dump", help="write every layer's hidden states and the logits (golden activations)")
+    _add_model_args(d)
+    d.add_argument("--prompt", required=True)
+    d.add_argument("--out", required=True, help="FILE.safetensors")
+    d.add_argument("--engine", default="tinyserve", choices=["tinyserve", "transformers"])
+    d.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="transformers' dtype")
+    d.set_defaults(func=cmd_dump)
+
+    c = sub.add_parser("compare", help="the per-layer report of dump B against dump A")
+    c.add_argument("a", help="the reference dump")
+    c.add_argument("b", help="the dump to check")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("perplexity", help="perplexity over a text's paragraphs; KL against a saved base run")
+    _add_model_args(p)
+    p.add_argument("--text", required=True, help="UTF-8 text; paragraphs separated by blank lines")
+    p.add_argument("--context", type=int, default=None, help="tokens per paragraph (default min(model, 512))")
+    p.add_argument("--paragraphs", type=int, default=None, help="only the first N paragraphs")
+    p.add_argument("--save-logits", help="write the logits (safetensors) for a later --kl-base run")
+    p.add_argument("--kl-base", help="logits saved by a base run: report KL divergence and top-1 agreement")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_perplexity)
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -239,12 +354,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", help="write a roofline picture (PNG) of the ops of the first configuration")
     b.set_defaults(func=cmd_bench)
 
+    qz = sub.add_parser("quantize", help="write an int8 / int4 quantized checkpoint")
+    qz.add_argument("--model", required=True, help="Hugging Face model directory (float weights)")
+    qz.add_argument("--bits", type=int, required=True, choices=[8, 4])
+    qz.add_argument("--group-size", type=int, default=128, help="32, 64, 128 or 256")
+    qz.add_argument("--zero-point", action="store_true", help="int4 with a zero point per group")
+    qz.add_argument("--out", required=True)
+    qz.set_defaults(func=cmd_quantize)
+
     c = sub.add_parser("convert", help="import a llama2.c or GGUF checkpoint as a Hugging Face directory")
     c.add_argument("format", choices=["llama2c", "gguf"])
     c.add_argument("checkpoint")
     c.add_argument("--tokenizer", help="llama2c: SentencePiece .model or llama2.c tokenizer.bin")
     c.add_argument("--out", required=True)
     c.set_defaults(func=cmd_convert)
+    _add_validation_parsers(sub)
     return p
 
 

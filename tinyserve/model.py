@@ -121,7 +121,9 @@ def load_weights(ckpt: Checkpoint, cfg: ModelConfig, read_linear=None, progress=
             progress(i + 1, cfg.num_hidden_layers)
     embed = ckpt.get("model.embed_tokens.weight", (V, D))
     if cfg.tie_word_embeddings:  # the output head is the embedding table (or a quantized copy of it)
-        lm_head = read_linear(ckpt, "model.embed_tokens.weight", (V, D))
+        # A quantized checkpoint of a tied model stores the quantized copy as lm_head.weight.
+        head = "lm_head.weight" if "lm_head.weight" in ckpt else "model.embed_tokens.weight"
+        lm_head = read_linear(ckpt, head, (V, D))
         lm_head = embed if isinstance(lm_head, np.ndarray) else lm_head
     else:
         lm_head = read_linear(ckpt, "lm_head.weight", (V, D))
