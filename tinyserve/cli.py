@@ -2,6 +2,9 @@
 
     tinyserve generate [--model DIR] [--prompt TEXT ...] ...
     tinyserve convert llama2c CHECKPOINT.bin --tokenizer TOKENIZER --out DIR
+    tinyserve validate --model DIR [--kernel pkg.mod:fn --op NAME]   (docs/validation.md)
+    tinyserve dump --model DIR --prompt TEXT --out FILE;  tinyserve compare A B
+    tinyserve perplexity --model DIR --text FILE [--save-logits F | --kl-base F]
 
 Errors the user can cause print one line on stderr and exit with status 2 (never a traceback).
 """

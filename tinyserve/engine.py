@@ -102,8 +102,10 @@ class LLM:
         self.generation_defaults = self._generation_defaults()
         self.ckpt = Checkpoint(self.model_dir)
         read_linear = None
-        self.quant = quant
-        if quant not in (None, "none"):
+        self.quant = quant if quant not in (None, "none") else None
+        self.group_size = group_size if self.quant else None
+        self.zero_point = bool(zero_point) if self.quant else False
+        if self.quant:
             from .quant import make_read_linear
 
             bits = {"int8": 8, "int4": 4}.get(quant)
@@ -128,6 +130,7 @@ class LLM:
         t0 = time.perf_counter()
         self = cls.__new__(cls)
         self.model_dir, self.config, self.backend, self.quant = None, config, backend, quant
+        self.group_size, self.zero_point = None, False
         self.ops = get_ops(backend)
         self.tokenizer = None
         self.generation_defaults = {"temperature": 0.0}
@@ -194,7 +197,7 @@ class LLM:
         """
         ops = self.ops
         if self.timer is not None:
-            if self._timed_ops is None:
+            if self._timed_ops is None or self._timed_ops._ops is not self.ops:  # follow a swapped-in ops
                 self._timed_ops = self.timer.wrap(self.ops, self.weights)
             ops = self._timed_ops
             t0 = time.perf_counter()

@@ -161,7 +161,9 @@ def forward(w: Weights, cfg: ModelConfig, ops, token_ids, positions, slots, cach
     token_ids, positions, slots: (N,) int arrays (on the backend's device). The keys and values of these
     tokens are written into `cache` at (slot, position); each token attends to its own sequence's cache up
     to its own position. rows: (R,) indices of the tokens whose logits are wanted (None: all N).
-    tap(name, layer, array), if given, sees the hidden state at each stage (used by validation tools).
+    tap(name, layer, array), if given, sees each stage (used by validation tools): "embed"; per layer
+    "attn_out" (attention branch output), "attn" (hidden state after its residual add), "mlp_out", "mlp";
+    then "norm" and "logits".
     """
     N = token_ids.shape[0]
     H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -181,6 +183,8 @@ def forward(w: Weights, cfg: ModelConfig, ops, token_ids, positions, slots, cach
         ops.kv_write(cache.k[i], cache.v[i], k, v, slots, positions)  # cache[slot, :, pos] = k, v
         a = ops.attention(q, cache.k[i], cache.v[i], slots, positions, window)  # (N, H, hd)
         a = ops.linear(a.reshape(N, H * hd), layer.o_proj, layer.o_bias)  # (N, H*hd) -> (N, D)
+        if tap:
+            tap("attn_out", i, a)
         x = ops.add(x, a)  # (N, D) residual
         if tap:
             tap("attn", i, x)
@@ -190,6 +194,8 @@ def forward(w: Weights, cfg: ModelConfig, ops, token_ids, positions, slots, cach
         g = ops.linear(h, layer.gate_proj, layer.gate_bias)  # (N, F)
         u = ops.linear(h, layer.up_proj, layer.up_bias)  # (N, F)
         m = ops.linear(ops.swiglu(g, u), layer.down_proj, layer.down_bias)  # (N, F) -> (N, D)
+        if tap:
+            tap("mlp_out", i, m)
         x = ops.add(x, m)  # (N, D) residual
         if tap:
             tap("mlp", i, x)
