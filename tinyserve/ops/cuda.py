@@ -1,0 +1,989 @@
+"""The CUDA backend: every op as numba.cuda kernels, with the signatures of ops/reference.py.
+
+Arrays live on the GPU. `upload` puts host arrays (and quantized tensors) there once, every op takes and
+returns device arrays, and `download` brings the logits back: activations and the KV cache never leave the
+device between ops. Device arrays support `.reshape` like NumPy arrays (contiguous ones, without a copy),
+which is all model.py does to op outputs.
+
+How each public function is built (the convention of every backend): a Python wrapper checks shapes and
+dtypes, allocates the output, chooses the kernel and its launch configuration; the kernel takes arrays and
+scalars only. docs/cuda.md explains the kernel designs with numbers; the short version:
+
+    take_rows, rope, kv_write, swiglu, add    one thread per output element (grid-stride loops), coalesced
+    rmsnorm                                   one block per row; tree sum of squares in shared memory
+    linear, N <= 4 tokens (decode)            GEMV: one warp per R rows, lanes read consecutive 32-bit words
+                                              of a row (coalesced, each weight byte read once, U * R loads in
+                                              flight per lane); x staged in shared memory once per block;
+                                              int8/int4 turned into floats in registers with a bit trick
+    linear, N > 4 tokens (prefill, batches)   tiled GEMM: 64x64 output tiles, 32-wide K steps through shared
+                                              memory, 4x4 outputs per thread; weights dequantized into the tile
+    attention                                 one block per (token, query head); keys and values in chunks
+                                              through shared memory; online softmax (one pass over the keys)
+
+Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set before numba is imported) runs the same kernels in
+Python threads on the CPU: that is how the tests check this module on machines without a GPU. The simulator
+costs milliseconds per thread and per barrier, so when it is on, the launch configurations below shrink
+(a "warp" of 4 lanes, 2x2-thread GEMM tiles, ...). The kernels are written for any block shape, so the same
+code paths run, only narrower.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from ..errors import TinyserveError
+
+# ------------------------------------------------------------------------------------ is CUDA there?
+try:
+    from numba import config as _numba_config
+    from numba import cuda
+except ImportError:  # numba without its CUDA target (numba >= 0.61 ships it as the numba-cuda package)
+    raise TinyserveError(
+        "--backend cuda needs the numba-cuda package: pip install 'tinyserve[cuda]'"
+    ) from None
+
+SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
+
+if not SIMULATOR:
+    try:
+        _available = cuda.is_available()
+    except Exception:  # a broken driver install raises instead of answering
+        _available = False
+    if not _available:
+        raise TinyserveError(
+            "--backend cuda: no CUDA GPU found (set NUMBA_ENABLE_CUDASIM=1 to run on Numba's simulator)"
+        )
+
+from numba import float32, int32, uint32  # noqa: E402  (after the checks: these imports cannot fail then)
+
+if SIMULATOR:
+
+    def _as_float(bits):
+        """The float32 whose bit pattern is the integer `bits` (simulator: plain NumPy)."""
+        return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def _as_float(bits):
+        """The float32 whose bit pattern is the integer `bits` (one register move on the GPU)."""
+        return libdevice.int_as_float(int32(bits))
+
+
+# ------------------------------------------------------------------------------------ launch settings
+@dataclass(frozen=True)
+class Launch:
+    """Block shapes and shared-memory sizes. One instance for GPUs, a small one for the simulator."""
+
+    threads: int  # block size of the elementwise kernels and rmsnorm (a power of two)
+    team: int  # GEMV lanes per row team: a warp (32) on a GPU
+    gemv_teams: int  # most teams (warps) in one GEMV block
+    gemv_smem: int  # floats of x staged in shared memory by one GEMV block (all tokens of a chunk)
+    gemm_threads: int  # GEMM threads per tile side; each computes 4x4 outputs: tiles of 4*gemm_threads
+    gemm_tk: int  # K step of the GEMM (values of K staged per tile)
+    attn_chunk: int  # keys per chunk in attention (at most; fewer when head_dim is large)
+    attn_smem: int  # floats per shared K (and V) chunk buffer in attention
+    max_blocks: int  # grid cap of grid-stride kernels (the simulator runs blocks one after another)
+
+
+GPU_LAUNCH = Launch(threads=256, team=32, gemv_teams=8, gemv_smem=8192, gemm_threads=16, gemm_tk=32,
+                    attn_chunk=64, attn_smem=4160, max_blocks=65535)
+SIM_LAUNCH = Launch(threads=8, team=4, gemv_teams=2, gemv_smem=128, gemm_threads=2, gemm_tk=8,
+                    attn_chunk=4, attn_smem=64, max_blocks=3)
+LAUNCH = SIM_LAUNCH if SIMULATOR else GPU_LAUNCH
+
+GEMV_MAX_TOKENS = 4  # linear with N <= this many tokens uses the GEMV kernels, more the tiled GEMM
+# GEMV shape per token tile NT: (R rows per warp, U words per lane and row per step). R * NT accumulators per
+# lane; U * R loads in flight per lane. First guesses, to be tuned on a GPU (bench/gpu_check.py sweeps them).
+GEMV_SHAPE = {1: (4, 2), 2: (4, 2), 4: (2, 2)}
+MAGIC = 8388608.0  # 2**23: float32 with bits 0x4B000000 | n is exactly 2**23 + n for 0 <= n < 2**23
+
+
+def _sm_count() -> int:
+    try:
+        return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+    except Exception:  # the simulator's device has no such attribute
+        return 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ------------------------------------------------------------------------------------------- arrays
+def _is_device(a) -> bool:
+    return hasattr(a, "copy_to_host") or hasattr(a, "__cuda_array_interface__")
+
+
+@dataclass(eq=False)
+class CudaQuantized:
+    """A quantized (out, in) matrix on the device, the layout of tinyserve.quant.QuantizedTensor.
+
+    The packed bytes are uploaded as 32-bit words so that a GPU thread reads 4 bytes in one load:
+    words (out, Kp/4) for int8, (out, Kp/8) for int4 (Kp = n_groups * G, rows padded to whole groups).
+    A word of int8 holds 4 consecutive values (byte b = value 4w + b, little-endian). A word of int4 holds
+    4 bytes of the 'split halves' layout: within a group, byte j = value j (low nibble) | value j + G/2
+    (high nibble), so word i of a group holds values 4i..4i+3 (low nibbles) and G/2 + 4i.. (high nibbles).
+    """
+
+    bits: int
+    group_size: int
+    shape: tuple  # (out, in), logical
+    words: object  # device uint32 (out, Kp * bits / 32)
+    scales: object  # device float32 (out, n_groups)
+    zeros: object  # device uint8 (out, n_groups), int4-asym only; else None
+    nbytes: int  # bytes a kernel reads per pass (data + scales + zeros), as QuantizedTensor.nbytes
+
+    @property
+    def zero_point(self) -> bool:
+        return self.zeros is not None
+
+    @property
+    def format(self) -> str:
+        return f"int{self.bits}" + ("-asym" if self.zeros is not None else "")
+
+    def __repr__(self) -> str:
+        return f"CudaQuantized({self.format}, group_size={self.group_size}, shape={self.shape})"
+
+
+def upload(a):
+    """A host array -> a device array (same dtype, C order); a QuantizedTensor -> a CudaQuantized.
+
+    Device arrays and CudaQuantized pass through unchanged; None stays None.
+    """
+    if a is None or isinstance(a, CudaQuantized) or _is_device(a):
+        return a
+    if hasattr(a, "bits") and hasattr(a, "scales"):  # tinyserve.quant.QuantizedTensor
+        data = np.ascontiguousarray(a.data)
+        words = data.view(np.uint32)  # rows are whole groups of >= 32 values: a whole number of words
+        zeros = None if a.zeros is None else cuda.to_device(np.ascontiguousarray(a.zeros, dtype=np.uint8))
+        return CudaQuantized(
+            bits=int(a.bits), group_size=int(a.group_size), shape=tuple(a.shape), words=cuda.to_device(words),
+            scales=cuda.to_device(np.ascontiguousarray(a.scales, dtype=np.float32)), zeros=zeros,
+            nbytes=int(a.nbytes),
+        )
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+def download(a) -> np.ndarray:
+    """A device array -> a NumPy array (host arrays pass through)."""
+    if _is_device(a):
+        return a.copy_to_host()
+    return np.asarray(a)
+
+
+def synchronize() -> None:
+    """Wait for every queued kernel (the timer calls this around each op)."""
+    cuda.synchronize()
+
+
+def _dev(a, name: str, dtype=None, ndim=None):
+    """A device array from an argument (a host array is uploaded: convenient, but it costs a copy)."""
+    if a is None:
+        raise TinyserveError(f"cuda ops: {name} is missing")
+    d = a if _is_device(a) else cuda.to_device(np.ascontiguousarray(a))
+    if dtype is not None and d.dtype != np.dtype(dtype):
+        raise TinyserveError(f"cuda ops: {name} must be {np.dtype(dtype).name}, got {d.dtype}")
+    if ndim is not None and d.ndim != ndim:
+        raise TinyserveError(f"cuda ops: {name} must be {ndim}-D, got shape {tuple(d.shape)}")
+    return d
+
+
+def _index(a, name: str):
+    """An integer index array on the device (int32 or int64, 1-D)."""
+    d = _dev(a, name, ndim=1)
+    if d.dtype not in (np.int32, np.int64):
+        raise TinyserveError(f"cuda ops: {name} must be an integer array, got {d.dtype}")
+    return d
+
+
+def _flat(a):
+    """A contiguous device array viewed as 1-D (no copy)."""
+    return a.reshape(int(np.prod(a.shape)))
+
+
+def _grid(n: int, threads: int) -> int:
+    return max(1, min(_cdiv(n, threads), LAUNCH.max_blocks))
+
+
+# --------------------------------------------------------------------------------- elementwise kernels
+@cuda.jit
+def _fill_kernel(out, value):
+    """out[:] = value (1-D), grid-stride."""
+    for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        out[i] = value
+
+
+def zeros(shape, dtype=np.float32):
+    """A device array of zeros (filled by a kernel: no host buffer, no copy)."""
+    shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
+    out = cuda.device_array(shape, dtype=np.dtype(dtype))
+    n = int(np.prod(shape))
+    if n:
+        flat = _flat(out)
+        _fill_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads](flat, flat.dtype.type(0))
+    return out
+
+
+@cuda.jit
+def _take_rows_kernel(x, idx, out):
+    """out[n, c] = x[idx[n], c] for every (n, c), one thread per element."""
+    C = x.shape[1]
+    total = out.shape[0] * C
+    for i in range(cuda.grid(1), total, cuda.gridsize(1)):
+        n = i // C
+        c = i - n * C
+        out[n, c] = x[idx[n], c]
+
+
+def take_rows(x, idx):
+    """x[idx]: (R, C), (N,) -> (N, C) float32. The embedding lookup, and picking the rows for logits."""
+    x = _dev(x, "take_rows x", np.float32, 2)
+    idx = _index(idx, "take_rows idx")
+    out = cuda.device_array((idx.shape[0], x.shape[1]), np.float32)
+    n = out.shape[0] * out.shape[1]
+    if n:
+        _take_rows_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads](x, idx, out)
+    return out
+
+
+@cuda.jit
+def _add_kernel(a, b, out):
+    for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        out[i] = a[i] + b[i]
+
+
+def add(a, b):
+    """The residual connection a + b (same shapes)."""
+    a, b = _dev(a, "add a", np.float32), _dev(b, "add b", np.float32)
+    if tuple(a.shape) != tuple(b.shape):
+        raise TinyserveError(f"cuda ops: add needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    out = cuda.device_array(a.shape, np.float32)
+    n = int(np.prod(a.shape))
+    if n:
+        _add_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads](_flat(a), _flat(b), _flat(out))
+    return out
+
+
+@cuda.jit
+def _swiglu_kernel(gate, up, out):
+    """silu(gate) * up = gate / (1 + exp(-gate)) * up, elementwise (exp overflow gives -0, as in NumPy)."""
+    for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        g = gate[i]
+        out[i] = g / (float32(1.0) + math.exp(-g)) * up[i]
+
+
+def swiglu(gate, up):
+    """SwiGLU's gating silu(gate) * up: (N, F), (N, F) -> (N, F)."""
+    gate, up = _dev(gate, "swiglu gate", np.float32), _dev(up, "swiglu up", np.float32)
+    if tuple(gate.shape) != tuple(up.shape):
+        raise TinyserveError(f"cuda ops: swiglu needs equal shapes, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    out = cuda.device_array(gate.shape, np.float32)
+    n = int(np.prod(gate.shape))
+    if n:
+        _swiglu_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads](_flat(gate), _flat(up), _flat(out))
+    return out
+
+
+@cuda.jit
+def _add_bias_kernel(y, bias):
+    """y[n, m] += bias[m] (in place)."""
+    M = y.shape[1]
+    for i in range(cuda.grid(1), y.shape[0] * M, cuda.gridsize(1)):
+        n = i // M
+        m = i - n * M
+        y[n, m] += bias[m]
+
+
+@cuda.jit
+def _rope_kernel(x, positions, inv_freq, out):
+    """One thread per rotated pair (n, head, i): (a, b) = (x[..., i], x[..., i + hd/2]).
+
+    The angle is float32(position) * inv_freq[i] in float32, as the reference (and transformers) does;
+    cos and sin are libdevice's accurate float32 functions.
+    """
+    N, nh, hd = x.shape
+    half = hd // 2
+    total = N * nh * half
+    for p in range(cuda.grid(1), total, cuda.gridsize(1)):
+        i = p % half
+        nhead = p // half
+        h = nhead % nh
+        n = nhead // nh
+        angle = float32(positions[n]) * inv_freq[i]
+        c = math.cos(angle)
+        s = math.sin(angle)
+        a = x[n, h, i]
+        b = x[n, h, i + half]
+        out[n, h, i] = a * c - b * s
+        out[n, h, i + half] = b * c + a * s
+
+
+def rope(x, positions, inv_freq):
+    """Rotary embedding, HF half-split layout: (N, nh, hd), (N,), (hd/2,) -> (N, nh, hd)."""
+    x = _dev(x, "rope x", np.float32, 3)
+    positions = _index(positions, "rope positions")
+    inv_freq = _dev(inv_freq, "rope inv_freq", np.float32, 1)
+    N, nh, hd = x.shape
+    if hd % 2 or inv_freq.shape[0] != hd // 2 or positions.shape[0] != N:
+        raise TinyserveError(
+            f"cuda ops: rope shapes do not fit: x {tuple(x.shape)}, positions {tuple(positions.shape)}, "
+            f"inv_freq {tuple(inv_freq.shape)}"
+        )
+    out = cuda.device_array(x.shape, np.float32)
+    n = N * nh * (hd // 2)
+    if n:
+        _rope_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads](x, positions, inv_freq, out)
+    return out
+
+
+@cuda.jit
+def _kv_write_kernel(k_cache, v_cache, k, v, slots, positions):
+    """cache[slots[n], h, positions[n], d] = k[n, h, d] (and v), one thread per element."""
+    N, KVH, hd = k.shape
+    total = N * KVH * hd
+    for i in range(cuda.grid(1), total, cuda.gridsize(1)):
+        d = i % hd
+        nh = i // hd
+        h = nh % KVH
+        n = nh // KVH
+        s = slots[n]
+        t = positions[n]
+        k_cache[s, h, t, d] = k[n, h, d]
+        v_cache[s, h, t, d] = v[n, h, d]
+
+
+def kv_write(k_cache, v_cache, k, v, slots, positions) -> None:
+    """Store each token's key and value at (its slot, its position) of the cache, in place.
+
+    k_cache, v_cache: (S, KVH, Tmax, hd) device arrays; k, v: (N, KVH, hd); slots, positions: (N,).
+    """
+    if not (_is_device(k_cache) and _is_device(v_cache)):
+        raise TinyserveError("cuda ops: kv_write writes into device caches (make them with ops.zeros)")
+    k, v = _dev(k, "kv_write k", np.float32, 3), _dev(v, "kv_write v", np.float32, 3)
+    slots, positions = _index(slots, "kv_write slots"), _index(positions, "kv_write positions")
+    N, KVH, hd = k.shape
+    if (tuple(v.shape) != tuple(k.shape) or k_cache.ndim != 4 or tuple(k_cache.shape) != tuple(v_cache.shape)
+            or k_cache.shape[1] != KVH or k_cache.shape[3] != hd or slots.shape[0] != N
+            or positions.shape[0] != N):
+        raise TinyserveError(
+            f"cuda ops: kv_write shapes do not fit: cache {tuple(k_cache.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}, slots {tuple(slots.shape)}, positions {tuple(positions.shape)}"
+        )
+    n = N * KVH * hd
+    if n:
+        _kv_write_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads](k_cache, v_cache, k, v, slots, positions)
+
+
+# ------------------------------------------------------------------------------------------ rmsnorm
+_NORM_THREADS = LAUNCH.threads
+
+
+@cuda.jit
+def _rmsnorm_kernel(x, weight, eps, out):
+    """One block per row (grid-stride over rows). Threads stride over the row summing squares (reads
+    coalesced), a tree in shared memory adds the block's partial sums, then every thread scales its
+    elements. blockDim.x must be a power of two."""
+    partial = cuda.shared.array(_NORM_THREADS, float32)
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    N, D = x.shape
+    for row in range(cuda.blockIdx.x, N, cuda.gridDim.x):
+        s = float32(0.0)
+        for d in range(tid, D, nt):
+            v = x[row, d]
+            s += v * v
+        partial[tid] = s
+        cuda.syncthreads()
+        stride = nt // 2
+        while stride > 0:  # tree: log2(nt) steps, each halving the number of partial sums
+            if tid < stride:
+                partial[tid] += partial[tid + stride]
+            cuda.syncthreads()
+            stride //= 2
+        inv = float32(1.0) / math.sqrt(partial[0] / float32(D) + eps)
+        for d in range(tid, D, nt):
+            out[row, d] = x[row, d] * inv * weight[d]
+        cuda.syncthreads()  # partial[0] is read by everyone before the next row overwrites it
+
+
+def rmsnorm(x, weight, eps):
+    """RMSNorm per row: x / sqrt(mean(x^2) + eps) * weight. (N, D), (D,) -> (N, D)."""
+    x = _dev(x, "rmsnorm x", np.float32, 2)
+    weight = _dev(weight, "rmsnorm weight", np.float32, 1)
+    N, D = x.shape
+    if weight.shape[0] != D:
+        raise TinyserveError(f"cuda ops: rmsnorm weight has {weight.shape[0]} values for rows of {D}")
+    out = cuda.device_array((N, D), np.float32)
+    if N and D:
+        threads = min(_NORM_THREADS, 1 << max(0, (D - 1).bit_length()))  # a power of two, <= D rounded up
+        _rmsnorm_kernel[max(1, min(N, LAUNCH.max_blocks)), threads](x, weight, np.float32(eps), out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ attention
+_ATTN_SMEM = LAUNCH.attn_smem
+
+
+@cuda.jit
+def _attention_kernel(q, k_cache, v_cache, slots, positions, window, scale, chunk, out):
+    """One block per (token n, query head h), grid-stride over the N*H pairs.
+
+    The block walks its sequence's visible keys (positions lo..pos of slot `slots[n]`, kv head h // G) in
+    chunks of `chunk` keys: it copies the chunk's keys and values into shared memory with coalesced loads
+    (a head's keys are contiguous in the cache), thread j scores key j (q . k * scale), and the online
+    softmax folds the chunk into the running result: with m the running maximum, l the running sum of
+    exp(score - m) and o[d] the running weighted sum of values (thread d owns output dimension d),
+        m' = max(m, max_j s_j);  o[d] = o[d] * exp(m - m') + sum_j exp(s_j - m') v_j[d];  l likewise.
+    Needs blockDim.x >= max(hd, chunk).
+    """
+    ks = cuda.shared.array(_ATTN_SMEM, float32)  # chunk x (hd + 1): padded rows, conflict-free reads
+    vs = cuda.shared.array(_ATTN_SMEM, float32)  # chunk x hd
+    qs = cuda.shared.array(256, float32)  # this head's query
+    ps = cuda.shared.array(64, float32)  # scores, then probabilities, of the chunk
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    N, H, hd = q.shape
+    KVH = k_cache.shape[1]
+    G = H // KVH
+    kp = hd + 1  # pitch of a key row in shared memory
+    for pair in range(cuda.blockIdx.x, N * H, cuda.gridDim.x):
+        n = pair // H
+        h = pair - n * H
+        kvh = h // G
+        slot = slots[n]
+        pos = positions[n]
+        lo = 0
+        if window > 0 and pos - window + 1 > 0:
+            lo = pos - window + 1
+        cuda.syncthreads()  # the previous pair is done with qs
+        if tid < hd:
+            qs[tid] = q[n, h, tid]
+        m = float32(-math.inf)
+        l = float32(0.0)
+        o = float32(0.0)
+        for j0 in range(lo, pos + 1, chunk):
+            cnt = min(chunk, pos + 1 - j0)
+            cuda.syncthreads()  # everyone is done with the previous chunk (and qs is written)
+            for e in range(tid, cnt * hd, nt):  # consecutive threads read consecutive floats
+                j = e // hd
+                d = e - j * hd
+                ks[j * kp + d] = k_cache[slot, kvh, j0 + j, d]
+                vs[e] = v_cache[slot, kvh, j0 + j, d]
+            cuda.syncthreads()
+            if tid < cnt:
+                s = float32(0.0)
+                for d in range(hd):
+                    s += qs[d] * ks[tid * kp + d]
+                ps[tid] = s * scale
+            cuda.syncthreads()
+            m_new = m
+            for j in range(cnt):  # every thread reads the same scores (broadcast): no reduction needed
+                m_new = max(m_new, ps[j])
+            alpha = math.exp(m - m_new)  # 0 for the first chunk (m = -inf)
+            cuda.syncthreads()  # all have read the scores before they become probabilities
+            if tid < cnt:
+                ps[tid] = math.exp(ps[tid] - m_new)
+            cuda.syncthreads()
+            acc = float32(0.0)
+            psum = float32(0.0)
+            for j in range(cnt):
+                p = ps[j]
+                psum += p
+                if tid < hd:
+                    acc += p * vs[j * hd + tid]
+            o = o * alpha + acc
+            l = l * alpha + psum
+            m = m_new
+        if tid < hd:
+            out[n, h, tid] = o / l
+
+
+def attention(q, k_cache, v_cache, slots, positions, window: int = 0):
+    """Causal grouped-query attention over the device KV cache: (N, H, hd) -> (N, H, hd).
+
+    Token n attends to slot slots[n]'s positions 0..positions[n] (the last `window` of them if window > 0);
+    query head h uses key/value head h // (H // KVH).
+    """
+    q = _dev(q, "attention q", np.float32, 3)
+    if not (_is_device(k_cache) and _is_device(v_cache)):
+        raise TinyserveError("cuda ops: attention reads device caches (make them with ops.zeros)")
+    slots, positions = _index(slots, "attention slots"), _index(positions, "attention positions")
+    N, H, hd = q.shape
+    if (k_cache.ndim != 4 or tuple(k_cache.shape) != tuple(v_cache.shape) or k_cache.shape[3] != hd
+            or H % k_cache.shape[1] or slots.shape[0] != N or positions.shape[0] != N):
+        raise TinyserveError(
+            f"cuda ops: attention shapes do not fit: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}, "
+            f"slots {tuple(slots.shape)}, positions {tuple(positions.shape)}"
+        )
+    if hd > 256:
+        raise TinyserveError(f"cuda ops: attention supports head_dim up to 256, got {hd}")
+    chunk = max(1, min(LAUNCH.attn_chunk, _ATTN_SMEM // (hd + 1)))
+    threads = max(hd, chunk)
+    if not SIMULATOR:
+        threads = _cdiv(threads, 32) * 32  # whole warps
+    out = cuda.device_array((N, H, hd), np.float32)
+    if N:
+        scale = np.float32(1.0 / np.sqrt(hd))
+        grid = max(1, min(N * H, LAUNCH.max_blocks))
+        _attention_kernel[grid, threads](q, k_cache, v_cache, slots, positions, int(window), scale, chunk, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------- linear: GEMV
+# Decode: N <= 4 tokens. Every weight is used N times only, so the kernel is a stream over the weights and
+# its speed is the bandwidth at which it reads them. The design:
+#   * a block is `teams` warps; warp w owns R consecutive output rows (R * N accumulators per lane);
+#   * lanes stride along the row in 32-bit words: lane l reads words l, l+32, l+64, ... of each of its R rows,
+#     so one warp-wide load reads 128 consecutive bytes of a row (coalesced), and every byte is read once;
+#     each step first issues U words per row for all R rows (U * R independent loads in flight per lane,
+#     which is what keeps enough bytes moving to approach the bandwidth), then uses them;
+#   * x (the N activation rows) is copied into shared memory once per block in "word order": xs[t, e, j] is
+#     the x value that element e of word j multiplies, so lanes reading word j, j+1, ... read consecutive
+#     shared-memory floats (no bank conflicts). K longer than the buffer is done in chunks of whole groups;
+#   * int8/int4 values become floats without a conversion instruction: the float32 with bits
+#     0x4B000000 | n is exactly 2**23 + n, so (bits | n) - (2**23 + zero) is the value minus its zero point
+#     (one shift+mask, one OR, one subtract). The group scale multiplies the per-word partial dot product;
+#   * at the end each lane holds partial sums; they meet in shared memory, and lane v adds the team's
+#     values for accumulator v (two barriers per row block; no warp shuffles, which the simulator lacks).
+# Blocks loop over row blocks (grid-stride), so x is staged once per block when K fits in one chunk.
+
+
+def _stage_x_f32(x, xs, c0, cw, N, NT):
+    """Shared xs[t * cw + j] = x[t, c0 + j] for the chunk [c0, c0 + cw) (zeros for tokens t >= N)."""
+    tid = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    nthr = cuda.blockDim.x * cuda.blockDim.y
+    for t in range(NT):
+        for j in range(tid, cw, nthr):
+            v = float32(0.0)
+            if t < N:
+                v = x[t, c0 + j]
+            xs[t * cw + j] = v
+
+
+def _make_gemv_f32(NT, R, U):
+    """The float32 GEMV kernel for a token tile of NT (N <= NT), R rows per warp, U words per lane per step."""
+    SMEM, TEAMS, RV, PITCH = LAUNCH.gemv_smem, LAUNCH.gemv_teams, R * NT, LAUNCH.team + 1  # compile-time sizes
+    stage = cuda.jit(device=True)(_stage_x_f32)
+
+    def gemv_f32(x, w, y, N, chunk):
+        xs = cuda.shared.array(SMEM, float32)
+        red = cuda.shared.array((TEAMS, RV, PITCH), float32)  # the teams' partial sums
+        acc = cuda.local.array((R, NT), float32)  # register-resident: every index is a compile-time constant
+        wv = cuda.local.array((U, R), float32)
+        lane = cuda.threadIdx.x
+        team = cuda.threadIdx.y
+        nl = cuda.blockDim.x
+        M, K = w.shape
+        rows_per_block = cuda.blockDim.y * R
+        nchunks = (K + chunk - 1) // chunk
+        it = 0
+        for rb in range(cuda.blockIdx.x, (M + rows_per_block - 1) // rows_per_block, cuda.gridDim.x):
+            row0 = rb * rows_per_block + team * R
+            for r in range(R):
+                for t in range(NT):
+                    acc[r, t] = float32(0.0)
+            for c in range(nchunks):
+                c0 = c * chunk
+                cw = min(chunk, K - c0)
+                if nchunks > 1 or it == 0:  # one chunk: staged once, reused for every row block
+                    cuda.syncthreads()
+                    stage(x, xs, c0, cw, N, NT)
+                    cuda.syncthreads()
+                for j0 in range(lane, cw, nl * U):
+                    for u in range(U):  # issue all U * R loads before using any: more bytes in flight
+                        for r in range(R):
+                            v = float32(0.0)
+                            if j0 + u * nl < cw and row0 + r < M:
+                                v = w[row0 + r, c0 + j0 + u * nl]
+                            wv[u, r] = v
+                    for u in range(U):
+                        j = j0 + u * nl
+                        if j < cw:
+                            for t in range(NT):
+                                xv = xs[t * cw + j]
+                                for r in range(R):
+                                    acc[r, t] += wv[u, r] * xv
+            for r in range(R):
+                for t in range(NT):
+                    red[team, r * NT + t, lane] = acc[r, t]
+            cuda.syncthreads()
+            for v in range(lane, R * NT, nl):
+                r = v // NT
+                t = v - r * NT
+                if row0 + r < M and t < N:
+                    s = float32(0.0)
+                    for i in range(nl):
+                        s += red[team, v, i]
+                    y[t, row0 + r] = s
+            cuda.syncthreads()  # red is read before the next row block writes it
+            it += 1
+
+    gemv_f32.__name__ = f"gemv_f32_nt{NT}_r{R}_u{U}"
+    return cuda.jit(gemv_f32)
+
+
+def _stage_x_q(x, xs, c0w, cw, N, NT, EPW, lg, K):
+    """Shared xs[(t * EPW + e) * cw + j] = the x value multiplying element e of word c0w + j.
+
+    int8 (EPW 4): element e of word w is value 4w + e. int4 (EPW 8, split halves per group of G = 2**lg):
+    word w is word i = w mod G/8 of group g = w div G/8; elements 0..3 are values g*G + 4i + e (low
+    nibbles), elements 4..7 are values g*G + G/2 + 4i + e - 4 (high nibbles). The loop runs over x in
+    memory order (coalesced reads) and computes where each value goes, with shifts and masks only (chunks
+    start on group boundaries). Values past K (row padding) are 0.
+    """
+    tid = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    nthr = cuda.blockDim.x * cuda.blockDim.y
+    k0 = c0w * EPW
+    for t in range(NT):
+        for kk in range(tid, cw * EPW, nthr):  # offset in the chunk
+            if EPW == 4:
+                j = kk >> 2
+                e = kk & 3
+            else:
+                r = kk & ((1 << lg) - 1)  # position in the group
+                half = r >> (lg - 1)  # 0: low nibbles, 1: high nibbles
+                b = r & ((1 << (lg - 1)) - 1)  # byte in the group
+                j = ((kk >> lg) << (lg - 3)) + (b >> 2)
+                e = half * 4 + (b & 3)
+            v = float32(0.0)
+            if t < N and k0 + kk < K:
+                v = x[t, k0 + kk]
+            xs[(t * EPW + e) * cw + j] = v
+
+
+def _make_gemv_q(BITS, NT, R, HAS_ZERO, U):
+    """The int8 / int4 GEMV kernel (see the comment above): token tile NT, R rows per warp, U words per lane
+    and row per step (U * R 32-bit loads in flight per lane)."""
+    SMEM, TEAMS, RV, PITCH = LAUNCH.gemv_smem, LAUNCH.gemv_teams, R * NT, LAUNCH.team + 1  # compile-time sizes
+    EPW = 4 if BITS == 8 else 8  # values per 32-bit word
+    MASK = 0xFF if BITS == 8 else 0xF
+    FLIP = 0x80 if BITS == 8 else 0  # int8 is two's complement: flip the sign bit to get q + 128
+    stage = cuda.jit(device=True)(_stage_x_q)
+
+    def gemv_q(x, words, scales, zeros, y, N, K, lg, chunk):
+        xs = cuda.shared.array(SMEM, float32)
+        red = cuda.shared.array((TEAMS, RV, PITCH), float32)  # the teams' partial sums
+        acc = cuda.local.array((R, NT), float32)
+        tmp = cuda.local.array(NT, float32)
+        wq = cuda.local.array((U, R), uint32)  # the step's words, scales and zero offsets
+        ws = cuda.local.array((U, R), float32)
+        wz = cuda.local.array((U, R), float32)
+        lane = cuda.threadIdx.x
+        team = cuda.threadIdx.y
+        nl = cuda.blockDim.x
+        M, Kw = words.shape
+        lgw = lg - (2 if BITS == 8 else 3)  # words per group = 2**lgw
+        rows_per_block = cuda.blockDim.y * R
+        nchunks = (Kw + chunk - 1) // chunk
+        it = 0
+        for rb in range(cuda.blockIdx.x, (M + rows_per_block - 1) // rows_per_block, cuda.gridDim.x):
+            row0 = rb * rows_per_block + team * R
+            for r in range(R):
+                for t in range(NT):
+                    acc[r, t] = float32(0.0)
+            for c in range(nchunks):
+                c0 = c * chunk
+                cw = min(chunk, Kw - c0)
+                if nchunks > 1 or it == 0:
+                    cuda.syncthreads()
+                    stage(x, xs, c0, cw, N, NT, EPW, lg, K)
+                    cuda.syncthreads()
+                for j0 in range(lane, cw, nl * U):
+                    for u in range(U):  # issue every load of the step (words, scales) before using any
+                        g = (c0 + j0 + u * nl) >> lgw
+                        for r in range(R):
+                            word = uint32(0)
+                            s = float32(0.0)
+                            z = float32(8.0 if BITS == 4 else 128.0)
+                            if j0 + u * nl < cw and row0 + r < M:
+                                word = words[row0 + r, c0 + j0 + u * nl]
+                                s = scales[row0 + r, g]
+                                if HAS_ZERO:
+                                    z = float32(zeros[row0 + r, g])
+                            wq[u, r] = word
+                            ws[u, r] = s
+                            wz[u, r] = float32(MAGIC) + z
+                    for u in range(U):
+                        j = j0 + u * nl
+                        if j < cw:
+                            for r in range(R):
+                                word = wq[u, r]
+                                zoff = wz[u, r]  # 2**23 + zero point: (bits | n) - zoff = n - zero, exactly
+                                for t in range(NT):
+                                    tmp[t] = float32(0.0)
+                                for e in range(EPW):
+                                    if BITS == 8:
+                                        shift = 8 * e
+                                    else:
+                                        shift = 8 * (e & 3) + 4 * (e >> 2)
+                                    q = _as_float((((word >> shift) & MASK) ^ FLIP) | 0x4B000000) - zoff
+                                    for t in range(NT):
+                                        tmp[t] += q * xs[(t * EPW + e) * cw + j]
+                                for t in range(NT):
+                                    acc[r, t] += ws[u, r] * tmp[t]
+            for r in range(R):
+                for t in range(NT):
+                    red[team, r * NT + t, lane] = acc[r, t]
+            cuda.syncthreads()
+            for v in range(lane, R * NT, nl):
+                r = v // NT
+                t = v - r * NT
+                if row0 + r < M and t < N:
+                    s = float32(0.0)
+                    for i in range(nl):
+                        s += red[team, v, i]
+                    y[t, row0 + r] = s
+            cuda.syncthreads()  # red is read before the next row block writes it
+            it += 1
+
+    gemv_q.__name__ = f"gemv_int{BITS}{'z' if HAS_ZERO else ''}_nt{NT}_r{R}_u{U}"
+    return cuda.jit(gemv_q)
+
+
+_gemv_f32 = lru_cache(maxsize=None)(_make_gemv_f32)
+_gemv_q = lru_cache(maxsize=None)(_make_gemv_q)
+
+
+def _gemv_launch(M: int, R: int, teams: int | None = None):
+    """(grid, (lanes, teams)): enough blocks to fill the GPU (fewer warps per block for small M), and at
+    most 8 blocks per SM: the blocks then loop over row blocks and reuse their staged x."""
+    if teams is None:
+        teams = LAUNCH.gemv_teams
+        target = 2 * _sm_count()
+        while teams > 1 and _cdiv(M, teams * R) < target:
+            teams //= 2
+    nrb = _cdiv(M, teams * R)
+    grid = max(1, min(nrb, 8 * _sm_count() if not SIMULATOR else LAUNCH.max_blocks))
+    return grid, (LAUNCH.team, teams)
+
+
+def _gemv(x, w, y, R=None, U=None, teams=None) -> bool:
+    """y = x @ W.T with a GEMV kernel (N <= 4 tokens). False when it cannot (a group larger than the
+    shared x buffer allows): the caller then uses the GEMM. R, U, teams override the defaults (tuning)."""
+    N, K = x.shape
+    M = int(w.shape[0])
+    NT = _token_tile(N)
+    R0, U0 = GEMV_SHAPE[NT]
+    R, U = R or R0, U or U0
+    grid, block = _gemv_launch(M, R, teams)
+    if not isinstance(w, CudaQuantized):
+        _gemv_f32(NT, R, U)[grid, block](x, w, y, N, max(1, LAUNCH.gemv_smem // NT))
+        return True
+    G = w.group_size
+    epw = 32 // w.bits  # values per word
+    wpg = G // epw  # words per group
+    chunk = (LAUNCH.gemv_smem // (NT * epw)) // wpg * wpg  # in words: whole groups that fit the x buffer
+    if chunk == 0:
+        return False
+    zeros_arg = w.zeros if w.zeros is not None else _dummy(np.uint8)
+    _gemv_q(w.bits, NT, R, w.zeros is not None, U)[grid, block](
+        x, w.words, w.scales, zeros_arg, y, N, K, G.bit_length() - 1, chunk)
+    return True
+
+
+# ------------------------------------------------------------------------------------- linear: GEMM
+# Prefill and batches: N > 4 tokens. Now each weight is used N times, so the kernel must reuse what it
+# loads: a block computes a TN x TM tile of y (tokens x output rows) and walks K in steps of TK, copying an
+# x tile (TN x TK) and a W tile (TM x TK, dequantized on the way: exactly dequantize(W)'s float32 values)
+# into shared memory; each thread then computes 4 x 4 outputs from registers (8 shared loads per 16 FMAs).
+# Shared tiles are stored transposed ([k][n], [k][m]) and padded by one column so that neither the stores
+# nor the loads of a warp hit the same memory bank twice.
+
+
+def _make_gemm(BITS, HAS_ZERO):
+    """The tiled GEMM; BITS 32 (float32 W), 8 or 4 (quantized W, dequantized while loading the tile)."""
+    T, TK = LAUNCH.gemm_threads, LAUNCH.gemm_tk
+    TN = TM = 4 * T
+    PITCH = TN + 1  # padded row of the shared tiles
+
+    if BITS == 32:
+
+        @cuda.jit(device=True, inline=True)
+        def wval(w, scales, zeros, m, k, lg):
+            return w[m, k]
+
+    elif BITS == 8:
+
+        @cuda.jit(device=True, inline=True)
+        def wval(w, scales, zeros, m, k, lg):
+            word = w[m, k >> 2]
+            b = ((word >> (8 * (k & 3))) & 0xFF) ^ 0x80
+            q = _as_float(b | 0x4B000000) - float32(MAGIC + 128.0)
+            return q * scales[m, k >> lg]
+
+    else:
+
+        @cuda.jit(device=True, inline=True)
+        def wval(w, scales, zeros, m, k, lg):
+            g = k >> lg
+            r = k & ((1 << lg) - 1)
+            half = r >> (lg - 1)
+            b = r & ((1 << (lg - 1)) - 1)
+            byte = (g << (lg - 1)) + b  # byte of the row
+            word = w[m, byte >> 2]
+            n = (word >> (8 * (byte & 3) + 4 * half)) & 0xF
+            if HAS_ZERO:
+                zoff = float32(MAGIC) + float32(zeros[m, g])
+            else:
+                zoff = float32(MAGIC + 8.0)
+            q = _as_float(n | 0x4B000000) - zoff
+            return q * scales[m, g]
+
+    def gemm(x, w, scales, zeros, y, N, M, K, lg):
+        As = cuda.shared.array((TK, PITCH), float32)  # x tile, transposed: As[k, n]
+        Bs = cuda.shared.array((TK, PITCH), float32)  # W tile, transposed: Bs[k, m]
+        acc = cuda.local.array((4, 4), float32)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        tid = ty * T + tx
+        n0 = cuda.blockIdx.y * TN
+        m0 = cuda.blockIdx.x * TM
+        for i in range(4):
+            for j in range(4):
+                acc[i, j] = float32(0.0)
+        for k0 in range(0, K, TK):
+            for e in range(tid, TN * TK, T * T):  # x tile: consecutive threads, consecutive k
+                n = e // TK
+                kk = e - n * TK
+                v = float32(0.0)
+                if n0 + n < N and k0 + kk < K:
+                    v = x[n0 + n, k0 + kk]
+                As[kk, n] = v
+            for e in range(tid, TM * TK, T * T):  # W tile, dequantized
+                m = e // TK
+                kk = e - m * TK
+                v = float32(0.0)
+                if m0 + m < M and k0 + kk < K:
+                    v = wval(w, scales, zeros, m0 + m, k0 + kk, lg)
+                Bs[kk, m] = v
+            cuda.syncthreads()
+            for kk in range(TK):
+                a0 = As[kk, ty]
+                a1 = As[kk, ty + T]
+                a2 = As[kk, ty + 2 * T]
+                a3 = As[kk, ty + 3 * T]
+                for j in range(4):
+                    b = Bs[kk, tx + j * T]
+                    acc[0, j] += a0 * b
+                    acc[1, j] += a1 * b
+                    acc[2, j] += a2 * b
+                    acc[3, j] += a3 * b
+            cuda.syncthreads()
+        for i in range(4):
+            n = n0 + ty + i * T
+            if n < N:
+                for j in range(4):
+                    m = m0 + tx + j * T
+                    if m < M:
+                        y[n, m] = acc[i, j]
+
+    gemm.__name__ = f"gemm_{'f32' if BITS == 32 else f'int{BITS}'}{'z' if HAS_ZERO else ''}"
+    return cuda.jit(gemm)
+
+
+_gemm = lru_cache(maxsize=None)(_make_gemm)
+
+_dummy_cache = {}
+
+
+def _dummy(dtype):
+    """A 1x1 device array standing in for an argument a kernel variant never reads."""
+    d = _dummy_cache.get(np.dtype(dtype))
+    if d is None:
+        d = _dummy_cache[np.dtype(dtype)] = cuda.to_device(np.zeros((1, 1), dtype))
+    return d
+
+
+def _token_tile(N: int) -> int:
+    return 1 if N <= 1 else 2 if N <= 2 else 4
+
+
+def linear(x, w, bias=None):
+    """y = x @ W.T + bias: (N, in), W (out, in) float32 or quantized -> (N, out).
+
+    N <= 4 runs the GEMV kernels (decode), larger N the tiled GEMM (prefill). A QuantizedTensor that was
+    not uploaded is uploaded here (once per call: upload weights beforehand).
+    """
+    x = _dev(x, "linear x", np.float32, 2)
+    if not isinstance(w, CudaQuantized) and hasattr(w, "bits"):
+        w = upload(w)
+    N, K = x.shape
+    quant = isinstance(w, CudaQuantized)
+    if not quant:
+        w = _dev(w, "linear weight", np.float32, 2)
+    M, Kw = (int(s) for s in w.shape)
+    if Kw != K:
+        raise TinyserveError(f"cuda ops: linear x has {K} columns, the weight {tuple(w.shape)} wants {Kw}")
+    y = cuda.device_array((N, M), np.float32)
+    if N == 0 or M == 0:
+        return y
+    if K == 0:
+        _fill_kernel[_grid(N * M, LAUNCH.threads), LAUNCH.threads](_flat(y), np.float32(0))
+    elif not (N <= GEMV_MAX_TOKENS and _gemv(x, w, y)):
+        _gemm_launch(x, w, y)
+    if bias is not None:
+        bias = _dev(bias, "linear bias", np.float32, 1)
+        if bias.shape[0] != M:
+            raise TinyserveError(f"cuda ops: linear bias has {bias.shape[0]} values for {M} outputs")
+        _add_bias_kernel[_grid(N * M, LAUNCH.threads), LAUNCH.threads](y, bias)
+    return y
+
+
+def _gemm_launch(x, w, y) -> None:
+    """y = x @ W.T with the tiled GEMM: one block per 64 x 64 tile of y (tokens x rows)."""
+    N, K = x.shape
+    M = int(w.shape[0])
+    T = LAUNCH.gemm_threads
+    grid = (_cdiv(M, 4 * T), _cdiv(N, 4 * T))
+    if isinstance(w, CudaQuantized):
+        zeros_arg = w.zeros if w.zeros is not None else _dummy(np.uint8)
+        lg = w.group_size.bit_length() - 1  # G is a power of two (32..256)
+        _gemm(w.bits, w.zeros is not None)[grid, (T, T)](x, w.words, w.scales, zeros_arg, y, N, M, K, lg)
+    else:
+        _gemm(32, False)[grid, (T, T)](x, w, _dummy(np.float32), _dummy(np.uint8), y, N, M, K, 0)
+
+
+# ------------------------------------------------------------------------------------------- warm-up
+def warmup(weights=None) -> float:
+    """Compile the kernels a forward pass uses (float32 paths; the quantized formats found in `weights`,
+    if given) by running each once on tiny arrays. Returns the seconds it took. Free on the simulator."""
+    import time
+
+    t0 = time.perf_counter()
+    if not SIMULATOR:  # (the simulator compiles nothing; tests call _warm directly)
+        _warm(weights)
+    return time.perf_counter() - t0
+
+
+def _warm(weights=None) -> None:
+    from ..quant import quantize
+
+    idx = cuda.to_device(np.zeros(2, np.int64))
+    x = zeros((2, 64))
+    take_rows(x, idx)
+    add(x, x)
+    swiglu(x, x)
+    rmsnorm(x, zeros(64), 1e-5)
+    q = zeros((2, 2, 32))
+    rope(q, idx, zeros(16))
+    cache = zeros((1, 1, 4, 32))
+    kv = zeros((2, 1, 32))
+    kv_write(cache, cache, kv, kv, idx, idx)
+    attention(q, cache, cache, idx, idx, 0)
+    formats = set()
+    if weights is not None:
+        mats = [v for layer in getattr(weights, "layers", []) for v in vars(layer).values()]
+        for v in mats + [getattr(weights, "lm_head", None)]:
+            if isinstance(v, CudaQuantized):
+                formats.add((v.bits, v.group_size, v.zeros is not None))
+    for n in (1, 2, 3, 8):  # token tiles 1, 2, 4 of the GEMV, and the GEMM
+        linear(zeros((n, 64)), zeros((8, 64)), zeros(8))
+        for bits, g, z in sorted(formats):
+            linear(zeros((n, g)), upload(quantize(np.ones((8, g), np.float32), bits, g, z)))
+    cuda.synchronize()
