@@ -72,7 +72,6 @@ def finish(code: int = 0):
 
 
 try:
-    from tinyserve.errors import TinyserveError
     from tinyserve.ops import cuda as C
     from tinyserve.ops import reference as ref
 except Exception as e:  # noqa: BLE001  (no GPU, no numba-cuda: say so and stop)

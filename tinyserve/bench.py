@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -26,6 +25,7 @@ import numpy as np
 from .config import ModelConfig, config_from_dict, rope_inv_freq
 from .errors import TinyserveError
 from .model import LINEAR_NAMES, LayerWeights, Weights, linear_shapes
+from .progress import progress_bar
 
 # Random-weight shapes (no download). stories15M / stories110M: the llama2.c TinyStories models;
 # llama-1b: Llama 3.2 1B (tied embeddings, GQA 4:1).
@@ -249,14 +249,12 @@ def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batch
     combos = [(b, q) for b in backends for q in quants]
     total = len(combos) * len(batches) * repetitions
     done = [0]
-    tty = progress and sys.stderr.isatty()
+    bar = progress_bar("bench") if progress else None
 
     def tick(label=""):
         done[0] += 1
-        if tty:
-            n = int(30 * done[0] / total)
-            sys.stderr.write(f"\rbench [{'#' * n}{'.' * (30 - n)}] {done[0]}/{total} {label}   ")
-            sys.stderr.flush()
+        if bar:
+            bar(done[0], total, label)
 
     bw_before = measure_bandwidth()
     results = []
@@ -271,8 +269,6 @@ def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batch
     for r in results:  # floor against the best bandwidth seen in this run
         r.floor_fraction *= (r.bandwidth_gb_s * 1e9) / bw
         r.bandwidth_gb_s = bw / 1e9
-    if tty:
-        sys.stderr.write("\r" + " " * 70 + "\r")
     return {
         "bandwidth_gb_s": [bw_before / 1e9, bw_after / 1e9],
         "threads": _threads(),

@@ -192,11 +192,10 @@ def cmd_bench(args) -> int:
 # --------------------------------------------------------------------------------------------- quantize
 def cmd_quantize(args) -> int:
     from .convert.quantize import quantize_checkpoint
-    from .engine import _progress_bar
+    from .progress import progress_bar
 
-    bar = _progress_bar("quantizing")
-    out = quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.zero_point, progress=bar)
-    bar(None, None)
+    out = quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.zero_point,
+                              progress=progress_bar("quantizing"))
     print(f"wrote {out}")
     return 0
 
@@ -257,27 +256,13 @@ def cmd_compare(args) -> int:
     return 0 if rep.passed else 1
 
 
-def _bar(label):
-    """A progress bar on stderr, drawn only when stderr is a terminal."""
-    if not sys.stderr.isatty():
-        return None
-
-    def bar(done, total):
-        n = int(30 * done / total)
-        sys.stderr.write(f"\r{label} [{'#' * n}{'.' * (30 - n)}] {done}/{total}")
-        if done == total:
-            sys.stderr.write("\r" + " " * (len(label) + 50) + "\r")
-        sys.stderr.flush()
-
-    return bar
-
-
 def cmd_perplexity(args) -> int:
     from . import validate as v
+    from .progress import progress_bar
 
     llm = v.load_llm(args.model, args.backend or "numpy", args.quant, args.group_size, args.zero_point)
     res = v.perplexity(llm, args.text, context=args.context, paragraphs=args.paragraphs,
-                       save_logits=args.save_logits, kl_base=args.kl_base, progress=_bar("perplexity"))
+                       save_logits=args.save_logits, kl_base=args.kl_base, progress=progress_bar("perplexity"))
     print(json.dumps(res.to_dict()) if args.json else res.table())
     return 0
 

@@ -24,6 +24,7 @@ from .generate import Generator, Request
 from .kv_cache import KVCache, cache_bytes, default_context
 from .model import forward, load_weights, upload_weights
 from .ops import get_ops
+from .progress import progress_bar
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -117,10 +118,8 @@ class LLM:
 
             read_linear = make_read_linear(None, None, None)
             self.quant = self.ckpt.metadata["tinyserve_quant"]
-        bar = _progress_bar("loading") if progress else None
+        bar = progress_bar("loading") if progress else None
         host = load_weights(self.ckpt, self.config, read_linear=read_linear, progress=bar)
-        if bar:
-            bar(None, None)
         self._place(host, t0, timer)
 
     @classmethod
@@ -306,20 +305,3 @@ def load(model_dir=None, backend: str = DEFAULT_BACKEND, quant=None, group_size:
     """Load a Hugging Face model directory (default: the small model shipped in weights/)."""
     return LLM(model_dir, backend=backend, quant=quant, group_size=group_size, zero_point=zero_point,
                progress=progress, timer=timer)
-
-
-def _progress_bar(label: str):
-    """A one-line progress bar on stderr (only when stderr is a terminal)."""
-    tty = sys.stderr.isatty()
-
-    def bar(done, total):
-        if not tty:
-            return
-        if done is None:
-            sys.stderr.write("\r" + " " * 60 + "\r")
-            return
-        n = int(30 * done / total)
-        sys.stderr.write(f"\r{label} [{'#' * n}{'.' * (30 - n)}] {done}/{total}")
-        sys.stderr.flush()
-
-    return bar

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import TinyserveError
-from .model import forward
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder
 
