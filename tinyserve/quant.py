@@ -271,9 +271,10 @@ def read_quantized(ckpt, name: str, shape) -> QuantizedTensor:
         raise TinyserveError(f"{bad}: group size {g} is not one of {GROUP_SIZES}")
     if data.shape[0] != out or -(-k // g) != ng:
         raise TinyserveError(f"{bad} holds a {data.shape[0]}x{kp} matrix in groups of {g}; the config says {out}x{k}")
-    if zeros is not None:
-        if bits != 4 or zeros.dtype != np.uint8 or zeros.shape != scales.shape or (zeros.size and zeros.max() > 15):
-            raise TinyserveError(f"{bad}: bad zero points {zeros.dtype} {zeros.shape}")
+    if zeros is not None and (
+        bits != 4 or zeros.dtype != np.uint8 or zeros.shape != scales.shape or (zeros.size and zeros.max() > 15)
+    ):
+        raise TinyserveError(f"{bad}: bad zero points {zeros.dtype} {zeros.shape}")
     return QuantizedTensor(bits, g, (out, k), data, np.ascontiguousarray(scales, dtype=np.float32), zeros)
 
 

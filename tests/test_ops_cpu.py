@@ -1,0 +1,212 @@
+"""The Numba CPU backend against the NumPy reference, op by op, on awkward shapes.
+
+Tolerances, and why (eps = float32 machine epsilon, 1.19e-7):
+
+- linear: a float32 dot product of K terms summed in any order is within K * eps * sum|w_k x_k| of the
+  exact value, so two implementations that differ only in order are within 2 * K * eps * sum|w_k x_k|
+  of each other. The int4 kernels sum (nibble * x) and subtract zero * sum(x), so their magnitudes are
+  sum(nibble * |x|) + zero * sum|x| (times the scale), and the bound uses those. A kernel that used the
+  wrong group's scale, dropped a value or misread a nibble would be off by about one whole term, far
+  beyond these bounds (the weights' columns span very different magnitudes to make that visible).
+- rmsnorm: the mean of D squares (D * eps relative), a square root and two roundings.
+- rope, take_rows, kv_write, add: the same float32 operations in the same order: exact (rope to 2 ulp).
+- swiglu: exp differs between NumPy's and LLVM's implementations by an ulp or two: 8 eps relative.
+- attention: each score is a dot product of hd terms; an error d in a score changes its softmax weight
+  by a factor (1 + d), so the output (a convex combination of values) moves by about max|v| times
+  (2 * the largest score error + L * eps for the sums over L keys).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tinyserve import quant
+from tinyserve.ops import ARRAY_NAMES, OP_NAMES, cpu, reference
+
+EPS = float(np.finfo(np.float32).eps)
+
+
+def rng_for(*key):
+    return np.random.default_rng(abs(hash(key)) % 2**32)
+
+
+def test_cpu_defines_every_op():
+    for name in OP_NAMES + ARRAY_NAMES:
+        assert callable(getattr(cpu, name, None)), name
+    assert callable(cpu.warmup)
+
+
+# ------------------------------------------------------------------------------------------------ linear
+def _weights(rng, out, k):
+    """Weights whose columns span very different magnitudes (per block of 16 columns)."""
+    col = np.exp(2 * rng.standard_normal((k + 15) // 16)).repeat(16)[:k]
+    return (rng.standard_normal((out, k)) * col).astype(np.float32)
+
+
+def _magnitude(w) -> np.ndarray:
+    """(out, in) magnitudes of the terms a kernel adds up (see the module docstring)."""
+    if isinstance(w, np.ndarray):
+        return np.abs(w)
+    k = w.shape[1]
+    s = np.repeat(w.scales, w.group_size, axis=1)
+    if w.bits == 8:
+        m = np.abs(w.data.astype(np.float32)) * s
+    else:
+        n = quant.unpack_int4(w.data, w.group_size).astype(np.float32)
+        z = 8.0 if w.zeros is None else np.repeat(w.zeros.astype(np.float32), w.group_size, axis=1)
+        m = (n + z) * s
+    return m[:, :k]
+
+
+FORMATS = [("f32", None, False), ("int8", 8, False), ("int4", 4, False), ("int4-asym", 4, True)]
+
+
+@pytest.mark.parametrize("fmt,bits,zp", FORMATS, ids=[f[0] for f in FORMATS])
+@pytest.mark.parametrize("N", [1, 3, 4, 17])
+@pytest.mark.parametrize("out,k,group", [(5, 32, 32), (37, 100, 32), (19, 200, 64), (33, 389, 128), (16, 300, 256)])
+def test_linear_matches_reference(fmt, bits, zp, N, out, k, group):
+    rng = rng_for("linear", fmt, N, out, k, group)
+    w = _weights(rng, out, k)
+    if bits is not None:
+        w = quant.quantize(w, bits, group, zp)
+    x = rng.standard_normal((N, k)).astype(np.float32)
+    bias = rng.standard_normal(out).astype(np.float32) if N % 2 else None
+    got = cpu.linear(x, w, bias)
+    want = reference.linear(x, w, bias)
+    assert got.dtype == np.float32 and got.shape == (N, out)
+    mag = np.abs(x) @ _magnitude(w).T + (0 if bias is None else np.abs(bias))
+    tol = 2 * (k + 2) * EPS * mag + 1e-30
+    assert np.all(np.abs(got - want) <= tol), np.max(np.abs(got - want) / tol)
+
+
+def test_linear_keeps_leading_dims_and_readonly_weights():
+    rng = rng_for("lead")
+    w = quant.quantize(_weights(rng, 8, 64), 4, 32)
+    w.data.setflags(write=False)  # as when memory-mapped from a file
+    x = rng.standard_normal((2, 3, 64)).astype(np.float32)
+    got = cpu.linear(x, w)
+    assert got.shape == (2, 3, 8)
+    np.testing.assert_allclose(got, reference.linear(x.reshape(6, 64), w).reshape(2, 3, 8), rtol=1e-4, atol=1e-4)
+
+
+def test_results_do_not_depend_on_thread_count(monkeypatch):
+    """Every kernel parallelizes over independent outputs only: 1 thread and 2 threads agree bit for bit.
+
+    SERIAL_BELOW = 0 makes even these small inputs take the parallel launch.
+    """
+    import numba
+
+    monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
+    rng = rng_for("threads")
+    x = rng.standard_normal((9, 200)).astype(np.float32)
+    ws = [_weights(rng, 50, 200)] + [quant.quantize(_weights(rng, 50, 200), b, 64, z) for b, z in ((8, False), (4, True))]
+    kc = rng.standard_normal((2, 2, 40, 16)).astype(np.float32)
+    q = rng.standard_normal((9, 4, 16)).astype(np.float32)
+    slots, pos = np.array([0] * 8 + [1]), np.array(list(range(20, 28)) + [5])
+
+    def run():
+        out = [cpu.linear(x[:n], w) for w in ws for n in (1, 9)]
+        out += [cpu.rmsnorm(x, x[0], 1e-5), cpu.swiglu(x, x), cpu.attention(q, kc, kc, slots, pos, 6)]
+        return out
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run()
+        numba.set_num_threads(max(2, before))
+        many = run()
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(one, many):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_linear_rejects_wrong_width():
+    with pytest.raises(ValueError):
+        cpu.linear(np.ones((1, 5), np.float32), np.ones((3, 4), np.float32))
+
+
+# ------------------------------------------------------------------------------------------- other ops
+@pytest.mark.parametrize("N,D", [(1, 7), (3, 64), (17, 300)])
+def test_rmsnorm(N, D):
+    rng = rng_for("rms", N, D)
+    x = (rng.standard_normal((N, D)) * 3).astype(np.float32)
+    w = rng.standard_normal(D).astype(np.float32)
+    np.testing.assert_allclose(cpu.rmsnorm(x, w, 1e-5), reference.rmsnorm(x, w, 1e-5), rtol=(D + 4) * EPS, atol=1e-30)
+
+
+@pytest.mark.parametrize("N,nh,hd", [(1, 1, 2), (3, 4, 16), (17, 2, 64)])
+def test_rope(N, nh, hd):
+    rng = rng_for("rope", N, nh, hd)
+    x = rng.standard_normal((N, nh, hd)).astype(np.float32)
+    pos = rng.integers(0, 5000, N)
+    inv = (1.0 / 10000 ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
+    np.testing.assert_allclose(cpu.rope(x, pos, inv), reference.rope(x, pos, inv), rtol=2 * EPS, atol=1e-6)
+
+
+def test_take_rows_swiglu_add():
+    rng = rng_for("misc")
+    table = rng.standard_normal((50, 9)).astype(np.float32)
+    idx = np.array([3, 0, 49, 3, -1])
+    np.testing.assert_array_equal(cpu.take_rows(table, idx), reference.take_rows(table, idx))
+    np.testing.assert_array_equal(cpu.take_rows(table.astype(np.float16), idx), reference.take_rows(table.astype(np.float16), idx))
+    g = (rng.standard_normal((17, 33)) * 30).astype(np.float32)
+    g[0, :3] = [-200.0, 200.0, 0.0]  # exp overflows for the first: silu -> -0
+    u = rng.standard_normal((17, 33)).astype(np.float32)
+    np.testing.assert_allclose(cpu.swiglu(g, u), reference.swiglu(g, u), rtol=8 * EPS, atol=1e-37)
+    np.testing.assert_array_equal(cpu.add(g, u), reference.add(g, u))
+    a = rng.standard_normal((3, 40000)).astype(np.float32)  # several parallel chunks
+    np.testing.assert_array_equal(cpu.add(a, a), a + a)
+
+
+def _kv_case(rng, S, KVH, Tmax, hd, runs):
+    """runs: list of (slot, first position, count): the tokens of one step, one run per sequence."""
+    slots = np.concatenate([np.full(c, s) for s, _, c in runs]).astype(np.int64)
+    positions = np.concatenate([np.arange(p, p + c) for _, p, c in runs]).astype(np.int64)
+    return slots, positions
+
+
+KV_CASES = [
+    # S, KVH, G (queries per kv head), Tmax, hd, window, runs (slot, first position, count)
+    (1, 1, 1, 8, 4, 0, [(0, 0, 1)]),
+    (2, 2, 2, 40, 8, 0, [(1, 5, 3), (0, 0, 1)]),
+    (3, 2, 4, 64, 16, 0, [(2, 0, 17), (0, 30, 1), (1, 9, 1)]),
+    (2, 1, 8, 32, 8, 4, [(0, 3, 17), (1, 20, 1)]),
+    (1, 4, 1, 50, 64, 7, [(0, 11, 3)]),
+    (4, 1, 2, 30, 6, 1, [(3, 0, 5), (2, 12, 2)]),
+]
+
+
+@pytest.mark.parametrize("S,KVH,G,Tmax,hd,window,runs", KV_CASES)
+def test_kv_write_and_attention(S, KVH, G, Tmax, hd, window, runs):
+    rng = rng_for("attn", S, KVH, G, hd, window)
+    slots, positions = _kv_case(rng, S, KVH, Tmax, hd, runs)
+    N, H = slots.size, KVH * G
+    kc = rng.standard_normal((S, KVH, Tmax, hd)).astype(np.float32)  # stale values must stay invisible
+    vc = rng.standard_normal((S, KVH, Tmax, hd)).astype(np.float32)
+    k = rng.standard_normal((N, KVH, hd)).astype(np.float32)
+    v = rng.standard_normal((N, KVH, hd)).astype(np.float32)
+    kc2, vc2 = kc.copy(), vc.copy()
+    cpu.kv_write(kc, vc, k, v, slots, positions)
+    reference.kv_write(kc2, vc2, k, v, slots, positions)
+    np.testing.assert_array_equal(kc, kc2)
+    np.testing.assert_array_equal(vc, vc2)
+
+    q = (rng.standard_normal((N, H, hd)) * 2).astype(np.float32)
+    got = cpu.attention(q, kc, vc, slots, positions, window)
+    want = reference.attention(q, kc, vc, slots, positions, window)
+    scale = 1 / np.sqrt(hd)
+    score_err = 2 * hd * EPS * scale * np.max(np.abs(q)) * np.max(np.abs(kc)) * hd
+    tol = np.max(np.abs(vc)) * (2 * score_err + 4 * Tmax * EPS)
+    assert np.max(np.abs(got - want)) <= tol
+
+
+def test_kv_write_rejects_out_of_range():
+    kc = np.zeros((1, 1, 4, 2), np.float32)
+    with pytest.raises(IndexError):
+        cpu.kv_write(kc, kc.copy(), np.ones((1, 1, 2), np.float32), np.ones((1, 1, 2), np.float32), [0], [4])
+
+
+def test_warmup_compiles_everything():
+    assert cpu.warmup() >= 0

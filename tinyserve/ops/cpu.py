@@ -1,0 +1,823 @@
+"""The CPU backend: Numba kernels with the names and signatures of ops/reference.py.
+
+Each op is two pieces:
+
+- a kernel, `@njit(parallel=True, cache=True)`, that takes only arrays and scalars. It parallelizes with
+  `prange` over independent outputs (weight rows, tokens, (token, kv head) pairs) and never splits a sum
+  across threads, so its result does not depend on the number of threads;
+- a thin public wrapper that checks dtypes and shapes, allocates the output and picks the kernel.
+
+Linear layers (the time of a step) have two paths:
+
+- few rows (decode): a matrix-vector product per weight row, reading each weight byte once. Memory
+  bandwidth is the ceiling; the kernels stream the weights' own format (float32, int8, packed int4) and
+  never materialize a dequantized matrix.
+- many rows (prefill, big batches): weight rows are dequantized a panel at a time into a small float32
+  buffer that stays in cache, then multiplied with register-tiled 4x4 blocks (4 tokens x 4 weight rows
+  share every load). float32 weights use the same tiled kernel without the dequantization (NumPy's BLAS
+  is an option, GEMM_F32).
+
+Numerics: every quantized kernel computes dequantize(W) @ x in float32 (the same products, summed in
+another order), so results match ops/reference.py to float32 rounding (tests/test_ops_cpu.py gives the
+tolerances and why). Kernels allow reassociation and FMA contraction so that LLVM can vectorize their
+sums; nothing else is relaxed (no approximate reciprocals or functions, NaN and inf as in NumPy; see REDUCE).
+
+docs/performance.md has the measured speeds and the alternatives that were tried; NUMBA_NOTES.md (shared)
+has the facts about Numba on these machines that shaped the code (int32 casts, slicing before loops,
+runtime group sizes, GOMP_SPINCOUNT).
+"""
+
+from __future__ import annotations
+
+import os
+
+# libgomp's worker threads spin after each parallel region and starve OpenBLAS's threads (alternating
+# Numba and BLAS calls ran ~7x slower); a short spin keeps the ~3 us launch cost. Must precede numba's import.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+import time  # noqa: E402
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from llvmlite.binding import llvm_version_info  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+from ..quant import QuantizedTensor  # noqa: E402
+
+# Reassociation (and FMA contraction) lets LLVM split a float sum into vector lanes. Results then depend on
+# the vector width of the machine, never on the number of threads. Not "nsz" (ignore the sign of zero),
+# although it is in the usual set: with it, some kernels freshly compiled and the same kernels loaded from
+# Numba's cache rounded differently (LLVM optimized them differently: seen in attention and in the int4
+# matrix-vector kernel), so the first run of a program and the later ones differed in the last bit.
+# Without it every kernel agrees with its cached self (tests/test_determinism.py, docs/performance.md).
+REDUCE = {"reassoc", "contract"}
+f32 = np.float32
+i32 = np.int32
+
+# A linear layer with at least this many rows (tokens) uses the tiled matrix-matrix kernels; fewer rows
+# use the matrix-vector kernels, which read each weight once per row of x and never unpack a panel.
+GEMM_MIN_ROWS = 4
+
+
+def panel_rows(kp: int) -> int:
+    """Weight rows the tiled kernels dequantize together: a panel of rows x Kp float32 stays in L2 (here
+    2 MiB) while every 4-token block of x passes over it. Taller panels mean fewer passes over x (each
+    panel reads all of x once); 64 rows up to 1 MiB, else 32 (measured best, docs/performance.md)."""
+    return 64 if kp * 4 * 64 <= 2**20 else 32
+
+
+# Inputs with less work than this (values touched) run their kernel on the calling thread only. Waking the
+# other threads costs ~3 us on an idle machine and 15-30 us when another process holds a core, more than
+# the whole work of, say, one token's rmsnorm (2048 values, ~1 us). Results do not depend on it.
+SERIAL_BELOW = 16384
+
+
+def _run(kernel, work, *args):
+    """kernel(*args), on one thread when `work` is below SERIAL_BELOW."""
+    threads = numba.get_num_threads()
+    if work >= SERIAL_BELOW or threads == 1:
+        return kernel(*args)
+    numba.set_num_threads(1)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------- arrays
+def upload(a):
+    """Host arrays and quantized tensors are used where they are: nothing to do on the CPU."""
+    return a
+
+
+def download(a) -> np.ndarray:
+    return np.asarray(a)
+
+
+def zeros(shape, dtype=np.float32):
+    return np.zeros(shape, dtype=dtype)
+
+
+# =========================================================================== linear: matrix-vector kernels
+@intrinsic
+def _prefetch(typingctx, arr, i):
+    """Ask the memory system for the cache line holding arr[i] (1-D array), without waiting for it.
+
+    LLVM's llvm.prefetch (read, keep in all cache levels): an x86 PREFETCHT0. The quantized matrix-vector
+    kernels read 4 weight rows side by side, 4 streams the hardware prefetcher follows poorly (it restarts
+    at every 4 KiB page); asking a few KiB ahead made them 1.4x (int8) to 1.8x (int4) faster from memory.
+    """
+
+    def codegen(context, builder, signature, args):
+        aty = signature.args[0]
+        a = context.make_array(aty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aty, a, [args[1]], wraparound=False, boundscheck=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32t = ir.IntType(32)
+        name = "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"  # opaque pointers
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32t, i32t, i32t]), name)
+        # (address, 0 = read, 3 = keep in all levels, 1 = data cache)
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32t, 0), ir.Constant(i32t, 3), ir.Constant(i32t, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, i), codegen
+
+
+# How far ahead (bytes) the int8 and int4 matrix-vector kernels prefetch their weights: measured best.
+PREFETCH_Q8 = 8192
+PREFETCH_Q4 = 4096
+
+
+@njit(parallel=True, cache=True, fastmath=REDUCE)
+def _gemv_f32(x, w, y):
+    """y[n, o] = w[o] . x[n] for a few rows n. Parallel over weight rows o.
+
+    Each thread streams a contiguous range of weight rows; a row (in floats) is read from memory once
+    and stays in L1 while the N rows of x pass over it. The dot product is one vectorized reduction.
+    """
+    N, K = x.shape
+    O = w.shape[0]
+    for o in prange(O):
+        wr = w[o]
+        for n in range(N):
+            xr = x[n]
+            acc = f32(0)
+            for k in range(K):
+                acc += wr[k] * xr[k]
+            y[n, o] = acc
+
+
+@njit(cache=True, fastmath=REDUCE, inline="always")
+def _q8_dot(qrow, srow, xr, G, ng):
+    """One int8 row . x: per group, the dot product of the int8 values (converted to float32, exact)
+    with x, times the group's scale. The int32 cast keeps the conversion in 32-bit lanes."""
+    acc = f32(0)
+    for g in range(ng):
+        qg = qrow[g * G:(g + 1) * G]
+        xg = xr[g * G:(g + 1) * G]
+        t = f32(0)
+        for j in range(G):
+            t += f32(i32(qg[j])) * xg[j]
+        acc += t * srow[g]
+    return acc
+
+
+@njit(parallel=True, cache=True, fastmath=REDUCE)
+def _gemv_q8(x, q, s, y, ahead):
+    """int8 weights, few rows: y[n, o] = sum_g s[o, g] * (q[o, group g] . x[n, group g]).
+
+    Parallel over blocks of 4 weight rows. The 4 rows of a block go through each group together, so every
+    value of x loaded from L1 serves 4 multiply-adds (the matrix-vector form of register tiling; ~15%
+    faster than one row at a time), and the weights `ahead` bytes further on are prefetched (_prefetch).
+    x is padded to whole groups (Kp = ng * G columns, zeros past `in`). Slices are taken before each inner
+    loop so that the loop index starts at 0 (NUMBA_NOTES: otherwise no SIMD).
+    """
+    N, Kp = x.shape
+    O, ng = s.shape
+    G = Kp // ng
+    flat = q.reshape(-1)
+    for blk in prange((O + 3) // 4):
+        o0 = 4 * blk
+        if o0 + 4 > O:  # the last rows, one at a time
+            for o in range(o0, O):
+                for n in range(N):
+                    y[n, o] = _q8_dot(q[o], s[o], x[n], G, ng)
+            continue
+        q0, q1, q2, q3 = q[o0], q[o0 + 1], q[o0 + 2], q[o0 + 3]
+        for n in range(N):
+            xr = x[n]
+            a0 = a1 = a2 = a3 = f32(0)
+            for g in range(ng):
+                if n == 0:  # the 4 rows are contiguous: 4G bytes per group, prefetch the same amount ahead
+                    at = o0 * Kp + 4 * g * G + ahead
+                    for c in range(0, 4 * G, 64):
+                        if at + c < flat.shape[0]:
+                            _prefetch(flat, at + c)
+                lo, hi = g * G, (g + 1) * G
+                xg, r0, r1, r2, r3 = xr[lo:hi], q0[lo:hi], q1[lo:hi], q2[lo:hi], q3[lo:hi]
+                t0 = t1 = t2 = t3 = f32(0)
+                for j in range(G):
+                    v = xg[j]
+                    t0 += f32(i32(r0[j])) * v
+                    t1 += f32(i32(r1[j])) * v
+                    t2 += f32(i32(r2[j])) * v
+                    t3 += f32(i32(r3[j])) * v
+                a0 += t0 * s[o0, g]
+                a1 += t1 * s[o0 + 1, g]
+                a2 += t2 * s[o0 + 2, g]
+                a3 += t3 * s[o0 + 3, g]
+            y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = a0, a1, a2, a3
+
+
+@njit(cache=True, fastmath=REDUCE, inline="always")
+def _q4_dot(prow, srow, zrow, asym, xr, xs, G, ng):
+    """One int4 row . x (see _gemv_q4): per group sum(n_j x_j) - zero * sum(x), times the scale."""
+    H = G // 2
+    acc = f32(0)
+    for g in range(ng):
+        pg = prow[g * H:(g + 1) * H]
+        xl = xr[g * G:g * G + H]
+        xh = xr[g * G + H:(g + 1) * G]
+        t = f32(0)
+        for j in range(H):
+            b = i32(pg[j])
+            t += f32(i32(b & 15)) * xl[j] + f32(i32(b >> 4)) * xh[j]
+        zero = f32(zrow[g]) if asym else f32(8)
+        acc += (t - zero * xs[g]) * srow[g]
+    return acc
+
+
+@njit(parallel=True, cache=True, fastmath=REDUCE)
+def _gemv_q4(x, xsum, p, s, z, asym, y, ahead):
+    """int4 weights (split halves per group), few rows: y[n, o] = sum_g s[o,g] * (sum_j n_j x_j - zero * xsum[n,g]).
+
+    Byte j of a group holds nibble j (low) and nibble j + G/2 (high), so one pass over the G/2 bytes
+    multiplies the low nibbles with the first half of the group's x and the high nibbles with the second
+    half: two contiguous runs, no shuffling. The zero point (8, or z[o, g] when asym) is not subtracted
+    per value: sum (n - zero) x = sum n x - zero * xsum[n, g], with xsum (the group sums of x) computed
+    once per call. That leaves AND, shift, two int->float conversions and two multiply-adds per byte, the
+    least work found (docs/performance.md). As in _gemv_q8, 4 weight rows share each load of x and the
+    weights `ahead` bytes further on are prefetched.
+    p: (O, Kp/2) uint8, x: (N, Kp) padded with zeros, z: (O, ng) uint8, or a dummy (1, 1) when not asym.
+    """
+    N, Kp = x.shape
+    O, ng = s.shape
+    G = Kp // ng
+    H = G // 2
+    flat = p.reshape(-1)
+    for blk in prange((O + 3) // 4):
+        o0 = 4 * blk
+        if o0 + 4 > O:  # the last rows, one at a time
+            for o in range(o0, O):
+                for n in range(N):
+                    y[n, o] = _q4_dot(p[o], s[o], z[o if asym else 0], asym, x[n], xsum[n], G, ng)
+            continue
+        p0, p1, p2, p3 = p[o0], p[o0 + 1], p[o0 + 2], p[o0 + 3]
+        for n in range(N):
+            xr = x[n]
+            a0 = a1 = a2 = a3 = f32(0)
+            for g in range(ng):
+                if n == 0:  # 4 rows x G/2 bytes per group: prefetch the same amount, `ahead` bytes on
+                    at = o0 * (Kp // 2) + 4 * g * H + ahead
+                    for c in range(0, 4 * H, 64):
+                        if at + c < flat.shape[0]:
+                            _prefetch(flat, at + c)
+                b0, b1 = g * H, (g + 1) * H
+                xl, xh = xr[g * G:g * G + H], xr[g * G + H:(g + 1) * G]
+                r0, r1, r2, r3 = p0[b0:b1], p1[b0:b1], p2[b0:b1], p3[b0:b1]
+                t0 = t1 = t2 = t3 = f32(0)
+                for j in range(H):
+                    u, v = xl[j], xh[j]
+                    b = i32(r0[j])
+                    t0 += f32(i32(b & 15)) * u + f32(i32(b >> 4)) * v
+                    b = i32(r1[j])
+                    t1 += f32(i32(b & 15)) * u + f32(i32(b >> 4)) * v
+                    b = i32(r2[j])
+                    t2 += f32(i32(b & 15)) * u + f32(i32(b >> 4)) * v
+                    b = i32(r3[j])
+                    t3 += f32(i32(b & 15)) * u + f32(i32(b >> 4)) * v
+                c = xsum[n, g]
+                if asym:
+                    a0 += (t0 - f32(z[o0, g]) * c) * s[o0, g]
+                    a1 += (t1 - f32(z[o0 + 1, g]) * c) * s[o0 + 1, g]
+                    a2 += (t2 - f32(z[o0 + 2, g]) * c) * s[o0 + 2, g]
+                    a3 += (t3 - f32(z[o0 + 3, g]) * c) * s[o0 + 3, g]
+                else:
+                    c8 = f32(8) * c
+                    a0 += (t0 - c8) * s[o0, g]
+                    a1 += (t1 - c8) * s[o0 + 1, g]
+                    a2 += (t2 - c8) * s[o0 + 2, g]
+                    a3 += (t3 - c8) * s[o0 + 3, g]
+            y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = a0, a1, a2, a3
+
+
+# =========================================================================== linear: matrix-matrix kernels
+@njit(cache=True, fastmath=REDUCE, inline="always")
+def _tile4x4(X, wb, Y, n0, r0, o0, K):
+    """Y[n0:n0+4, o0+r0 : o0+r0+4] = X[n0:n0+4, :K] @ wb[r0:r0+4, :K].T with 16 scalar accumulators.
+
+    The register tile: each step loads 4 values of x and 4 of w and does 16 multiply-adds, and LLVM turns
+    the k loop into SIMD with 16 vector accumulators (one horizontal sum each at the end, over all of K).
+    """
+    x0 = X[n0]
+    x1 = X[n0 + 1]
+    x2 = X[n0 + 2]
+    x3 = X[n0 + 3]
+    w0 = wb[r0]
+    w1 = wb[r0 + 1]
+    w2 = wb[r0 + 2]
+    w3 = wb[r0 + 3]
+    a00 = a01 = a02 = a03 = f32(0)
+    a10 = a11 = a12 = a13 = f32(0)
+    a20 = a21 = a22 = a23 = f32(0)
+    a30 = a31 = a32 = a33 = f32(0)
+    for k in range(K):
+        u0 = x0[k]
+        u1 = x1[k]
+        u2 = x2[k]
+        u3 = x3[k]
+        v0 = w0[k]
+        v1 = w1[k]
+        v2 = w2[k]
+        v3 = w3[k]
+        a00 += u0 * v0
+        a01 += u0 * v1
+        a02 += u0 * v2
+        a03 += u0 * v3
+        a10 += u1 * v0
+        a11 += u1 * v1
+        a12 += u1 * v2
+        a13 += u1 * v3
+        a20 += u2 * v0
+        a21 += u2 * v1
+        a22 += u2 * v2
+        a23 += u2 * v3
+        a30 += u3 * v0
+        a31 += u3 * v1
+        a32 += u3 * v2
+        a33 += u3 * v3
+    o = o0 + r0
+    Y[n0, o] = a00
+    Y[n0, o + 1] = a01
+    Y[n0, o + 2] = a02
+    Y[n0, o + 3] = a03
+    Y[n0 + 1, o] = a10
+    Y[n0 + 1, o + 1] = a11
+    Y[n0 + 1, o + 2] = a12
+    Y[n0 + 1, o + 3] = a13
+    Y[n0 + 2, o] = a20
+    Y[n0 + 2, o + 1] = a21
+    Y[n0 + 2, o + 2] = a22
+    Y[n0 + 2, o + 3] = a23
+    Y[n0 + 3, o] = a30
+    Y[n0 + 3, o + 1] = a31
+    Y[n0 + 3, o + 2] = a32
+    Y[n0 + 3, o + 3] = a33
+
+
+@njit(cache=True, fastmath=REDUCE, inline="always")
+def _dot(a, b, K):
+    acc = f32(0)
+    for k in range(K):
+        acc += a[k] * b[k]
+    return acc
+
+
+@njit(cache=True, fastmath=REDUCE)
+def _panel_matmul(X, wb, rows, Y, o0):
+    """Y[:, o0:o0+rows] = X @ wb[:rows].T over the first X.shape[1] columns: 4x4 tiles, then the edges.
+
+    Token blocks are the outer loop, so a block of 4 rows of x (4 x K floats, in L1/L2) meets every row of
+    the panel before the next block is loaded; the panel itself stays in L2.
+    """
+    N, K = X.shape
+    n4 = N - N % 4
+    r4 = rows - rows % 4
+    for n0 in range(0, n4, 4):
+        for r0 in range(0, r4, 4):
+            _tile4x4(X, wb, Y, n0, r0, o0, K)
+        for r in range(r4, rows):  # panel rows past the last whole tile
+            for n in range(n0, n0 + 4):
+                Y[n, o0 + r] = _dot(X[n], wb[r], K)
+    for n in range(n4, N):  # tokens past the last whole tile
+        for r in range(rows):
+            Y[n, o0 + r] = _dot(X[n], wb[r], K)
+
+
+@njit(parallel=True, cache=True, fastmath=REDUCE)
+def _gemm_f32(x, w, y, panel):
+    """float32 weights, many rows: panels of `panel` weight rows, each multiplied with register tiles.
+
+    The float baseline of the tiled kernels (see GEMM_F32 for BLAS instead).
+    """
+    O = w.shape[0]
+    for pb in prange((O + panel - 1) // panel):
+        o0 = pb * panel
+        rows = min(panel, O - o0)
+        _panel_matmul(x, w[o0:o0 + rows], rows, y, o0)
+
+
+@njit(parallel=True, cache=True, fastmath=REDUCE)
+def _gemm_q8(x, q, s, y, panel):
+    """int8 weights, many rows. Parallel over panels of `panel` weight rows.
+
+    Each panel is dequantized once into a float32 buffer (panel x Kp: the exact values of dequantize(W)),
+    which is then multiplied with every 4-token block of x by the 4x4 register tile. The unpacking cost
+    is paid once per panel and shared by all N rows of x.
+    """
+    O, ng = s.shape
+    Kp = q.shape[1]
+    G = Kp // ng
+    for pb in prange((O + panel - 1) // panel):
+        o0 = pb * panel
+        rows = min(panel, O - o0)
+        wb = np.empty((panel, Kp), np.float32)
+        for r in range(rows):
+            qr = q[o0 + r]
+            wr = wb[r]
+            for g in range(ng):
+                sg = s[o0 + r, g]
+                qg = qr[g * G:(g + 1) * G]
+                wg = wr[g * G:(g + 1) * G]
+                for j in range(G):
+                    wg[j] = f32(i32(qg[j])) * sg
+        _panel_matmul(x, wb, rows, y, o0)
+
+
+@njit(parallel=True, cache=True, fastmath=REDUCE)
+def _gemm_q4(x, p, s, z, asym, y, panel):
+    """int4 weights (symmetric, or asymmetric with zero points z), many rows: as _gemm_q8, the panel
+    dequantized to (nibble - zero) * scale, low nibbles to the first half of each group, high nibbles to
+    the second."""
+    O, ng = s.shape
+    Kp = 2 * p.shape[1]
+    G = Kp // ng
+    H = G // 2
+    for pb in prange((O + panel - 1) // panel):
+        o0 = pb * panel
+        rows = min(panel, O - o0)
+        wb = np.empty((panel, Kp), np.float32)
+        for r in range(rows):
+            pr = p[o0 + r]
+            wr = wb[r]
+            for g in range(ng):
+                sg = s[o0 + r, g]
+                zero = i32(z[o0 + r, g]) if asym else i32(8)
+                pg = pr[g * H:(g + 1) * H]
+                wl = wr[g * G:g * G + H]
+                wh = wr[g * G + H:(g + 1) * G]
+                for j in range(H):
+                    b = i32(pg[j])
+                    wl[j] = f32(i32(i32(b & 15) - zero)) * sg
+                    wh[j] = f32(i32(i32(b >> 4) - zero)) * sg
+        _panel_matmul(x, wb, rows, y, o0)
+
+
+# ------------------------------------------------------------------------------------ linear: the wrapper
+_NO_ZEROS = np.zeros((1, 1), np.uint8)  # the zero-point argument of symmetric int4 kernels (unused)
+_NO_ZEROS.flags.writeable = False
+
+# float32 weights with many rows: "numba" (the tiled kernel above) or "blas" (x @ w.T through NumPy's
+# OpenBLAS). BLAS is faster on an idle machine, but its threads wait for each other: with another process
+# busy on one of the 2 cores it ran a 128x1024x1024 product at 5 GFLOP/s (the tiled kernel: ~40), so the
+# default is the kernel whose speed degrades gracefully (docs/performance.md).
+GEMM_F32 = "numba"
+
+
+def _weight(a: np.ndarray) -> np.ndarray:
+    """A weight array as the kernels take it: C-contiguous and read-only (a view; no copy if contiguous).
+
+    Numba compiles one version of a kernel for writable arrays and another for read-only ones (weights
+    memory-mapped from a file are read-only). Passing every weight read-only means one version only:
+    half the compile time, and warmup() covers every case.
+    """
+    a = np.ascontiguousarray(a)
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
+def _padded(x: np.ndarray, kp: int) -> np.ndarray:
+    """x (N, in) with zero columns up to kp (the quantized weight's whole groups)."""
+    if x.shape[1] == kp:
+        return x
+    xp = np.zeros((x.shape[0], kp), np.float32)
+    xp[:, : x.shape[1]] = x
+    return xp
+
+
+def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ W.T + bias. (..., in), W (out, in) float32 or QuantizedTensor -> (..., out) float32."""
+    x = np.asarray(x)
+    out_f, in_f = (int(d) for d in w.shape)
+    if x.shape[-1] != in_f:
+        raise ValueError(f"linear: x has {x.shape[-1]} features, the weight {tuple(w.shape)} expects {in_f}")
+    lead = x.shape[:-1]
+    x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype=np.float32)
+    N = x2.shape[0]
+    y = np.empty((N, out_f), np.float32)
+    if N == 0:
+        pass
+    elif isinstance(w, QuantizedTensor):
+        xp = _padded(x2, w.padded_in)
+        data, scales = _weight(w.data), _weight(w.scales)
+        gemm = N >= GEMM_MIN_ROWS
+        if w.bits == 8:
+            if gemm:
+                _gemm_q8(xp, data, scales, y, panel_rows(w.padded_in))
+            else:
+                _run(_gemv_q8, N * out_f * in_f, xp, data, scales, y, PREFETCH_Q8)
+        else:
+            z, asym = (_weight(w.zeros), True) if w.zeros is not None else (_NO_ZEROS, False)
+            if gemm:
+                _gemm_q4(xp, data, scales, z, asym, y, panel_rows(w.padded_in))
+            else:
+                xsum = xp.reshape(N, w.n_groups, w.group_size).sum(axis=-1, dtype=np.float32)  # (N, ng)
+                _run(_gemv_q4, N * out_f * in_f, xp, np.ascontiguousarray(xsum), data, scales, z, asym, y, PREFETCH_Q4)
+    else:
+        w2 = _weight(np.asarray(w, dtype=np.float32))
+        if w2.ndim != 2:
+            raise ValueError(f"linear: weight must be 2-D, got shape {w2.shape}")
+        if N < GEMM_MIN_ROWS:
+            _run(_gemv_f32, N * out_f * in_f, x2, w2, y)
+        elif GEMM_F32 == "numba":
+            _gemm_f32(x2, w2, y, panel_rows(in_f))
+        else:
+            np.matmul(x2, w2.T, out=y)  # OpenBLAS sgemm (GEMM_F32 = "blas")
+    if bias is not None:
+        y += np.asarray(bias, dtype=np.float32)
+    return y.reshape(*lead, out_f)
+
+
+# ============================================================================================ other ops
+@njit(parallel=True, cache=True)
+def _take_rows(x, idx, out):
+    """out[n] = x[idx[n]]: one row copy per token, in parallel."""
+    for n in prange(idx.shape[0]):
+        out[n] = x[idx[n]]
+
+
+def take_rows(x: np.ndarray, idx) -> np.ndarray:
+    """x[idx] for a 2-D x and 1-D integer idx: (R, C), (N,) -> (N, C) float32 (the embedding lookup)."""
+    idx = np.asarray(idx)
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"take_rows: idx must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+    R = x.shape[0]
+    if idx.size and (idx.min() < -R or idx.max() >= R):
+        raise IndexError(f"take_rows: an index is outside 0..{R - 1}")
+    if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2):
+        return np.asarray(np.asarray(x)[idx], dtype=np.float32)  # other dtypes: NumPy does the widening
+    idx = np.where(idx < 0, idx + R, idx).astype(np.int64)
+    out = np.empty((idx.shape[0], x.shape[1]), np.float32)
+    _run(_take_rows, out.size, _weight(x), idx, out)
+    return out
+
+
+@njit(parallel=True, cache=True, fastmath=REDUCE)
+def _rmsnorm(x, weight, eps, out):
+    """Per row (in parallel): mean of squares in float32, then x / sqrt(ms + eps) * weight, as the spec."""
+    N, D = x.shape
+    for n in prange(N):
+        xr = x[n]
+        ss = f32(0)
+        for d in range(D):
+            ss += xr[d] * xr[d]
+        r = np.sqrt(ss / f32(D) + eps)
+        orow = out[n]
+        for d in range(D):
+            orow[d] = xr[d] / r * weight[d]
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm over the last axis: (..., D), (D,) -> (..., D)."""
+    x = np.asarray(x)
+    D = x.shape[-1]
+    if weight.shape != (D,):
+        raise ValueError(f"rmsnorm: weight shape {weight.shape} does not match the last axis {D}")
+    x2 = np.ascontiguousarray(x.reshape(-1, D), dtype=np.float32)
+    out = np.empty_like(x2)
+    _run(_rmsnorm, x2.size, x2, _weight(np.asarray(weight, dtype=np.float32)), np.float32(eps), out)
+    return out.reshape(x.shape)
+
+
+@njit(parallel=True, cache=True)
+def _rope(x, cos, sin, out):
+    """Rotate each (i, i + hd/2) pair of every head by the token's angle. Parallel over tokens.
+
+    cos, sin: (N, hd/2), computed by the wrapper exactly as the reference does (float32 angles).
+    """
+    N, nh, hd = x.shape
+    half = hd // 2
+    for n in prange(N):
+        c = cos[n]
+        s = sin[n]
+        for h in range(nh):
+            xr = x[n, h]
+            orow = out[n, h]
+            for i in range(half):
+                a = xr[i]
+                b = xr[i + half]
+                orow[i] = a * c[i] - b * s[i]
+                orow[i + half] = b * c[i] + a * s[i]
+
+
+def rope(x: np.ndarray, positions, inv_freq: np.ndarray) -> np.ndarray:
+    """Rotary position embedding (HF half-split layout). (N, nh, hd), (N,), (hd/2,) -> (N, nh, hd)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    N, _, hd = x.shape
+    if hd % 2 or inv_freq.shape != (hd // 2,):
+        raise ValueError(f"rope: head dim {hd} needs {hd // 2} frequencies, got {inv_freq.shape}")
+    positions = np.asarray(positions)
+    if positions.shape != (N,):
+        raise ValueError(f"rope: {N} tokens but positions has shape {positions.shape}")
+    # The angles, cos and sin exactly as the reference computes them (float32 NumPy); the rotation is then
+    # the same four products and two sums, so the result is the reference's, bit for bit.
+    angles = positions.astype(np.float32)[:, None] * np.asarray(inv_freq, dtype=np.float32)[None, :]
+    out = np.empty_like(x)
+    _run(_rope, x.size, x, np.cos(angles), np.sin(angles), out)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _kv_write(k_cache, v_cache, k, v, slots, positions):
+    """cache[slots[n], :, positions[n], :] = k[n], v[n]: one token per task."""
+    N, KVH, _ = k.shape
+    for n in prange(N):
+        s = slots[n]
+        t = positions[n]
+        for h in range(KVH):
+            k_cache[s, h, t, :] = k[n, h]
+            v_cache[s, h, t, :] = v[n, h]
+
+
+def _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, op):
+    if not (isinstance(k_cache, np.ndarray) and k_cache.dtype == np.float32 and k_cache.flags.c_contiguous):
+        raise ValueError(f"{op}: the KV cache must be a C-contiguous float32 NumPy array")
+    if v_cache.shape != k_cache.shape or v_cache.dtype != np.float32 or not v_cache.flags.c_contiguous:
+        raise ValueError(f"{op}: k_cache and v_cache must have the same shape and dtype")
+    S, ckvh, Tmax, chd = k_cache.shape
+    if (ckvh, chd) != (KVH, hd):
+        raise ValueError(f"{op}: cache holds {ckvh} heads of {chd}, the step has {KVH} of {hd}")
+    slots = np.asarray(slots).astype(np.int64)
+    positions = np.asarray(positions).astype(np.int64)
+    if slots.shape != (N,) or positions.shape != (N,):
+        raise ValueError(f"{op}: slots and positions must have shape ({N},)")
+    if N and (slots.min() < 0 or slots.max() >= S or positions.min() < 0 or positions.max() >= Tmax):
+        raise IndexError(f"{op}: a slot is outside 0..{S - 1} or a position outside 0..{Tmax - 1}")
+    return slots, positions
+
+
+def kv_write(k_cache, v_cache, k: np.ndarray, v: np.ndarray, slots, positions) -> None:
+    """Store each token's key and value at (slot, position) of the caches (in place).
+
+    k_cache, v_cache: (S, KVH, Tmax, hd) float32; k, v: (N, KVH, hd); slots, positions: (N,).
+    """
+    k = np.ascontiguousarray(k, dtype=np.float32)
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    N, KVH, hd = k.shape
+    if v.shape != k.shape:
+        raise ValueError(f"kv_write: k {k.shape} and v {v.shape} differ")
+    slots, positions = _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, "kv_write")
+    _run(_kv_write, 2 * k.size, k_cache, v_cache, k, v, slots, positions)
+
+
+@njit(parallel=True, cache=True, fastmath=REDUCE)
+def _attention(q, k_cache, v_cache, slots, positions, window, out):
+    """Causal grouped-query attention. Parallel over (token, kv head) pairs.
+
+    A task takes the G = H / KVH query heads that share one kv head, so each key and value row of the
+    cache is read once for all of them (nothing is repeated or copied). For token n at position p it
+    scores the visible keys t in [lo, p] (lo = p - window + 1 with a sliding window, else 0), takes a
+    softmax in float32 (minus the max, exp, sum) and accumulates p_t * v_t, dividing by the sum at the end.
+    """
+    N, H, hd = q.shape
+    KVH = k_cache.shape[1]
+    G = H // KVH
+    scale = f32(1.0 / np.sqrt(hd))
+    for task in prange(N * KVH):
+        n = task // KVH
+        kvh = task % KVH
+        slot = slots[n]
+        pos = positions[n]
+        lo = 0
+        if window > 0 and pos - window + 1 > 0:
+            lo = pos - window + 1
+        L = pos - lo + 1
+        K = k_cache[slot, kvh, lo:pos + 1]  # (L, hd)
+        V = v_cache[slot, kvh, lo:pos + 1]
+        qs = q[n, kvh * G:(kvh + 1) * G]  # (G, hd)
+        scores = np.empty((G, L), np.float32)
+        for t in range(L):
+            kr = K[t]
+            for g in range(G):
+                qr = qs[g]
+                acc = f32(0)
+                for d in range(hd):
+                    acc += qr[d] * kr[d]
+                scores[g, t] = acc * scale
+        total = np.empty(G, np.float32)
+        for g in range(G):  # softmax numerators exp(s - max) in place, and their sums
+            sr = scores[g]
+            m = sr[0]
+            for t in range(1, L):
+                m = max(m, sr[t])
+            ssum = f32(0)
+            for t in range(L):
+                e = np.exp(sr[t] - m)
+                sr[t] = e
+                ssum += e
+            total[g] = ssum
+        acc_v = np.zeros((G, hd), np.float32)
+        for t in range(L):
+            vr = V[t]
+            for g in range(G):
+                pt = scores[g, t]
+                ar = acc_v[g]
+                for d in range(hd):
+                    ar[d] += pt * vr[d]
+        for g in range(G):
+            orow = out[n, kvh * G + g]
+            ar = acc_v[g]
+            inv = total[g]
+            for d in range(hd):
+                orow[d] = ar[d] / inv
+
+
+def attention(q, k_cache, v_cache, slots, positions, window: int = 0) -> np.ndarray:
+    """Causal grouped-query attention over the KV cache (see ops/reference.py). Returns (N, H, hd)."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    N, H, hd = q.shape
+    KVH = k_cache.shape[1]
+    if H % KVH:
+        raise ValueError(f"attention: {H} query heads are not a multiple of {KVH} kv heads")
+    slots, positions = _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, "attention")
+    out = np.empty_like(q)
+    work = 2 * H * hd * int(np.sum(positions + 1)) if N else 0  # at most: every key and value a token sees
+    _run(_attention, work, q, k_cache, v_cache, slots, positions, int(window or 0), out)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _swiglu(gate, up, out):
+    """silu(gate) * up elementwise, the spec's formula: gate / (1 + exp(-gate)) * up. Parallel over rows."""
+    N, F = gate.shape
+    for n in prange(N):
+        g = gate[n]
+        u = up[n]
+        o = out[n]
+        for i in range(F):
+            o[i] = g[i] / (f32(1) + np.exp(-g[i])) * u[i]
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """SwiGLU's gating: silu(gate) * up. (N, F), (N, F) -> (N, F)."""
+    gate = np.asarray(gate)
+    if np.shape(up) != gate.shape:
+        raise ValueError(f"swiglu: gate {gate.shape} and up {np.shape(up)} differ")
+    F = gate.shape[-1] if gate.ndim else 1
+    g2 = np.ascontiguousarray(gate.reshape(-1, F), dtype=np.float32)
+    u2 = np.ascontiguousarray(np.asarray(up).reshape(-1, F), dtype=np.float32)
+    out = np.empty_like(g2)
+    _run(_swiglu, g2.size, g2, u2, out)
+    return out.reshape(gate.shape)
+
+
+@njit(parallel=True, cache=True)
+def _add(a, b, out):
+    """out = a + b over flat arrays, in parallel chunks of 16384 values."""
+    n = a.shape[0]
+    chunk = 16384
+    for c in prange((n + chunk - 1) // chunk):
+        lo = c * chunk
+        hi = min(n, lo + chunk)
+        aa = a[lo:hi]
+        bb = b[lo:hi]
+        oo = out[lo:hi]
+        for i in range(hi - lo):
+            oo[i] = aa[i] + bb[i]
+
+
+def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The residual connection: a + b (same shapes; anything else is left to NumPy's broadcasting)."""
+    a = np.asarray(a)
+    b = np.asarray(b)
+    if a.shape != b.shape or a.dtype != np.float32 or b.dtype != np.float32:
+        return a + b  # broadcasting or other dtypes: NumPy, as the reference
+    a1 = np.ascontiguousarray(a).reshape(-1)
+    b1 = np.ascontiguousarray(b).reshape(-1)
+    out = np.empty_like(a1)
+    _run(_add, a1.size, a1, b1, out)
+    return out.reshape(a.shape)
+
+
+# ================================================================================================ warmup
+def warmup() -> float:
+    """Compile (or load from Numba's cache) every kernel signature the model uses; returns seconds spent.
+
+    The wrappers pass weights read-only and activations as fresh float32 arrays, so one call of each op
+    with tiny inputs covers every signature (linear: each format, matrix-vector and tiled).
+    """
+    from ..quant import quantize
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    for wt in (w, quantize(w, 8, 32), quantize(w, 4, 32), quantize(w, 4, 32, zero_point=True)):
+        for n in (1, GEMM_MIN_ROWS):
+            linear(rng.standard_normal((n, 64)).astype(np.float32), wt)
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    rmsnorm(x, np.ones(8, np.float32), 1e-5)
+    take_rows(w, np.array([1, 2]))
+    q = rng.standard_normal((2, 4, 8)).astype(np.float32)
+    rope(q, np.array([0, 1]), np.ones(4, np.float32))
+    kc, vc = np.zeros((1, 2, 4, 8), np.float32), np.zeros((1, 2, 4, 8), np.float32)
+    slots, pos = np.array([0, 0]), np.array([0, 1])
+    kv_write(kc, vc, q[:, :2], q[:, 2:], slots, pos)
+    attention(q, kc, vc, slots, pos, 0)
+    swiglu(x, x)
+    add(x, x)
+    return time.perf_counter() - t0
