@@ -1,6 +1,6 @@
 """tinyserve.load(): a model directory in, an LLM object out (weights on a backend, tokenizer, defaults).
 
-    llm = tinyserve.load("DIR", backend="cpu", quant="int8")
+    llm = tinyserve.load("DIR", quant="int8")     # backend "cpu" (Numba) by default; "numpy", "cuda"
     llm.logits([1, 403, 407])                      # (3, V) float32: one teacher-forced prefill
     outs = llm.generate(["Once upon a time"], max_new_tokens=50, temperature=0.0)
     outs[0].text, outs[0].token_ids                # the continuation only
@@ -30,7 +30,7 @@ from .tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "weights" / "tinystories"
-DEFAULT_BACKEND = "numpy"
+DEFAULT_BACKEND = "cpu"
 
 
 def default_model_dir() -> Path:
@@ -143,7 +143,7 @@ class LLM:
         self.load_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         if hasattr(self.ops, "warmup"):
-            self.ops.warmup()  # JIT-compile (or load from the cache) every kernel, up front
+            self.ops.warmup(self.weights)  # JIT-compile (or load from the cache) every kernel, up front
         self.compile_seconds = time.perf_counter() - t1
         self._timed_ops = None
         if timer is not None:

@@ -36,6 +36,7 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import time  # noqa: E402
+import types as pytypes  # noqa: E402
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
@@ -76,15 +77,33 @@ SERIAL_BELOW = 16384
 
 
 def _run(kernel, work, *args):
-    """kernel(*args), on one thread when `work` is below SERIAL_BELOW."""
-    threads = numba.get_num_threads()
-    if work >= SERIAL_BELOW or threads == 1:
-        return kernel(*args)
-    numba.set_num_threads(1)
-    try:
-        return kernel(*args)
-    finally:
-        numba.set_num_threads(threads)
+    """kernel(*args), or its serial twin when `work` is below SERIAL_BELOW.
+
+    The choice depends on the size of the work only, never on the thread count, so a given call runs the
+    same compiled code whatever the number of threads (deterministic mode, docs/validation.md).
+    """
+    return (kernel if work >= SERIAL_BELOW else kernel.serial)(*args)
+
+
+def parallel_kernel(fastmath=False):
+    """@njit(parallel=True, cache=True) plus a serial twin compiled from the same function (kernel.serial).
+
+    A parallel launch costs a few microseconds even on one thread (and 15-30 us when another process
+    holds the second core); the serial twin of a small op costs ~0.3 us. Both compute every output the
+    same way (the kernels parallelize over independent outputs), prange simply runs as range.
+    """
+
+    def deco(fn):
+        kernel = njit(parallel=True, cache=True, fastmath=fastmath)(fn)
+        # The twin is a copy of the function under another name: Numba's on-disk cache is keyed by the
+        # function's qualified name, and two builds of one name would overwrite each other's cache entry.
+        twin = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__,
+                                  fn.__closure__)
+        twin.__qualname__ = fn.__qualname__ + "_serial"
+        kernel.serial = njit(cache=True, fastmath=fastmath)(twin)
+        return kernel
+
+    return deco
 
 
 # ----------------------------------------------------------------------------------------------- arrays
@@ -131,7 +150,7 @@ PREFETCH_Q8 = 8192
 PREFETCH_Q4 = 4096
 
 
-@njit(parallel=True, cache=True, fastmath=REDUCE)
+@parallel_kernel(fastmath=REDUCE)
 def _gemv_f32(x, w, y):
     """y[n, o] = w[o] . x[n] for a few rows n. Parallel over weight rows o.
 
@@ -165,7 +184,7 @@ def _q8_dot(qrow, srow, xr, G, ng):
     return acc
 
 
-@njit(parallel=True, cache=True, fastmath=REDUCE)
+@parallel_kernel(fastmath=REDUCE)
 def _gemv_q8(x, q, s, y, ahead):
     """int8 weights, few rows: y[n, o] = sum_g s[o, g] * (q[o, group g] . x[n, group g]).
 
@@ -230,7 +249,7 @@ def _q4_dot(prow, srow, zrow, asym, xr, xs, G, ng):
     return acc
 
 
-@njit(parallel=True, cache=True, fastmath=REDUCE)
+@parallel_kernel(fastmath=REDUCE)
 def _gemv_q4(x, xsum, p, s, z, asym, y, ahead):
     """int4 weights (split halves per group), few rows: y[n, o] = sum_g s[o,g] * (sum_j n_j x_j - zero * xsum[n,g]).
 
@@ -534,11 +553,23 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
 
 
 # ============================================================================================ other ops
-@njit(parallel=True, cache=True)
+@parallel_kernel(fastmath=False)
 def _take_rows(x, idx, out):
     """out[n] = x[idx[n]]: one row copy per token, in parallel."""
     for n in prange(idx.shape[0]):
         out[n] = x[idx[n]]
+
+
+@njit(cache=True)
+def _wrapped_rows(idx, R):
+    """idx with negative indices counted from the end (as NumPy does), or None if one is out of range."""
+    out = np.empty_like(idx)
+    for i in range(idx.shape[0]):
+        j = idx[i] + R if idx[i] < 0 else idx[i]
+        if not 0 <= j < R:
+            return None
+        out[i] = j
+    return out
 
 
 def take_rows(x: np.ndarray, idx) -> np.ndarray:
@@ -547,17 +578,19 @@ def take_rows(x: np.ndarray, idx) -> np.ndarray:
     if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
         raise ValueError(f"take_rows: idx must be a 1-D integer array, got {idx.dtype} {idx.shape}")
     R = x.shape[0]
-    if idx.size and (idx.min() < -R or idx.max() >= R):
-        raise IndexError(f"take_rows: an index is outside 0..{R - 1}")
     if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2):
+        if idx.size and (idx.min() < -R or idx.max() >= R):
+            raise IndexError(f"take_rows: an index is outside 0..{R - 1}")
         return np.asarray(np.asarray(x)[idx], dtype=np.float32)  # other dtypes: NumPy does the widening
-    idx = np.where(idx < 0, idx + R, idx).astype(np.int64)
+    idx = _wrapped_rows(np.asarray(idx, dtype=np.int64), R)
+    if idx is None:
+        raise IndexError(f"take_rows: an index is outside 0..{R - 1}")
     out = np.empty((idx.shape[0], x.shape[1]), np.float32)
     _run(_take_rows, out.size, _weight(x), idx, out)
     return out
 
 
-@njit(parallel=True, cache=True, fastmath=REDUCE)
+@parallel_kernel(fastmath=REDUCE)
 def _rmsnorm(x, weight, eps, out):
     """Per row (in parallel): mean of squares in float32, then x / sqrt(ms + eps) * weight, as the spec."""
     N, D = x.shape
@@ -584,7 +617,7 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out.reshape(x.shape)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel(fastmath=False)
 def _rope(x, cos, sin, out):
     """Rotate each (i, i + hd/2) pair of every head by the token's angle. Parallel over tokens.
 
@@ -622,7 +655,7 @@ def rope(x: np.ndarray, positions, inv_freq: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel(fastmath=False)
 def _kv_write(k_cache, v_cache, k, v, slots, positions):
     """cache[slots[n], :, positions[n], :] = k[n], v[n]: one token per task."""
     N, KVH, _ = k.shape
@@ -634,6 +667,15 @@ def _kv_write(k_cache, v_cache, k, v, slots, positions):
             v_cache[s, h, t, :] = v[n, h]
 
 
+@njit(cache=True)
+def _all_in_range(slots, positions, S, T):
+    """Every slot in 0..S-1 and every position in 0..T-1 (one pass; cheaper than four NumPy reductions)."""
+    for i in range(slots.shape[0]):
+        if not (0 <= slots[i] < S and 0 <= positions[i] < T):
+            return False
+    return True
+
+
 def _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, op):
     if not (isinstance(k_cache, np.ndarray) and k_cache.dtype == np.float32 and k_cache.flags.c_contiguous):
         raise ValueError(f"{op}: the KV cache must be a C-contiguous float32 NumPy array")
@@ -642,11 +684,11 @@ def _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, op):
     S, ckvh, Tmax, chd = k_cache.shape
     if (ckvh, chd) != (KVH, hd):
         raise ValueError(f"{op}: cache holds {ckvh} heads of {chd}, the step has {KVH} of {hd}")
-    slots = np.asarray(slots).astype(np.int64)
-    positions = np.asarray(positions).astype(np.int64)
+    slots = np.asarray(slots, dtype=np.int64)  # no copy when they already are int64 arrays
+    positions = np.asarray(positions, dtype=np.int64)
     if slots.shape != (N,) or positions.shape != (N,):
         raise ValueError(f"{op}: slots and positions must have shape ({N},)")
-    if N and (slots.min() < 0 or slots.max() >= S or positions.min() < 0 or positions.max() >= Tmax):
+    if not _all_in_range(slots, positions, S, Tmax):
         raise IndexError(f"{op}: a slot is outside 0..{S - 1} or a position outside 0..{Tmax - 1}")
     return slots, positions
 
@@ -665,7 +707,7 @@ def kv_write(k_cache, v_cache, k: np.ndarray, v: np.ndarray, slots, positions) -
     _run(_kv_write, 2 * k.size, k_cache, v_cache, k, v, slots, positions)
 
 
-@njit(parallel=True, cache=True, fastmath=REDUCE)
+@parallel_kernel(fastmath=REDUCE)
 def _attention(q, k_cache, v_cache, slots, positions, window, out):
     """Causal grouped-query attention. Parallel over (token, kv head) pairs.
 
@@ -741,7 +783,7 @@ def attention(q, k_cache, v_cache, slots, positions, window: int = 0) -> np.ndar
     return out
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel(fastmath=False)
 def _swiglu(gate, up, out):
     """silu(gate) * up elementwise, the spec's formula: gate / (1 + exp(-gate)) * up. Parallel over rows."""
     N, F = gate.shape
@@ -766,7 +808,7 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return out.reshape(gate.shape)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel(fastmath=False)
 def _add(a, b, out):
     """out = a + b over flat arrays, in parallel chunks of 16384 values."""
     n = a.shape[0]
@@ -795,15 +837,10 @@ def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # ================================================================================================ warmup
-def warmup() -> float:
-    """Compile (or load from Numba's cache) every kernel signature the model uses; returns seconds spent.
-
-    The wrappers pass weights read-only and activations as fresh float32 arrays, so one call of each op
-    with tiny inputs covers every signature (linear: each format, matrix-vector and tiled).
-    """
+def _warm_calls() -> None:
+    """One call of every op with tiny inputs: each kernel signature the model uses."""
     from ..quant import quantize
 
-    t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 64)).astype(np.float32)
     for wt in (w, quantize(w, 8, 32), quantize(w, 4, 32), quantize(w, 4, 32, zero_point=True)):
@@ -820,4 +857,23 @@ def warmup() -> float:
     attention(q, kc, vc, slots, pos, 0)
     swiglu(x, x)
     add(x, x)
+
+
+def warmup(weights=None) -> float:
+    """Compile (or load from Numba's cache) every kernel signature the model uses; returns seconds spent.
+
+    `weights` is accepted for the backends' common signature; this backend warms every format anyway.
+
+    The wrappers pass weights read-only and activations as fresh float32 arrays, so one call of each op
+    with tiny inputs covers every signature (linear: each format, matrix-vector and tiled).
+    """
+    global SERIAL_BELOW
+    t0 = time.perf_counter()
+    saved = SERIAL_BELOW
+    try:
+        for threshold in (0, 2**62):  # every call parallel, then every call serial: both twins compile
+            SERIAL_BELOW = threshold
+            _warm_calls()
+    finally:
+        SERIAL_BELOW = saved
     return time.perf_counter() - t0
