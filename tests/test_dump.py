@@ -18,7 +18,7 @@ PROMPT = "Once upon a time, there was a little girl named Lily."
 
 @pytest.fixture(scope="module")
 def llm(stories_dir):
-    return tinyserve.load(stories_dir)
+    return tinyserve.load(stories_dir, backend="numpy")
 
 
 def test_dump_format(llm, tmp_path):

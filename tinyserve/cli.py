@@ -221,11 +221,12 @@ def _print_report(rep, as_json) -> None:
 
 
 def cmd_validate(args) -> int:
+    from . import engine
     from . import validate as v
 
     if bool(args.kernel) != bool(args.op):
         raise TinyserveError("--kernel and --op go together: --kernel package.module:function --op NAME")
-    common = dict(backend=args.backend or "numpy", quant=args.quant, group_size=args.group_size,
+    common = dict(backend=args.backend or engine.DEFAULT_BACKEND, quant=args.quant, group_size=args.group_size,
                   zero_point=args.zero_point)
     if args.kernel:
         from .testing import load_kernel
@@ -240,9 +241,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_dump(args) -> int:
+    from . import engine
     from . import validate as v
 
-    out = v.dump(args.model, args.prompt, args.out, backend=args.backend or "numpy", quant=args.quant,
+    out = v.dump(args.model, args.prompt, args.out, backend=args.backend or engine.DEFAULT_BACKEND, quant=args.quant,
                  engine=args.engine, dtype=args.dtype, group_size=args.group_size, zero_point=args.zero_point)
     print(f"wrote {out}")
     return 0
@@ -257,10 +259,11 @@ def cmd_compare(args) -> int:
 
 
 def cmd_perplexity(args) -> int:
+    from . import engine
     from . import validate as v
     from .progress import progress_bar
 
-    llm = v.load_llm(args.model, args.backend or "numpy", args.quant, args.group_size, args.zero_point)
+    llm = v.load_llm(args.model, args.backend or engine.DEFAULT_BACKEND, args.quant, args.group_size, args.zero_point)
     res = v.perplexity(llm, args.text, context=args.context, paragraphs=args.paragraphs,
                        save_logits=args.save_logits, kl_base=args.kl_base, progress=progress_bar("perplexity"))
     print(json.dumps(res.to_dict()) if args.json else res.table())
