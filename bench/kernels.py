@@ -2,6 +2,7 @@
 
     python bench/kernels.py            # everything (~2-4 minutes on 2 cores)
     python bench/kernels.py --quick    # smaller repetition counts, skips the 128256-row head
+    python bench/kernels.py --activations int8   # also the int8-activation option (cpu.ACTIVATIONS) in 2.
 
 What it measures:
 
@@ -14,7 +15,9 @@ What it measures:
    float32 BLAS (OpenBLAS) for scale;
 4. few rows (2, 4, 8): matrix-vector vs tiled kernel, which justifies ops/cpu.py's GEMM_MIN_ROWS;
 5. compute speed: the GEMV kernels on one thread with a 256 x 2048 weight that stays in cache, i.e. how
-   fast each kernel can consume weights when memory is not the limit (steadier on a shared machine).
+   fast each kernel can consume weights when memory is not the limit (steadier on a shared machine);
+   always with both activation modes of the quantized kernels ("int8 a8": x quantized to int8, the
+   cpu.ACTIVATIONS = "int8" option).
 
 Times are medians. On a machine shared with other work the absolute numbers drift a lot; the ratios of
 one run are what to compare (docs/performance.md).
@@ -43,6 +46,7 @@ from tinyserve.quant import QuantizedTensor  # noqa: E402
 GEMV_SHAPES = [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (128256, 2048)]  # (out, in) of Llama-3.2-1B
 GEMM_SHAPES = [(2048, 2048), (8192, 2048)]
 FORMATS = ("float32", "int8", "int4")
+A8_FORMATS = ("int8 a8", "int4 a8")  # the same weights, activations quantized to int8 (cpu.ACTIVATIONS = "int8")
 GROUP = 128
 
 
@@ -71,8 +75,23 @@ def bandwidth(nbytes=512 * 2**20, reps=9) -> tuple[float, float]:
     return a.nbytes / float(np.median(ts)) / 1e9, a.nbytes / min(ts) / 1e9
 
 
+def linear_as(fmt):
+    """cpu.linear run with the activation mode a format name asks for ("... a8": int8 activations)."""
+    mode = "int8" if fmt.endswith(" a8") else "float32"
+
+    def run(x, w):
+        saved, cpu.ACTIVATIONS = cpu.ACTIVATIONS, mode
+        try:
+            return cpu.linear(x, w)
+        finally:
+            cpu.ACTIVATIONS = saved
+
+    return run
+
+
 def make_weight(fmt, out, k, rng):
     """Random weights of a format, built directly (quantizing 128256 x 2048 in NumPy would take a while)."""
+    fmt = fmt.removesuffix(" a8")
     if fmt == "float32":
         return rng.standard_normal((out, k), dtype=np.float32) * np.float32(0.02)
     ng = k // GROUP
@@ -98,14 +117,14 @@ def time_calls(fn, args_list, reps) -> float:
     return float(np.median(ts))
 
 
-def bench_gemv(shapes, reps, bw, rng, min_total=256 * 2**20):
+def bench_gemv(shapes, reps, bw, rng, min_total=256 * 2**20, formats=FORMATS):
     rows = []
     for out, k in shapes:
-        for fmt in FORMATS:
+        for fmt in formats:
             w0 = make_weight(fmt, out, k, rng)
             copies = [w0] + [make_weight(fmt, out, k, rng) for _ in range(max(0, -(-min_total // nbytes(w0)) - 1))]
             x = rng.standard_normal((1, k), dtype=np.float32)
-            t = time_calls(cpu.linear, [(x, w) for w in copies], reps)
+            t = time_calls(linear_as(fmt), [(x, w) for w in copies], reps)
             gbs = nbytes(w0) / t / 1e9
             rows.append((f"{out}x{k}", fmt, nbytes(w0) / 2**20, t * 1e3, gbs, gbs / bw))
             del copies, w0
@@ -153,14 +172,15 @@ def bench_in_cache(rng, reps, out=256, k=2048):
     before = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        for fmt in FORMATS:
+        for fmt in FORMATS + A8_FORMATS:
             w = make_weight(fmt, out, k, rng)
             x = rng.standard_normal((1, k), dtype=np.float32)
-            cpu.linear(x, w)
+            lin = linear_as(fmt)
+            lin(x, w)
             ts = []
             for _ in range(reps):
                 t = time.perf_counter()
-                cpu.linear(x, w)
+                lin(x, w)
                 ts.append(time.perf_counter() - t)
             t = min(ts)  # the compute ceiling: the least disturbed run
             rows.append((fmt, nbytes(w) / t / 1e9, out * k / t / 1e9))
@@ -173,7 +193,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions; skip the 128256-row head")
     ap.add_argument("--threads", type=int, default=None, help="Numba threads (default: all)")
+    ap.add_argument("--activations", choices=("float32", "int8"), default="float32",
+                    help="int8: also measure the decode GEMV with int8 activations (cpu.ACTIVATIONS)")
     args = ap.parse_args(argv)
+    formats = FORMATS + (A8_FORMATS if args.activations == "int8" else ())
     if args.threads:
         numba.set_num_threads(args.threads)
     reps = 5 if args.quick else 15
@@ -188,7 +211,7 @@ def main(argv=None):
 
     bw0, best0 = bandwidth()
     print(f"read bandwidth before: {bw0:.1f} GB/s (median; best pass {best0:.1f})")
-    gemv = bench_gemv(shapes, reps, bw0, rng)
+    gemv = bench_gemv(shapes, reps, bw0, rng, formats=formats)
     gemm = bench_gemm(GEMM_SHAPES, 512, max(3, reps // 3), rng)
     few = bench_few_rows(rng, reps * 4)
     cache = bench_in_cache(rng, reps * 40)
@@ -202,7 +225,7 @@ def main(argv=None):
     print("|---|---|---:|---:|---:|---:|")
     for shape, fmt, mib, ms, gbs, _ in gemv:
         print(f"| {shape} | {fmt} | {mib:.1f} | {ms:.3f} | {gbs:.1f} | {gbs / bw:.0%} |")
-    for fmt in FORMATS:
+    for fmt in formats:
         fr = [g / bw for _, f, _, _, g, _ in gemv if f == fmt]
         print(f"\n{fmt}: mean fraction of bandwidth {np.mean(fr):.0%} (min {min(fr):.0%}, max {max(fr):.0%})", end="")
     print("\n\n## prefill GEMM, 512 rows\n")

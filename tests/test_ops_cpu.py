@@ -210,3 +210,154 @@ def test_kv_write_rejects_out_of_range():
 
 def test_warmup_compiles_everything():
     assert cpu.warmup() >= 0
+
+
+# ------------------------------------------------------------------------- linear with int8 activations
+# cpu.ACTIVATIONS = "int8" (off by default) quantizes x per group to int8 and uses integer dot products. Its
+# spec is quant.linear_int8_activations (exact integer group sums, float64 scaling): the kernel may differ
+# from it only by float32 rounding of the group terms it adds up. Against the exact dequantize(W) @ x it
+# differs by at most quant.activation_error_bound (each value of x moves by <= its group's scale / 2) plus
+# that rounding.
+Q_FORMATS = [("int8", 8, False), ("int4", 4, False), ("int4-asym", 4, True)]
+
+
+def _linear_int8act(x, w):
+    saved, cpu.ACTIVATIONS = cpu.ACTIVATIONS, "int8"
+    try:
+        return cpu.linear(x, w)
+    finally:
+        cpu.ACTIVATIONS = saved
+
+
+@pytest.mark.parametrize("fmt,bits,zp", Q_FORMATS, ids=[f[0] for f in Q_FORMATS])
+@pytest.mark.parametrize("N", [1, 2, 3])
+@pytest.mark.parametrize("out,k,group", [(5, 32, 32), (37, 100, 32), (19, 200, 64), (33, 389, 128), (16, 300, 256),
+                                         (9, 1000, 256)])
+def test_linear_int8_activations_within_bound(fmt, bits, zp, N, out, k, group):
+    rng = rng_for("int8act", fmt, N, out, k, group)
+    w = quant.quantize(_weights(rng, out, k), bits, group, zp)
+    x = (rng.standard_normal((N, k)) * np.exp(rng.standard_normal(k))).astype(np.float32)
+    got = _linear_int8act(x, w)
+    assert got.dtype == np.float32 and got.shape == (N, out)
+    spec = quant.linear_int8_activations(x, w)
+    xq, xs = quant.quantize_activations(x, group)
+    # float32 rounding of the ng group terms |d_g * s_g * xs_g| and of their sum
+    terms = np.abs(np.repeat(xs, group, axis=1) * xq).astype(np.float64) @ np.abs(np.pad(
+        quant.dequantize(w), ((0, 0), (0, w.padded_in - k)))).T.astype(np.float64)
+    rounding = 4 * (w.n_groups + 2) * EPS * terms + 1e-30
+    assert np.all(np.abs(got - spec) <= rounding), np.max(np.abs(got - spec) / rounding)
+    exact = x.astype(np.float64) @ quant.dequantize(w).T.astype(np.float64)
+    bound = quant.activation_error_bound(x, w) + rounding
+    assert np.all(np.abs(got - exact) <= bound), np.max(np.abs(got - exact) / bound)
+    # the float path is unchanged by the option's existence (default: float32 activations)
+    assert cpu.ACTIVATIONS == "float32"
+    np.testing.assert_allclose(cpu.linear(x, w), exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16])
+def test_quantize_x_kernel_is_the_spec(dtype):
+    rng = rng_for("qx", np.dtype(dtype).name)
+    G, ng = 64, 5
+    x = (rng.standard_normal((3, G * ng)) * 10).astype(np.float32)
+    x[1, :G] = 0  # a group of zeros: scale 0, values 0
+    x[2, G:2 * G] = np.float32(2.5) * np.arange(G, dtype=np.float32) / 127  # exact halves: ties to even
+    xq, xs, xsum = np.empty(x.shape, dtype), np.empty((3, ng), np.float32), np.empty((3, ng), np.int32)
+    cpu._quantize_x(x, G, xq, xs, xsum)
+    want_q, want_s = quant.quantize_activations(x, G)
+    np.testing.assert_array_equal(xq, want_q)
+    np.testing.assert_array_equal(xs, want_s)
+    np.testing.assert_array_equal(xsum, want_q.reshape(3, ng, G).sum(-1))
+    assert np.all(np.abs(x - want_s.repeat(G, axis=1) * want_q) <= want_s.repeat(G, axis=1) / 2 * (1 + 4 * EPS))
+
+
+@pytest.mark.skipif(not cpu.AVX2, reason="the explicit-vector dot products need AVX2")
+@pytest.mark.parametrize("group", quant.GROUP_SIZES)
+def test_avx2_group_dots_equal_the_portable_loops(group):
+    """_dot_q8_avx2 / _dot_q4_avx2 (LLVM vector code) give the same int32 as the plain Numba loops, extremes
+    included (all 127 * 127 products; nibble 15 against +-127)."""
+    from numba import njit
+
+    @njit
+    def dots(q, x16, p, x8, G, ng):
+        out = np.empty((ng, 4), np.int64)
+        for g in range(ng):
+            out[g, 0] = cpu._dot_q8_avx2(q, x16, g * G, G)
+            out[g, 1] = cpu._dot_q8_loop(q, x16, g * G, G)
+            out[g, 2] = cpu._dot_q4_avx2(p, g * (G // 2), x8, g * G, G // 2)
+            out[g, 3] = cpu._dot_q4_loop(p, g * (G // 2), x8, g * G, G // 2)
+        return out
+
+    rng = rng_for("dots", group)
+    ng = 3
+    q = rng.integers(-127, 128, ng * group, dtype=np.int8)
+    x8 = rng.integers(-127, 128, ng * group, dtype=np.int8)
+    p = rng.integers(0, 256, ng * group // 2, dtype=np.uint8)
+    q[:group], x8[:group], p[: group // 2] = -127, -127, 255  # the largest sums
+    got = dots(q, x8.astype(np.int16), p, x8, group, ng)
+    np.testing.assert_array_equal(got[:, 0], got[:, 1])
+    np.testing.assert_array_equal(got[:, 2], got[:, 3])
+    v = quant.unpack_int4(p[None], group)[0].astype(np.int64)
+    np.testing.assert_array_equal(got[:, 1], (q.astype(np.int64) * x8).reshape(ng, group).sum(-1))
+    np.testing.assert_array_equal(got[:, 3], (v * x8).reshape(ng, group).sum(-1))
+
+
+def test_int8_activations_do_not_depend_on_thread_count(monkeypatch):
+    import numba
+
+    monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "int8")
+    rng = rng_for("int8act threads")
+    x = rng.standard_normal((3, 300)).astype(np.float32)
+    ws = [quant.quantize(_weights(rng, 50, 300), b, g, z) for b, g, z in ((8, 64, False), (4, 32, False), (4, 128, True))]
+
+    def run():
+        return [cpu.linear(x[:n], w) for w in ws for n in (1, 3)]
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run()
+        numba.set_num_threads(max(2, before))
+        many = run()
+        monkeypatch.setattr(cpu, "SERIAL_BELOW", 2**62)  # the serial twins: the same results
+        serial = run()
+    finally:
+        numba.set_num_threads(before)
+    for a, b, c in zip(one, many, serial):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_activations_setting_is_checked(monkeypatch):
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "int4")
+    w = quant.quantize(np.ones((4, 32), np.float32), 8, 32)
+    with pytest.raises(ValueError, match="ACTIVATIONS"):
+        cpu.linear(np.ones((1, 32), np.float32), w)
+
+
+def test_int8_activations_env_variable():
+    import subprocess
+    import sys
+
+    code = "from tinyserve.ops import cpu; print(cpu.ACTIVATIONS)"
+    for env, want in (("1", "int8"), ("0", "float32"), ("", "float32")):
+        import os
+
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TINYSERVE_INT8_ACTIVATIONS": env},
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == want, (env, out)
+
+
+@pytest.mark.parametrize("fmt,bits,zp", Q_FORMATS, ids=[f[0] for f in Q_FORMATS])
+def test_linear_int8_activations_within_table_limits(fmt, bits, zp):
+    """The rows ("op", "linear_int8_act", int8 / int4) of tinyserve/tolerances.py, on a Llama-like width."""
+    from tinyserve.tolerances import op_limits
+
+    rng = rng_for("int8act table", fmt)
+    w = quant.quantize((rng.standard_normal((64, 2048)) * 0.02).astype(np.float32), bits, 128, zp)
+    x = rng.standard_normal((2, 2048)).astype(np.float32)
+    got = _linear_int8act(x, w).astype(np.float64)
+    ref = x.astype(np.float64) @ quant.dequantize(w).T.astype(np.float64)
+    lim = op_limits("linear_int8_act", fmt.split("-")[0])
+    assert ((got - ref) ** 2).sum() / (ref ** 2).sum() <= lim["nmse"]
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= lim["max_rel"]

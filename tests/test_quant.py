@@ -183,3 +183,27 @@ def test_gguf_q8_0_and_q4_0_convert_exactly():
         quant.from_q4_0(raw4[:-1], (out, k))
     with pytest.raises(TinyserveError):
         quant.from_q8_0(raw8, (out, 100))
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=matrices(max_out=3), group=st.sampled_from(quant.GROUP_SIZES), fmt=st.sampled_from(FORMATS))
+def test_int8_activations_spec(x, group, fmt):
+    """quantize_activations moves each value by at most half its group's step; linear_int8_activations is
+    (dequantized x) @ dequantize(W).T and stays within activation_error_bound of the exact product."""
+    n, k = x.shape
+    xq, xs = quant.quantize_activations(x, group)
+    ng = -(-k // group)
+    assert xq.dtype == np.int8 and xq.shape == (n, ng * group) and xs.dtype == np.float32 and xs.shape == (n, ng)
+    assert np.abs(xq.astype(np.int32)).max(initial=0) <= 127 and not xq[:, k:].any()
+    step = np.repeat(xs, group, axis=1)
+    xd = step.astype(np.float64) * xq
+    assert np.all(np.abs(xd[:, :k] - x) <= step[:, :k] / 2 * (1 + 4 * EPS) + 1e-30)
+    rng = np.random.default_rng(k)
+    qt = quant.quantize(rng.standard_normal((4, k)).astype(np.float32), fmt[0], group, fmt[1])
+    w = np.pad(quant.dequantize(qt).astype(np.float64), ((0, 0), (0, ng * group - k)))
+    y = quant.linear_int8_activations(x, qt)
+    ref = xd @ w.T
+    np.testing.assert_allclose(y, ref, rtol=4 * EPS, atol=4 * EPS * (np.abs(xd) @ np.abs(w).T).max(initial=0) + 1e-30)
+    exact = x.astype(np.float64) @ quant.dequantize(qt).T.astype(np.float64)
+    bound = quant.activation_error_bound(x, qt)
+    assert np.all(np.abs(y - exact) <= bound * (1 + 1e-6) + 4 * EPS * np.abs(xd) @ np.abs(w).T + 1e-30)

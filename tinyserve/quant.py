@@ -371,3 +371,56 @@ def to_q4_0(qt: QuantizedTensor) -> np.ndarray:
     b[:, :, 2:] = qt.data.reshape(out, ng, 16)
     return b.reshape(-1)
 
+
+
+# ------------------------------------------------------------------- int8 activations (an option of ops)
+def quantize_activations(x, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize activation rows x (N, in) to int8 per group of `group_size`: (xq int8 (N, Kp), scales float32 (N, ng)).
+
+    The spec of the CPU backend's optional int8-activation path (ops/cpu.py, ACTIVATIONS = "int8"), the
+    same scheme as llama.cpp's Q8_0 activations: x is padded with zeros to whole groups (Kp = ng * G, as the
+    weights are); per group, scale = max|x| / 127 in float32, xq = rint(x / scale) (float32 division,
+    ties to even) clipped to [-127, 127], and xq = 0 where the scale is 0. Then |x - scale * xq| <= scale / 2
+    for every value (the max maps to +-127 up to float32 rounding).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    n, k = x.shape
+    ng = -(-k // group_size)
+    xp = np.zeros((n, ng * group_size), np.float32)
+    xp[:, :k] = x
+    g = xp.reshape(n, ng, group_size)
+    s = np.abs(g).max(axis=-1) / np.float32(127)  # float32 (N, ng)
+    safe = np.where(s > 0, s, np.float32(1))[..., None]
+    q = np.where(s[..., None] > 0, np.clip(np.rint(g / safe), -127, 127), 0)
+    return q.astype(np.int8).reshape(n, ng * group_size), s.astype(np.float32)
+
+
+def linear_int8_activations(x, qt: QuantizedTensor) -> np.ndarray:
+    """x @ W.T with x quantized by quantize_activations: the spec of cpu.linear with ACTIVATIONS = "int8".
+
+    Per output, y[n, o] = sum_g (sum_j xq[n, g, j] * v[o, g, j]) * s[o, g] * xs[n, g], where v are the
+    weights' integers (integer_values: q, n - 8 or n - z). The inner sums are exact integers (a kernel
+    computes them in int32: |sum| <= 256 * 127 * 127 < 2^31); this reference sums the groups in float64,
+    so a kernel differs from it only by float32 rounding. Against the exact dequantize(W) @ x it differs by
+    at most the error of quantizing x: |y - y_exact| <= sum_g xs[n, g] / 2 * sum_j |w[o, g, j]|
+    (activation_error_bound), plus float32 rounding.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    G, ng = qt.group_size, qt.n_groups
+    xq, xs = quantize_activations(x, G)
+    v = integer_values(qt).astype(np.int64).reshape(qt.shape[0], ng, G)
+    d = np.einsum("ngj,ogj->nog", xq.astype(np.int64).reshape(x.shape[0], ng, G), v)  # exact integers
+    y = (d * qt.scales.astype(np.float64)[None] * xs.astype(np.float64)[:, None, :]).sum(axis=-1)
+    return y.astype(np.float32)
+
+
+def activation_error_bound(x, qt: QuantizedTensor) -> np.ndarray:
+    """(N, out) float64: sum_g xs[n, g] / 2 * sum_j |dequantize(W)[o, g, j]|, the largest change of each
+    output that quantizing x per group (quantize_activations) can cause (each value moves by <= xs / 2)."""
+    x = np.asarray(x, dtype=np.float32)
+    G, ng = qt.group_size, qt.n_groups
+    _, xs = quantize_activations(x, G)
+    w = np.zeros((qt.shape[0], qt.padded_in), np.float64)
+    w[:, : qt.shape[1]] = np.abs(dequantize(qt))
+    wsum = w.reshape(qt.shape[0], ng, G).sum(axis=-1)  # (out, ng)
+    return (xs.astype(np.float64) / 2) @ wsum.T

@@ -19,7 +19,9 @@ Linear layers (the time of a step) have two paths:
 
 Numerics: every quantized kernel computes dequantize(W) @ x in float32 (the same products, summed in
 another order), so results match ops/reference.py to float32 rounding (tests/test_ops_cpu.py gives the
-tolerances and why). Kernels allow reassociation and FMA contraction so that LLVM can vectorize their
+tolerances and why). The one exception is an option, off by default: ACTIVATIONS = "int8" (or
+TINYSERVE_INT8_ACTIVATIONS=1) rounds x to int8 per group in the few-row path of quantized layers and uses
+integer dot products (faster; bounded error, see _gemv_q8a and quant.linear_int8_activations). Kernels allow reassociation and FMA contraction so that LLVM can vectorize their
 sums; nothing else is relaxed (no approximate reciprocals or functions, NaN and inf as in NumPy; see REDUCE).
 
 docs/performance.md has the measured speeds and the alternatives that were tried; NUMBA_NOTES.md (shared)
@@ -313,6 +315,262 @@ def _gemv_q4(x, xsum, p, s, z, asym, y, ahead):
             y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = a0, a1, a2, a3
 
 
+# ============================================================ linear: int8 activations (an option, off by default)
+# ACTIVATIONS = "int8" (or TINYSERVE_INT8_ACTIVATIONS=1 in the environment at import) makes the few-row
+# path of quantized linear layers quantize each row of x to int8 per group of the weight's G (one float32
+# scale per group: quant.quantize_activations) and compute integer dot products, as llama.cpp does. It is
+# a different function from dequantize(W) @ x: each output moves by at most
+# sum_g xs_g / 2 * sum |w_g| (quant.linear_int8_activations is the spec, quant.activation_error_bound the
+# bound; tinyserve/tolerances.py has its rows). float32 weights and the tiled many-row path (prefill) are
+# unchanged. "float32" (the default) keeps every result exactly dequantize(W) @ x up to float32 rounding.
+ACTIVATIONS = "int8" if os.environ.get("TINYSERVE_INT8_ACTIVATIONS", "") not in ("", "0") else "float32"
+
+
+def _host_has_avx2() -> bool:
+    """Whether the CPU Numba compiles for has AVX2 (vpmaddwd / vpmaddubsw on 256-bit registers)."""
+    from llvmlite import binding as ll
+    from numba.core import config
+
+    if config.CPU_NAME or config.CPU_FEATURES:  # NUMBA_CPU_NAME / NUMBA_CPU_FEATURES: compiling for another CPU
+        return "+avx2" in (config.CPU_FEATURES or "")
+    try:
+        return bool(ll.get_host_cpu_features().get("avx2", False))
+    except Exception:  # not x86, or features unknown
+        return False
+
+
+# The explicit-vector group dot products below use x86 AVX2 instructions; elsewhere the portable loops.
+AVX2 = _host_has_avx2()
+
+_I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _vec_ptr(context, builder, aty, arr, idx, vty):
+    """Pointer to the vector vty starting at arr[idx] (1-D array, no bounds check)."""
+    a = context.make_array(aty)(context, builder, arr)
+    return builder.bitcast(builder.gep(a.data, [idx]), vty.as_pointer())
+
+
+def _llvm_fn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+@intrinsic
+def _dot_q8_avx2(typingctx, w, x, start, n):
+    """sum_{k < n} w[start + k] * x[start + k] as int32: w int8 (weights), x int16 (quantized activations,
+    values -127..127, stored widened once per call), n a multiple of 16.
+
+    Why an intrinsic: written as a Numba loop, LLVM vectorizes this sum with one int32 lane per value
+    (vpmaddwd on registers half empty: ~19 G values/s, no faster than float). Here each step loads 16
+    weights, widens them to int16 (vpmovsxbw) and multiplies with 16 values of x, adding neighbouring
+    products into 8 int32 lanes (vpmaddwd; LLVM fuses it with the add into vpdpwssd where VNNI exists):
+    ~33 G values/s. |w * x| <= 127 * 127, so the pairs and the int32 sums never overflow (G <= 256).
+    """
+
+    def codegen(context, builder, sig, args):
+        wa, xa, st, cnt = args
+        acc = cgutils.alloca_once_value(builder, ir.Constant(_vec(_I32, 8), None))
+        madd = _llvm_fn(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [_vec(_I16, 16), _vec(_I16, 16)])
+        sixteen = ir.Constant(cnt.type, 16)
+        with cgutils.for_range(builder, builder.udiv(cnt, sixteen)) as loop:
+            off = builder.add(st, builder.mul(loop.index, sixteen))
+            wv = builder.load(_vec_ptr(context, builder, sig.args[0], wa, off, _vec(_I8, 16)), align=1)
+            xv = builder.load(_vec_ptr(context, builder, sig.args[1], xa, off, _vec(_I16, 16)), align=1)
+            prod = builder.call(madd, [builder.sext(wv, _vec(_I16, 16)), xv])
+            builder.store(builder.add(builder.load(acc), prod), acc)
+        total = _llvm_fn(builder, "llvm.vector.reduce.add.v8i32", _I32, [_vec(_I32, 8)])
+        return builder.call(total, [builder.load(acc)])
+
+    return types.int32(w, x, start, n), codegen
+
+
+@intrinsic
+def _dot_q4_avx2(typingctx, p, pstart, x, xstart, H):
+    """sum_{j < H} lo(p[pstart + j]) * x[xstart + j] + hi(p[pstart + j]) * x[xstart + H + j] as int32:
+    one int4 group (split halves: byte j holds value j low and value j + H high, H = G/2) against int8 x.
+    The nibbles are used as they are stored (0..15; the zero point is subtracted by the caller through the
+    group sum of x). H is 16 or a multiple of 32.
+
+    Per 32 bytes (64 weights): AND 15 gives 32 low nibbles, a shift right by 4 the 32 high ones, each an
+    unsigned byte; vpmaddubsw multiplies them with the signed bytes of x and adds neighbouring pairs into
+    int16 (at most 2 * 15 * 127 per pair, and the two halves' sum at most 4 * 15 * 127 = 7620: no
+    saturation), vpmaddwd with ones widens to 8 int32 lanes. No int->float conversion per value: ~40 G
+    values/s against ~15 for the float kernel. With H = 16 (G = 32) the 16 low and 16 high nibbles of a
+    group are joined into one 32-byte vector facing the group's 32 contiguous values of x.
+    """
+
+    def codegen(context, builder, sig, args):
+        pa, ps, xa, xs_, h = args
+        T = h.type
+        v32, v16 = _vec(_I8, 32), _vec(_I8, 16)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(_vec(_I32, 8), None))
+        mubs = _llvm_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [v32, v32])
+        madd = _llvm_fn(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [_vec(_I16, 16), _vec(_I16, 16)])
+        ones = ir.Constant(_vec(_I16, 16), [1] * 16)
+
+        def load(aty, arr, idx, vty):
+            return builder.load(_vec_ptr(context, builder, aty, arr, idx, vty), align=1)
+
+        def accumulate(s16):
+            builder.store(builder.add(builder.load(acc), builder.call(madd, [s16, ones])), acc)
+
+        c32 = ir.Constant(T, 32)
+        with cgutils.for_range(builder, builder.udiv(h, c32)) as loop:  # 32 bytes at a time
+            o = builder.mul(loop.index, c32)
+            b = load(sig.args[0], pa, builder.add(ps, o), v32)
+            xl = load(sig.args[2], xa, builder.add(xs_, o), v32)
+            xh = load(sig.args[2], xa, builder.add(builder.add(xs_, h), o), v32)
+            lo = builder.and_(b, ir.Constant(v32, [15] * 32))
+            hi = builder.lshr(b, ir.Constant(v32, [4] * 32))
+            accumulate(builder.add(builder.call(mubs, [lo, xl]), builder.call(mubs, [hi, xh])))
+        with builder.if_then(builder.icmp_unsigned("==", h, ir.Constant(T, 16))):  # G = 32: one 16-byte group
+            b = load(sig.args[0], pa, ps, v16)
+            lo = builder.and_(b, ir.Constant(v16, [15] * 16))
+            hi = builder.lshr(b, ir.Constant(v16, [4] * 16))
+            nib = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, 32), list(range(32))))  # values 0..31
+            accumulate(builder.call(mubs, [nib, load(sig.args[2], xa, xs_, v32)]))
+        total = _llvm_fn(builder, "llvm.vector.reduce.add.v8i32", _I32, [_vec(_I32, 8)])
+        return builder.call(total, [builder.load(acc)])
+
+    return types.int32(p, pstart, x, xstart, H), codegen
+
+
+@njit(cache=True, inline="always")
+def _dot_q8_loop(w, x, start, n):
+    """The portable form of _dot_q8_avx2 (same result: an exact int32 sum). The int32 casts keep Numba from
+    widening to int64 (NUMBA_NOTES)."""
+    wg = w[start:start + n]
+    xg = x[start:start + n]
+    t = i32(0)
+    for j in range(n):
+        t = i32(t + i32(wg[j]) * i32(xg[j]))
+    return t
+
+
+@njit(cache=True, inline="always")
+def _dot_q4_loop(p, pstart, x, xstart, H):
+    """The portable form of _dot_q4_avx2 (same result: an exact int32 sum)."""
+    pg = p[pstart:pstart + H]
+    xl = x[xstart:xstart + H]
+    xh = x[xstart + H:xstart + 2 * H]
+    t = i32(0)
+    for j in range(H):
+        b = i32(pg[j])
+        t = i32(t + i32(b & 15) * i32(xl[j]) + i32(b >> 4) * i32(xh[j]))
+    return t
+
+
+_dot_q8 = _dot_q8_avx2 if AVX2 else _dot_q8_loop
+PREFETCH_A8 = 2048  # bytes ahead the int8-activation kernels prefetch their weights
+_dot_q4 = _dot_q4_avx2 if AVX2 else _dot_q4_loop
+
+
+@parallel_kernel(fastmath=False)
+def _quantize_x(x, G, xq, xs, xsum):
+    """quant.quantize_activations for rows of x already padded to whole groups, bit for bit: per group,
+    scale = max|x| / 127 (float32), xq = rint(x / scale) clipped to +-127 (0 where the scale is 0).
+    xq is int8 (int4 weights) or int16 (int8 weights: widened here once, not in the inner loop); xsum[n, g]
+    is the group's sum of xq (int32), which the int4 kernel needs for the zero point. Parallel over rows.
+    """
+    N, Kp = x.shape
+    ng = Kp // G
+    for n in prange(N):
+        for g in range(ng):
+            xg = x[n, g * G:(g + 1) * G]
+            m = f32(0)
+            for j in range(G):
+                m = max(m, abs(xg[j]))
+            s = m / f32(127)
+            xs[n, g] = s
+            t = i32(0)
+            for j in range(G):
+                v = i32(0)
+                if s > 0:
+                    v = i32(min(max(np.rint(xg[j] / s), f32(-127)), f32(127)))
+                xq[n, g * G + j] = v
+                t += v
+            xsum[n, g] = t
+
+
+@parallel_kernel(fastmath=REDUCE)
+def _gemv_q8a(xq, xs, q, s, y, ahead):
+    """int8 weights x int8 activations, few rows: y[n, o] = sum_g (q[o, g] . xq[n, g]) * s[o, g] * xs[n, g].
+
+    Each group's dot product is an exact int32 (_dot_q8: vpmaddwd), converted to float32 once per group and
+    scaled by the product of the two scales. Parallel over weight rows; a thread walks its rows in order
+    (one stream, prefetched `ahead` bytes on: the hardware prefetcher stops at every 4 KiB page), and the N
+    rows of x meet each weight row while it is in L1. xq: (N, Kp) int16 (values -127..127).
+    """
+    N, Kp = xq.shape
+    O, ng = s.shape
+    G = Kp // ng
+    flat = q.reshape(-1)
+    for o in prange(O):
+        qr = q[o]
+        for n in range(N):
+            xr = xq[n]
+            acc = f32(0)
+            for g in range(ng):
+                if n == 0:
+                    at = o * Kp + g * G + ahead
+                    for c in range(0, G, 64):
+                        if at + c < flat.shape[0]:
+                            _prefetch(flat, at + c)
+                acc += f32(_dot_q8(qr, xr, g * G, G)) * (s[o, g] * xs[n, g])
+            y[n, o] = acc
+
+
+@parallel_kernel(fastmath=REDUCE)
+def _gemv_q4a(xq, xs, xsum, p, s, z, asym, y, ahead):
+    """int4 weights x int8 activations, few rows: y[n, o] = sum_g (sum_j n_j xq_j - zero * xsum[n, g]) *
+    s[o, g] * xs[n, g], zero = z[o, g] (asym) or 8.
+
+    The nibbles n_j (0..15) multiply x as unsigned bytes (_dot_q4: vpmaddubsw), so nothing is converted to
+    float per value and the zero point costs one integer multiply per group: sum (n - zero) xq =
+    sum n xq - zero * sum xq, with the group sums of xq made when x was quantized. Parallel over weight rows
+    as _gemv_q8a. xq: (N, Kp) int8; z: (O, ng) uint8, or a dummy (1, 1) when not asym.
+    """
+    N, Kp = xq.shape
+    O, ng = s.shape
+    G = Kp // ng
+    H = G // 2
+    flat = p.reshape(-1)
+    for o in prange(O):
+        pr = p[o]
+        for n in range(N):
+            xr = xq[n]
+            acc = f32(0)
+            for g in range(ng):
+                if n == 0:
+                    at = o * H * ng + g * H + ahead
+                    for c in range(0, H, 64):
+                        if at + c < flat.shape[0]:
+                            _prefetch(flat, at + c)
+                zero = i32(z[o, g]) if asym else i32(8)
+                t = i32(_dot_q4(pr, g * H, xr, g * G, H) - zero * xsum[n, g])
+                acc += f32(t) * (s[o, g] * xs[n, g])
+            y[n, o] = acc
+
+
+def _linear_int8_activations(xp, w, y, data, scales, z, asym):
+    """The few-row quantized product with x quantized to int8 (ACTIVATIONS = "int8"): xp (N, Kp) padded."""
+    N, Kp = xp.shape
+    G, ng = w.group_size, w.n_groups
+    xq = np.empty((N, Kp), np.int16 if w.bits == 8 else np.int8)
+    xs = np.empty((N, ng), np.float32)
+    xsum = np.empty((N, ng), np.int32)
+    work = N * w.shape[0] * w.shape[1]
+    _run(_quantize_x, work, xp, G, xq, xs, xsum)
+    if w.bits == 8:
+        _run(_gemv_q8a, work, xq, xs, data, scales, y, PREFETCH_A8)
+    else:
+        _run(_gemv_q4a, work, xq, xs, xsum, data, scales, z, asym, y, PREFETCH_A8)
+
+
 # =========================================================================== linear: matrix-matrix kernels
 @njit(cache=True, fastmath=REDUCE, inline="always")
 def _tile4x4(X, wb, Y, n0, r0, o0, K):
@@ -522,18 +780,24 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
     if N == 0:
         pass
     elif isinstance(w, QuantizedTensor):
+        if ACTIVATIONS not in ("float32", "int8"):
+            raise ValueError(f"cpu.ACTIVATIONS must be 'float32' or 'int8', got {ACTIVATIONS!r}")
         xp = _padded(x2, w.padded_in)
         data, scales = _weight(w.data), _weight(w.scales)
         gemm = N >= GEMM_MIN_ROWS
         if w.bits == 8:
             if gemm:
                 _gemm_q8(xp, data, scales, y, panel_rows(w.padded_in))
+            elif ACTIVATIONS == "int8":
+                _linear_int8_activations(xp, w, y, data, scales, _NO_ZEROS, False)
             else:
                 _run(_gemv_q8, N * out_f * in_f, xp, data, scales, y, PREFETCH_Q8)
         else:
             z, asym = (_weight(w.zeros), True) if w.zeros is not None else (_NO_ZEROS, False)
             if gemm:
                 _gemm_q4(xp, data, scales, z, asym, y, panel_rows(w.padded_in))
+            elif ACTIVATIONS == "int8":
+                _linear_int8_activations(xp, w, y, data, scales, z, asym)
             else:
                 xsum = xp.reshape(N, w.n_groups, w.group_size).sum(axis=-1, dtype=np.float32)  # (N, ng)
                 _run(_gemv_q4, N * out_f * in_f, xp, np.ascontiguousarray(xsum), data, scales, z, asym, y, PREFETCH_Q4)
@@ -843,9 +1107,15 @@ def _warm_calls() -> None:
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 64)).astype(np.float32)
+    global ACTIVATIONS
     for wt in (w, quantize(w, 8, 32), quantize(w, 4, 32), quantize(w, 4, 32, zero_point=True)):
         for n in (1, GEMM_MIN_ROWS):
             linear(rng.standard_normal((n, 64)).astype(np.float32), wt)
+        saved, ACTIVATIONS = ACTIVATIONS, "int8"  # the int8-activation kernels too, whatever the setting
+        try:
+            linear(rng.standard_normal((1, 64)).astype(np.float32), wt)
+        finally:
+            ACTIVATIONS = saved
     x = rng.standard_normal((2, 8)).astype(np.float32)
     rmsnorm(x, np.ones(8, np.float32), 1e-5)
     take_rows(w, np.array([1, 2]))
