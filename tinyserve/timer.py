@@ -60,22 +60,25 @@ def op_cost(name: str, args, out) -> tuple[int, int]:
         n, h, hd = q.shape
         kvh = k_cache.shape[1]
         # every sequence's visible keys and values are read once; each query scores and mixes them
-        seen = {}
-        for s, p in zip(sl.tolist(), pos.tolist()):
-            seen[s] = max(seen.get(s, 0), p + 1)
-        kv_bytes = 2 * sum(seen.values()) * kvh * hd * 4
-        flops = 4 * int((pos + 1).sum()) * h * hd
-        return kv_bytes + 2 * _nbytes(q), flops
+        if n == 1:
+            visible = int(pos[0]) + 1
+        else:
+            seen = {}
+            for s, p in zip(sl.tolist(), pos.tolist()):
+                seen[s] = max(seen.get(s, 0), p + 1)
+            visible = sum(seen.values())
+        flops = 4 * (int(pos.sum()) + n) * h * hd
+        return 2 * visible * kvh * hd * 4 + 2 * _nbytes(q), flops
     if name == "rmsnorm":
         x = args[0]
-        return 2 * _nbytes(x) + _nbytes(args[1]), 4 * int(np.prod(x.shape))
+        return 2 * _nbytes(x) + _nbytes(args[1]), 4 * x.size
     if name == "rope":
         x = args[0]
-        return 2 * _nbytes(x), 6 * int(np.prod(x.shape))
+        return 2 * _nbytes(x), 6 * x.size
     if name == "kv_write":
         return 2 * (_nbytes(args[2]) + _nbytes(args[3])), 0
     if name in ("swiglu", "add"):
-        return 3 * _nbytes(args[0]), (5 if name == "swiglu" else 1) * int(np.prod(args[0].shape))
+        return 3 * _nbytes(args[0]), (5 if name == "swiglu" else 1) * args[0].size
     if name == "take_rows":
         return 2 * _nbytes(out), 0
     return 0, 0
@@ -121,19 +124,30 @@ class TimedOps:
         key_arg = {"take_rows": 0, "rmsnorm": 1, "linear": 1}.get(name)
         fixed_role = {"rope": "qkv", "kv_write": "qkv", "attention": "attention", "swiglu": "mlp",
                       "add": "residual"}.get(name)
+        op_stat = timer.ops[name]
+        # Role, bytes and FLOPs of a call follow from its weight and the shape of its first argument, except
+        # for attention (its cost depends on the positions): computed once per (weight, shape), then looked up.
+        known = {}
+        clock = time.perf_counter
 
         def call(*args):
             if sync:
                 sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             out = fn(*args)
             if sync:
                 sync()
-            dt = time.perf_counter() - t0
-            role = fixed_role or roles.get((name, id(args[key_arg])), "logits")
-            nbytes, flops = op_cost(name, args, out)
-            timer.ops[name].add(dt, nbytes, flops)
-            timer.roles[role].add(dt, nbytes, flops)
+            dt = clock() - t0
+            key = (id(args[key_arg]) if key_arg is not None else None, args[0].shape)
+            entry = known.get(key) if name != "attention" else None
+            if entry is None:
+                role = fixed_role or roles.get((name, key[0]), "logits")
+                entry = (timer.roles[role], role, *op_cost(name, args, out))
+                if name != "attention":
+                    known[key] = entry
+            role_stat, role, nbytes, flops = entry
+            op_stat.add(dt, nbytes, flops)
+            role_stat.add(dt, nbytes, flops)
             if timer.per_step is not None:
                 timer.per_step[(name, role)] = timer.per_step.get((name, role), 0) + 1
             return out
