@@ -17,8 +17,8 @@ What it measures
 
 How: the timer wraps the backend's ops module in a proxy whose functions time each call (synchronizing the
 GPU first where the backend has asynchronous kernels). With no timer, the engine calls the ops directly:
-the cost is exactly zero. With the timer on, each op call costs two clock reads and a few dict updates
-(~1-2 microseconds), measured by `bench/bench_timer.py`.
+the cost is exactly zero. With the timer on, each op call costs two clock reads, one dict lookup and two
+additions (about a microsecond); `bench/timer_overhead.py` measures what that does to decode tokens/s.
 """
 
 from __future__ import annotations
@@ -92,8 +92,11 @@ class OpStat:
     flops: int = 0
 
     def add(self, dt, nbytes, flops):
-        self.calls += 1
-        self.seconds += dt
+        self.merge(1, dt, nbytes, flops)
+
+    def merge(self, calls, seconds, nbytes, flops):
+        self.calls += calls
+        self.seconds += seconds
         self.bytes += nbytes
         self.flops += flops
 
@@ -124,9 +127,10 @@ class TimedOps:
         key_arg = {"take_rows": 0, "rmsnorm": 1, "linear": 1}.get(name)
         fixed_role = {"rope": "qkv", "kv_write": "qkv", "attention": "attention", "swiglu": "mlp",
                       "add": "residual"}.get(name)
-        op_stat = timer.ops[name]
         # Role, bytes and FLOPs of a call follow from its weight and the shape of its first argument, except
-        # for attention (its cost depends on the positions): computed once per (weight, shape), then looked up.
+        # for attention (its cost depends on the positions). So each (weight, shape) gets a tally
+        # [op, role, bytes per call, FLOPs per call, calls, seconds], made at its first call; a later call
+        # only bumps two numbers (the timer's own cost per call is about a microsecond).
         known = {}
         clock = time.perf_counter
 
@@ -138,16 +142,21 @@ class TimedOps:
             if sync:
                 sync()
             dt = clock() - t0
-            key = (id(args[key_arg]) if key_arg is not None else None, args[0].shape)
-            entry = known.get(key) if name != "attention" else None
-            if entry is None:
-                role = fixed_role or roles.get((name, key[0]), "logits")
-                entry = (timer.roles[role], role, *op_cost(name, args, out))
-                if name != "attention":
-                    known[key] = entry
-            role_stat, role, nbytes, flops = entry
-            op_stat.add(dt, nbytes, flops)
-            role_stat.add(dt, nbytes, flops)
+            if name == "attention":
+                nbytes, flops = op_cost(name, args, out)
+                timer.ops[name].add(dt, nbytes, flops)
+                timer.roles["attention"].add(dt, nbytes, flops)
+                role = "attention"
+            else:
+                key = (id(args[key_arg]) if key_arg is not None else None, args[0].shape)
+                tally = known.get(key)
+                if tally is None:
+                    role = fixed_role or roles.get((name, key[0]), "logits")
+                    tally = known[key] = [name, role, *op_cost(name, args, out), 0, 0.0]
+                    timer.tallies.append(tally)
+                tally[4] += 1
+                tally[5] += dt
+                role = tally[1]
             if timer.per_step is not None:
                 timer.per_step[(name, role)] = timer.per_step.get((name, role), 0) + 1
             return out
@@ -176,6 +185,7 @@ class Timer:
         self.phase_calls: dict[str, int] = defaultdict(int)
         self.ops: dict[str, OpStat] = defaultdict(OpStat)
         self.roles: dict[str, OpStat] = defaultdict(OpStat)
+        self.tallies: list[list] = []  # [op, role, bytes per call, FLOPs per call, calls, seconds] (TimedOps)
         self.requests: list = []
         self.per_step: dict | None = None  # set to {} to count calls of one step (tests)
         self.wall_start = time.perf_counter()
@@ -194,6 +204,17 @@ class Timer:
         self.requests.append(result)
 
     # -------------------------------------------------------------------------------------------- report
+    def totals(self) -> tuple[dict, dict]:
+        """(per op, per role) OpStats: the direct accumulators plus every tally folded in."""
+        ops, roles = defaultdict(OpStat), defaultdict(OpStat)
+        for target, source in ((ops, self.ops), (roles, self.roles)):
+            for k, v in source.items():
+                target[k].merge(v.calls, v.seconds, v.bytes, v.flops)
+        for name, role, nbytes, flops, calls, seconds in self.tallies:
+            ops[name].merge(calls, seconds, nbytes * calls, flops * calls)
+            roles[role].merge(calls, seconds, nbytes * calls, flops * calls)
+        return ops, roles
+
     def report(self) -> "TimerReport":
         return TimerReport(self)
 
@@ -223,10 +244,11 @@ class TimerReport:
             ))
         wall = (max(r.finished for r in t.requests) - min(r.started for r in t.requests)) if t.requests else 0.0
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+        ops, roles = t.totals()
         self.data = dict(
             phases={k: dict(seconds=v, calls=t.phase_calls[k]) for k, v in t.phases.items()},
-            ops={k: v.as_dict() for k, v in sorted(t.ops.items(), key=lambda kv: -kv[1].seconds)},
-            roles={k: t.roles[k].as_dict() for k in ROLES if k in t.roles},
+            ops={k: v.as_dict() for k, v in sorted(ops.items(), key=lambda kv: -kv[1].seconds)},
+            roles={k: roles[k].as_dict() for k in ROLES if k in roles},
             requests=reqs,
             throughput=dict(generated_tokens=gen_tokens, seconds=wall,
                             tokens_per_s=gen_tokens / wall if wall > 0 else None),
