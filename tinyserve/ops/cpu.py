@@ -72,10 +72,15 @@ def panel_rows(kp: int) -> int:
     return 64 if kp * 4 * 64 <= 2**20 else 32
 
 
-# Inputs with less work than this (values touched) run their kernel on the calling thread only. Waking the
-# other threads costs ~3 us on an idle machine and 15-30 us when another process holds a core, more than
-# the whole work of, say, one token's rmsnorm (2048 values, ~1 us). Results do not depend on it.
-SERIAL_BELOW = 16384
+# Inputs with less work than this (values touched) run their kernel's serial twin on the calling thread.
+# During decode the other threads fall asleep between parallel calls (GOMP_SPINCOUNT is short on purpose),
+# and waking them costs 15-30 us, more than the whole of a small op: an int8 288x768 GEMV (221K values)
+# takes ~10 us on one thread. Measured 2026-11-28 on the quiet machine (decode tokens/s, int8):
+#   threshold     16K    64K   128K   256K   512K
+#   stories260K  1722   2963   3204   3155   2804   (float32)
+#   stories15M    309    328    431    683    694
+# stories110M (768-wide matrices, 590K+ values) did not change (77-90, noise). Results do not depend on it.
+SERIAL_BELOW = 2**18
 
 
 def _run(kernel, work, *args):
@@ -110,7 +115,14 @@ def parallel_kernel(fastmath=False):
 
 # ----------------------------------------------------------------------------------------------- arrays
 def upload(a):
-    """Host arrays and quantized tensors are used where they are: nothing to do on the CPU."""
+    """Weights are used where they are (no copy); float32 weights and quantized tensors become read-only
+    views, the form every kernel takes them in (see _weight), so no call has to make the view again."""
+    if isinstance(a, np.ndarray) and a.dtype == np.float32:
+        return _weight(a)
+    if isinstance(a, QuantizedTensor):
+        a.data, a.scales = _weight(a.data), _weight(a.scales)
+        if a.zeros is not None:
+            a.zeros = _weight(a.zeros)
     return a
 
 
@@ -751,6 +763,9 @@ def _weight(a: np.ndarray) -> np.ndarray:
     memory-mapped from a file are read-only). Passing every weight read-only means one version only:
     half the compile time, and warmup() covers every case.
     """
+    flags = a.flags
+    if not flags.writeable and flags.c_contiguous:  # already so (uploaded weights): the common case
+        return a
     a = np.ascontiguousarray(a)
     if a.flags.writeable:
         a = a.view()
@@ -770,7 +785,7 @@ def _padded(x: np.ndarray, kp: int) -> np.ndarray:
 def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
     """y = x @ W.T + bias. (..., in), W (out, in) float32 or QuantizedTensor -> (..., out) float32."""
     x = np.asarray(x)
-    out_f, in_f = (int(d) for d in w.shape)
+    out_f, in_f = w.shape
     if x.shape[-1] != in_f:
         raise ValueError(f"linear: x has {x.shape[-1]} features, the weight {tuple(w.shape)} expects {in_f}")
     lead = x.shape[:-1]
