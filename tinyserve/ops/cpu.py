@@ -72,19 +72,23 @@ def panel_rows(kp: int) -> int:
     return 64 if kp * 4 * 64 <= 2**20 else 32
 
 
-# Inputs with less work than this (values touched) run their kernel's serial twin on the calling thread.
+# Calls that touch fewer bytes than this (weights and activations read) run their kernel's serial twin on
+# the calling thread.
 # During decode the other threads fall asleep between parallel calls (GOMP_SPINCOUNT is short on purpose),
 # and waking them costs 15-30 us, more than the whole of a small op: an int8 288x768 GEMV (221K values)
-# takes ~10 us on one thread. Measured 2026-11-28 on the quiet machine (decode tokens/s, int8):
-#   threshold     16K    64K   128K   256K   512K
-#   stories260K  1722   2963   3204   3155   2804   (float32)
-#   stories15M    309    328    431    683    694
-# stories110M (768-wide matrices, 590K+ values) did not change (77-90, noise). Results do not depend on it.
-SERIAL_BELOW = 2**18
+# takes ~10 us on one thread. Measured 2026-11-28 on the quiet machine (decode tokens/s), with the
+# threshold counted in values (one value = one weight of any format, or one float32 activation):
+#   threshold (values)   16K    64K   128K   256K   512K
+#   stories260K f32     1722   2963   3204   3155   2804
+#   stories15M int8      309    328    431    683    694
+# but float32 stories15M fell from 558 to 433 at 256K values (its 288x768 GEMV, 885 KB, is faster on two
+# threads): the cost is the bytes read, so the threshold counts bytes, 256 KiB.
+# stories110M (768-wide matrices, 590K+ weights) did not change. Results do not depend on the threshold.
+SERIAL_BELOW = 2**18  # bytes
 
 
 def _run(kernel, work, *args):
-    """kernel(*args), or its serial twin when `work` is below SERIAL_BELOW.
+    """kernel(*args), or its serial twin when `work` (bytes the call reads) is below SERIAL_BELOW.
 
     The choice depends on the size of the work only, never on the thread count, so a given call runs the
     same compiled code whatever the number of threads (deterministic mode, docs/validation.md).
@@ -575,7 +579,7 @@ def _linear_int8_activations(xp, w, y, data, scales, z, asym):
     xq = np.empty((N, Kp), np.int16 if w.bits == 8 else np.int8)
     xs = np.empty((N, ng), np.float32)
     xsum = np.empty((N, ng), np.int32)
-    work = N * w.shape[0] * w.shape[1]
+    work = N * w.shape[0] * w.shape[1] * w.bits // 8  # bytes of weights read
     _run(_quantize_x, work, xp, G, xq, xs, xsum)
     if w.bits == 8:
         _run(_gemv_q8a, work, xq, xs, data, scales, y, PREFETCH_A8)
@@ -815,13 +819,13 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
                 _linear_int8_activations(xp, w, y, data, scales, z, asym)
             else:
                 xsum = xp.reshape(N, w.n_groups, w.group_size).sum(axis=-1, dtype=np.float32)  # (N, ng)
-                _run(_gemv_q4, N * out_f * in_f, xp, np.ascontiguousarray(xsum), data, scales, z, asym, y, PREFETCH_Q4)
+                _run(_gemv_q4, N * out_f * in_f // 2, xp, np.ascontiguousarray(xsum), data, scales, z, asym, y, PREFETCH_Q4)
     else:
         w2 = _weight(np.asarray(w, dtype=np.float32))
         if w2.ndim != 2:
             raise ValueError(f"linear: weight must be 2-D, got shape {w2.shape}")
         if N < GEMM_MIN_ROWS:
-            _run(_gemv_f32, N * out_f * in_f, x2, w2, y)
+            _run(_gemv_f32, 4 * N * out_f * in_f, x2, w2, y)
         elif GEMM_F32 == "numba":
             _gemm_f32(x2, w2, y, panel_rows(in_f))
         else:
@@ -865,7 +869,7 @@ def take_rows(x: np.ndarray, idx) -> np.ndarray:
     if idx is None:
         raise IndexError(f"take_rows: an index is outside 0..{R - 1}")
     out = np.empty((idx.shape[0], x.shape[1]), np.float32)
-    _run(_take_rows, out.size, _weight(x), idx, out)
+    _run(_take_rows, 4 * out.size, _weight(x), idx, out)
     return out
 
 
@@ -892,7 +896,7 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         raise ValueError(f"rmsnorm: weight shape {weight.shape} does not match the last axis {D}")
     x2 = np.ascontiguousarray(x.reshape(-1, D), dtype=np.float32)
     out = np.empty_like(x2)
-    _run(_rmsnorm, x2.size, x2, _weight(np.asarray(weight, dtype=np.float32)), np.float32(eps), out)
+    _run(_rmsnorm, 4 * x2.size, x2, _weight(np.asarray(weight, dtype=np.float32)), np.float32(eps), out)
     return out.reshape(x.shape)
 
 
@@ -930,7 +934,7 @@ def rope(x: np.ndarray, positions, inv_freq: np.ndarray) -> np.ndarray:
     # the same four products and two sums, so the result is the reference's, bit for bit.
     angles = positions.astype(np.float32)[:, None] * np.asarray(inv_freq, dtype=np.float32)[None, :]
     out = np.empty_like(x)
-    _run(_rope, x.size, x, np.cos(angles), np.sin(angles), out)
+    _run(_rope, 4 * x.size, x, np.cos(angles), np.sin(angles), out)
     return out
 
 
@@ -983,7 +987,7 @@ def kv_write(k_cache, v_cache, k: np.ndarray, v: np.ndarray, slots, positions) -
     if v.shape != k.shape:
         raise ValueError(f"kv_write: k {k.shape} and v {v.shape} differ")
     slots, positions = _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, "kv_write")
-    _run(_kv_write, 2 * k.size, k_cache, v_cache, k, v, slots, positions)
+    _run(_kv_write, 8 * k.size, k_cache, v_cache, k, v, slots, positions)
 
 
 @parallel_kernel(fastmath=REDUCE)
@@ -1058,7 +1062,7 @@ def attention(q, k_cache, v_cache, slots, positions, window: int = 0) -> np.ndar
     slots, positions = _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, "attention")
     out = np.empty_like(q)
     work = 2 * H * hd * int(np.sum(positions + 1)) if N else 0  # at most: every key and value a token sees
-    _run(_attention, work, q, k_cache, v_cache, slots, positions, int(window or 0), out)
+    _run(_attention, 4 * work, q, k_cache, v_cache, slots, positions, int(window or 0), out)
     return out
 
 
@@ -1083,7 +1087,7 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     g2 = np.ascontiguousarray(gate.reshape(-1, F), dtype=np.float32)
     u2 = np.ascontiguousarray(np.asarray(up).reshape(-1, F), dtype=np.float32)
     out = np.empty_like(g2)
-    _run(_swiglu, g2.size, g2, u2, out)
+    _run(_swiglu, 4 * g2.size, g2, u2, out)
     return out.reshape(gate.shape)
 
 
@@ -1111,7 +1115,7 @@ def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a1 = np.ascontiguousarray(a).reshape(-1)
     b1 = np.ascontiguousarray(b).reshape(-1)
     out = np.empty_like(a1)
-    _run(_add, a1.size, a1, b1, out)
+    _run(_add, 4 * a1.size, a1, b1, out)
     return out.reshape(a.shape)
 
 
