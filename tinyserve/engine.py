@@ -120,7 +120,7 @@ class LLM:
             self.quant = self.ckpt.metadata["tinyserve_quant"]
         bar = progress_bar("loading") if progress else None
         host = load_weights(self.ckpt, self.config, read_linear=read_linear, progress=bar)
-        self._place(host, t0, timer)
+        self._place(host, t0, timer, progress)
 
     @classmethod
     def from_weights(cls, config: ModelConfig, host_weights, backend: str = DEFAULT_BACKEND, timer=None,
@@ -136,14 +136,20 @@ class LLM:
         self._place(host_weights, t0, timer)
         return self
 
-    def _place(self, host_weights, t0, timer) -> None:
+    def _place(self, host_weights, t0, timer, progress: bool = False) -> None:
         """Put the weights on the backend, compile its kernels, and time both."""
         self.timer = timer
         self.weights = upload_weights(host_weights, self.ops)
         self.load_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         if hasattr(self.ops, "warmup"):
+            note = progress and sys.stderr.isatty()
+            if note:  # the first run compiles every kernel (~25 s); later runs load them from Numba's cache
+                sys.stderr.write("compiling kernels (only the first time; cached afterwards)...\r")
+                sys.stderr.flush()
             self.ops.warmup(self.weights)  # JIT-compile (or load from the cache) every kernel, up front
+            if note:
+                sys.stderr.write(" " * 64 + "\r")
         self.compile_seconds = time.perf_counter() - t1
         self._timed_ops = None
         if timer is not None:
