@@ -47,8 +47,22 @@ METADATA_KEY = "tinyserve_quant"  # safetensors metadata of a quantized checkpoi
 _ROWS_PER_CHUNK = 2048
 
 
+class QuantFormat:
+    """What a quantized matrix's bits and zero points say about its format (shared by the host
+    QuantizedTensor and the CUDA backend's device copy)."""
+
+    @property
+    def zero_point(self) -> bool:
+        return self.zeros is not None
+
+    @property
+    def format(self) -> str:
+        """'int8', 'int4' or 'int4-asym'."""
+        return f"int{self.bits}" + ("-asym" if self.zeros is not None else "")
+
+
 @dataclass(eq=False)
-class QuantizedTensor:
+class QuantizedTensor(QuantFormat):
     """A quantized (out, in) matrix. See the module docstring and docs/formats.md for the layout."""
 
     bits: int  # 8 or 4
@@ -85,15 +99,6 @@ class QuantizedTensor:
     def padded_in(self) -> int:
         """Kp = n_groups * G, the row length as stored."""
         return self.n_groups * self.group_size
-
-    @property
-    def zero_point(self) -> bool:
-        return self.zeros is not None
-
-    @property
-    def format(self) -> str:
-        """'int8', 'int4' or 'int4-asym'."""
-        return f"int{self.bits}" + ("-asym" if self.zeros is not None else "")
 
     @property
     def nbytes(self) -> int:

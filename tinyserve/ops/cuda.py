@@ -36,6 +36,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..errors import TinyserveError
+from ..quant import QuantFormat
 
 # ------------------------------------------------------------------------------------ is CUDA there?
 try:
@@ -121,7 +122,7 @@ def _is_device(a) -> bool:
 
 
 @dataclass(eq=False)
-class CudaQuantized:
+class CudaQuantized(QuantFormat):
     """A quantized (out, in) matrix on the device, the layout of tinyserve.quant.QuantizedTensor.
 
     The packed bytes are uploaded as 32-bit words so that a GPU thread reads 4 bytes in one load:
@@ -138,14 +139,6 @@ class CudaQuantized:
     scales: object  # device float32 (out, n_groups)
     zeros: object  # device uint8 (out, n_groups), int4-asym only; else None
     nbytes: int  # bytes a kernel reads per pass (data + scales + zeros), as QuantizedTensor.nbytes
-
-    @property
-    def zero_point(self) -> bool:
-        return self.zeros is not None
-
-    @property
-    def format(self) -> str:
-        return f"int{self.bits}" + ("-asym" if self.zeros is not None else "")
 
     def __repr__(self) -> str:
         return f"CudaQuantized({self.format}, group_size={self.group_size}, shape={self.shape})"
