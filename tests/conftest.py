@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import SHARED, STORIES  # noqa: E402
 
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # tests alternate NumPy BLAS and Numba calls: a short spin (ops/cpu.py)
 
 
 def pytest_collection_modifyitems(config, items):
