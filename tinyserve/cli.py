@@ -120,7 +120,7 @@ def cmd_generate(args) -> int:
         sys.stdout.write("\n")
     elif args.json:
         for r in results:
-            d = _result_dict(r)
+            d = r.to_dict()
             if timer is not None:
                 d["profile"] = timer.report().as_dict()
             print(json.dumps(d, ensure_ascii=False))
@@ -130,21 +130,6 @@ def cmd_generate(args) -> int:
     if timer is not None and not args.json:
         print(timer.report().table())
     return 0
-
-
-def _result_dict(r) -> dict:
-    n = len(r.token_ids)
-    return {
-        "id": r.request_id,
-        "text": r.text,
-        "token_ids": r.token_ids,
-        "finish_reason": r.finish_reason,
-        "prompt_tokens": r.prompt_tokens,
-        "generated_tokens": n,
-        "seconds": round(r.seconds, 6),
-        "ttft_s": None if r.ttft is None else round(r.ttft, 6),
-        "tokens_per_s": round(n / r.seconds, 3) if r.seconds > 0 else None,
-    }
 
 
 # ------------------------------------------------------------------------------------------------ bench

@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .config import ModelConfig, load_config
 from .errors import TinyserveError
-from .generate import Generator, Request
+from .generate import Generator, Request, RequestResult
 from .kv_cache import KVCache, cache_bytes, default_context
 from .model import forward, load_weights, upload_weights
 from .ops import get_ops
@@ -43,36 +42,6 @@ def default_model_dir() -> Path:
             "(pass --model DIR; tinyserve never downloads weights)"
         )
     return path
-
-
-@dataclass
-class GenerationOutput:
-    text: str  # the continuation only
-    token_ids: list[int]  # generated ids (an EOS that ended the text is included)
-    finish_reason: str  # "eos" | "stop" | "length" | "context"
-    prompt_tokens: int
-    seconds: float  # from admission to the last token
-    ttft: float | None  # time to first token
-
-    @property
-    def generated_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.generated_tokens / self.seconds if self.seconds > 0 else float("nan")
-
-    def to_dict(self) -> dict:
-        return dict(
-            text=self.text,
-            token_ids=self.token_ids,
-            finish_reason=self.finish_reason,
-            prompt_tokens=self.prompt_tokens,
-            generated_tokens=self.generated_tokens,
-            seconds=round(self.seconds, 6),
-            ttft_s=None if self.ttft is None else round(self.ttft, 6),
-            tokens_per_s=round(self.tokens_per_s, 3),
-        )
 
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
@@ -283,7 +252,7 @@ class LLM:
         max_batch: int | None = None,
         context: int | None = None,
         on_event=None,
-    ) -> list[GenerationOutput]:
+    ) -> list[RequestResult]:
         """Generate continuations of one prompt or several (of any lengths) at once, in input order."""
         single = isinstance(prompts, str) or (
             isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer))
@@ -296,14 +265,7 @@ class LLM:
         for ev in self.stream(reqs, max_batch=max_batch, context=context):
             if on_event is not None:
                 on_event(ev)
-        by_id = {r.request_id: r for r in self.last_generator.results()}
-        return [
-            GenerationOutput(
-                text=r.text, token_ids=r.token_ids, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
-                seconds=r.seconds, ttft=r.ttft,
-            )
-            for r in (by_id[i] for i in range(len(reqs)))
-        ]
+        return sorted(self.last_generator.results(), key=lambda r: r.request_id)  # ids are input positions
 
 
 def load(model_dir=None, backend: str = DEFAULT_BACKEND, quant=None, group_size: int = 128, zero_point: bool = False,

@@ -49,11 +49,14 @@ class Event:
 
 @dataclass
 class RequestResult:
+    """A finished request: what LLM.generate returns (text and token_ids are the continuation only;
+    an EOS that ended the text is included in token_ids) and what the timer reports from."""
+
     request_id: object
     prompt_tokens: int
     token_ids: list[int]
     text: str
-    finish_reason: str
+    finish_reason: str  # "eos" | "stop" | "length" (max_new_tokens) | "context" (cache full)
     started: float  # time.perf_counter() when admitted
     first_token: float | None  # when the first token was sampled
     finished: float
@@ -66,6 +69,28 @@ class RequestResult:
     @property
     def ttft(self) -> float | None:
         return None if self.first_token is None else self.first_token - self.started
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else None
+
+    def to_dict(self) -> dict:
+        """What `generate --json` prints for one request."""
+        return {
+            "id": self.request_id,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "seconds": round(self.seconds, 6),
+            "ttft_s": None if self.ttft is None else round(self.ttft, 6),
+            "tokens_per_s": None if self.tokens_per_s is None else round(self.tokens_per_s, 3),
+        }
 
 
 class _Sequence:

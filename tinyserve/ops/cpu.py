@@ -44,7 +44,6 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 import time  # noqa: E402
 import types as pytypes  # noqa: E402
 
-import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
 from llvmlite.binding import llvm_version_info  # noqa: E402
