@@ -176,6 +176,12 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = No
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+    give_default_mode(path)  # safetensors creates the file private (0600)
+
+
+def give_default_mode(path, directory: bool = False) -> None:
+    """The permissions a plain open() or mkdir() would have given (0666 / 0777 less the umask), for files and
+    folders that mkstemp / mkdtemp / safetensors create private (0600 / 0700)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # safetensors creates the file private (0600); make it an ordinary file
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .checkpoint import give_default_mode
 from .errors import TinyserveError
 from .ops import OP_NAMES
 from .tolerances import limit as _limit
@@ -594,20 +595,13 @@ class Dump:
         return int(self.config["num_hidden_layers"])
 
 
-def _default_mode(path) -> None:
-    """mkstemp makes files 0600; give the file the mode a plain open() would (0666 less the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def _atomic_write(path: Path, write) -> Path:
     """write(file) into a temporary file next to path, then rename: a failed run leaves nothing behind."""
     path = Path(path)
     if not path.parent.is_dir():
         raise TinyserveError(f"cannot write {path}: directory {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    _default_mode(tmp)
+    give_default_mode(tmp)  # mkstemp makes files 0600
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -968,7 +962,7 @@ class _LogitsWriter:
                    ("logits", np.float32, (targets.size, vocab))]
         head, self.total = _safetensors_header(entries, metadata)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        _default_mode(self.tmp)
+        give_default_mode(self.tmp)
         self.f = os.fdopen(fd, "wb")
         self.f.write(head)
         self.f.write(targets.astype(np.int64).tobytes())

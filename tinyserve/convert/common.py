@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from ..checkpoint import give_default_mode
 from ..errors import TinyserveError
 
 
@@ -27,9 +27,7 @@ def output_directory(out):
         yield tmp
         if out.exists():
             out.rmdir()
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; give it the permissions of a normal mkdir
+        give_default_mode(tmp, directory=True)  # mkdtemp made it private
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
