@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
 
+from tinyserve.bench import read_kernel  # noqa: E402
 from tinyserve.ops import cpu  # noqa: E402
 from tinyserve.quant import QuantizedTensor  # noqa: E402
 
@@ -50,17 +50,7 @@ A8_FORMATS = ("int8 a8", "int4 a8")  # the same weights, activations quantized t
 GROUP = 128
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _parallel_sum(a, chunks):
-    n = a.size // chunks
-    part = np.zeros(chunks, np.float32)
-    for c in prange(chunks):
-        b = a[c * n:(c + 1) * n]
-        s = np.float32(0)
-        for i in range(n):
-            s += b[i]
-        part[c] = s
-    return part.sum()
+_parallel_sum = read_kernel()  # the read pass `tinyserve bench` measures bandwidth with
 
 
 def bandwidth(nbytes=512 * 2**20, reps=9) -> tuple[float, float]:

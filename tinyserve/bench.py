@@ -100,7 +100,9 @@ def linear_flops_per_token(w: Weights) -> int:
 _read_kernel = None
 
 
-def _get_read_kernel():
+def read_kernel():
+    """The compiled read pass: read_all(a, chunks) sums a float32 array in `chunks` parallel pieces.
+    bench/kernels.py and bench/bench_kernels.py measure bandwidth with it too."""
     global _read_kernel
     if _read_kernel is None:
         from numba import njit, prange
@@ -125,7 +127,7 @@ def _get_read_kernel():
 
 def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
     """Read bandwidth in bytes/s: the best of `repeats` parallel passes over a buffer far larger than L3."""
-    kern = _get_read_kernel()
+    kern = read_kernel()
     a = np.ones(nbytes // 4, dtype=np.float32)
     from numba import get_num_threads
 
