@@ -559,10 +559,34 @@ def _stage_x_f32(x, xs, c0, cw, N, NT):
             xs[t * cw + j] = v
 
 
+def _make_reduce_rows(R, NT):
+    """The end of a row block, shared by the GEMV kernels: every lane's partial sums acc (R, NT) go to the
+    shared red[team], then lane l adds up accumulator l (and l + 32, ...) over the lanes and writes y.
+    Inlined, with R and NT compile-time constants, so acc stays in registers."""
+
+    def reduce_rows(acc, red, y, team, lane, nl, row0, M, N):
+        for r in range(R):
+            for t in range(NT):
+                red[team, r * NT + t, lane] = acc[r, t]
+        cuda.syncthreads()
+        for v in range(lane, R * NT, nl):
+            r = v // NT
+            t = v - r * NT
+            if row0 + r < M and t < N:
+                s = float32(0.0)
+                for i in range(nl):
+                    s += red[team, v, i]
+                y[t, row0 + r] = s
+        cuda.syncthreads()  # red is read before the next row block writes it
+
+    return cuda.jit(device=True, inline=True)(reduce_rows)
+
+
 def _make_gemv_f32(NT, R, U):
     """The float32 GEMV kernel for a token tile of NT (N <= NT), R rows per warp, U words per lane per step."""
     SMEM, TEAMS, RV, PITCH = LAUNCH.gemv_smem, LAUNCH.gemv_teams, R * NT, LAUNCH.team + 1  # compile-time sizes
     stage = cuda.jit(device=True)(_stage_x_f32)
+    reduce_rows = _make_reduce_rows(R, NT)
 
     def gemv_f32(x, w, y, N, chunk):
         xs = cuda.shared.array(SMEM, float32)
@@ -602,19 +626,7 @@ def _make_gemv_f32(NT, R, U):
                                 xv = xs[t * cw + j]
                                 for r in range(R):
                                     acc[r, t] += wv[u, r] * xv
-            for r in range(R):
-                for t in range(NT):
-                    red[team, r * NT + t, lane] = acc[r, t]
-            cuda.syncthreads()
-            for v in range(lane, R * NT, nl):
-                r = v // NT
-                t = v - r * NT
-                if row0 + r < M and t < N:
-                    s = float32(0.0)
-                    for i in range(nl):
-                        s += red[team, v, i]
-                    y[t, row0 + r] = s
-            cuda.syncthreads()  # red is read before the next row block writes it
+            reduce_rows(acc, red, y, team, lane, nl, row0, M, N)
             it += 1
 
     gemv_f32.__name__ = f"gemv_f32_nt{NT}_r{R}_u{U}"
@@ -658,6 +670,7 @@ def _make_gemv_q(BITS, NT, R, HAS_ZERO, U):
     MASK = 0xFF if BITS == 8 else 0xF
     FLIP = 0x80 if BITS == 8 else 0  # int8 is two's complement: flip the sign bit to get q + 128
     stage = cuda.jit(device=True)(_stage_x_q)
+    reduce_rows = _make_reduce_rows(R, NT)
 
     def gemv_q(x, words, scales, zeros, y, N, K, lg, chunk):
         xs = cuda.shared.array(SMEM, float32)
@@ -720,19 +733,7 @@ def _make_gemv_q(BITS, NT, R, HAS_ZERO, U):
                                         tmp[t] += q * xs[(t * EPW + e) * cw + j]
                                 for t in range(NT):
                                     acc[r, t] += ws[u, r] * tmp[t]
-            for r in range(R):
-                for t in range(NT):
-                    red[team, r * NT + t, lane] = acc[r, t]
-            cuda.syncthreads()
-            for v in range(lane, R * NT, nl):
-                r = v // NT
-                t = v - r * NT
-                if row0 + r < M and t < N:
-                    s = float32(0.0)
-                    for i in range(nl):
-                        s += red[team, v, i]
-                    y[t, row0 + r] = s
-            cuda.syncthreads()  # red is read before the next row block writes it
+            reduce_rows(acc, red, y, team, lane, nl, row0, M, N)
             it += 1
 
     gemv_q.__name__ = f"gemv_int{BITS}{'z' if HAS_ZERO else ''}_nt{NT}_r{R}_u{U}"
