@@ -23,6 +23,7 @@ import pytest
 
 from tinyserve import quant
 from tinyserve.ops import ARRAY_NAMES, OP_NAMES, cpu, reference
+import numba  # noqa: E402  (after tinyserve.ops.cpu, which sets GOMP_SPINCOUNT before numba loads)
 
 EPS = float(np.finfo(np.float32).eps)
 
@@ -90,12 +91,24 @@ def test_linear_keeps_leading_dims_and_readonly_weights():
     np.testing.assert_allclose(got, reference.linear(x.reshape(6, 64), w).reshape(2, 3, 8), rtol=1e-4, atol=1e-4)
 
 
+MANY_THREADS = max(2, numba.get_num_threads())
+
+
+def with_threads(n: int, fn):
+    """fn() with Numba's thread count set to n, restored afterwards."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_results_do_not_depend_on_thread_count(monkeypatch):
     """Every kernel parallelizes over independent outputs only: 1 thread and 2 threads agree bit for bit.
 
     SERIAL_BELOW = 0 makes even these small inputs take the parallel launch.
     """
-    import numba
 
     monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
     rng = rng_for("threads")
@@ -110,14 +123,7 @@ def test_results_do_not_depend_on_thread_count(monkeypatch):
         out += [cpu.rmsnorm(x, x[0], 1e-5), cpu.swiglu(x, x), cpu.attention(q, kc, kc, slots, pos, 6)]
         return out
 
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = run()
-        numba.set_num_threads(max(2, before))
-        many = run()
-    finally:
-        numba.set_num_threads(before)
+    one, many = with_threads(1, run), with_threads(MANY_THREADS, run)
     for a, b in zip(one, many):
         np.testing.assert_array_equal(a, b)
 
@@ -302,7 +308,6 @@ def test_avx2_group_dots_equal_the_portable_loops(group):
 
 
 def test_int8_activations_do_not_depend_on_thread_count(monkeypatch):
-    import numba
 
     monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
     monkeypatch.setattr(cpu, "ACTIVATIONS", "int8")
@@ -313,16 +318,9 @@ def test_int8_activations_do_not_depend_on_thread_count(monkeypatch):
     def run():
         return [cpu.linear(x[:n], w) for w in ws for n in (1, 3)]
 
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = run()
-        numba.set_num_threads(max(2, before))
-        many = run()
-        monkeypatch.setattr(cpu, "SERIAL_BELOW", 2**62)  # the serial twins: the same results
-        serial = run()
-    finally:
-        numba.set_num_threads(before)
+    one, many = with_threads(1, run), with_threads(MANY_THREADS, run)
+    monkeypatch.setattr(cpu, "SERIAL_BELOW", 2**62)  # the serial twins: the same results
+    serial = with_threads(MANY_THREADS, run)
     for a, b, c in zip(one, many, serial):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
