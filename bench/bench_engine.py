@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tinyserve.bench import load_for_bench, weight_bytes_per_step
+from tinyserve.bench import copy_slot, load_for_bench, weight_bytes_per_step
 
 pytest.importorskip("pytest_benchmark")
 
@@ -24,9 +24,8 @@ def test_decode_step(benchmark, quant, batch):
     cache = llm.new_cache(batch, 64)
     prompt = np.arange(3, 35)
     llm.forward(prompt, np.arange(32), np.zeros(32, np.int64), cache, rows=[31])
-    for s in range(1, batch):
-        for k, v in zip(cache.k, cache.v):
-            k[s], v[s] = k[0], v[0]
+    for s in range(1, batch):  # every sequence holds the same prompt
+        copy_slot(cache, 0, s)
     tokens, pos, slots = np.full(batch, 7), np.full(batch, 32), np.arange(batch)
     benchmark.extra_info["weight_bytes_per_step"] = weight_bytes_per_step(llm.weights)
     benchmark(lambda: llm.forward(tokens, pos, slots, cache, phase="decode"))

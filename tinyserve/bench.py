@@ -169,7 +169,7 @@ class BenchResult:
         return d
 
 
-def _copy_slot(cache, src: int, dst: int) -> bool:
+def copy_slot(cache, src: int, dst: int) -> bool:
     """Give slot dst the cache contents of slot src (host backends); False where arrays live elsewhere."""
     if not isinstance(cache.k[0], np.ndarray):
         return False
@@ -199,7 +199,7 @@ def run_config(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, 
                              rows=[prompt_tokens - 1], phase="prefill")
         prefill_rates.append(prompt_tokens / (time.perf_counter() - t0))
         for s in range(1, batch):  # every sequence holds the same prompt
-            if not _copy_slot(cache, 0, s):
+            if not copy_slot(cache, 0, s):
                 llm.forward(prompt, np.arange(prompt_tokens), np.full(prompt_tokens, s), cache,
                             rows=[prompt_tokens - 1])
         tokens = np.full(batch, int(np.argmax(logits[0])), dtype=np.int64)

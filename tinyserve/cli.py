@@ -49,6 +49,8 @@ def _load(args, progress=True, timer=None):
 # --------------------------------------------------------------------------------------------- generate
 def _read_prompt_file(path) -> list[dict]:
     """One prompt per line, or JSONL: one object per line with "prompt" and per-request parameters."""
+    from .engine import SAMPLING_KEYS
+
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line.rstrip("\n") for line in f]
@@ -68,8 +70,7 @@ def _read_prompt_file(path) -> list[dict]:
                 raise TinyserveError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
                 raise TinyserveError(f'{path}:{n}: a JSON line needs a "prompt" string')
-            unknown = set(obj) - {"prompt", "max_new_tokens", "stop", "seed", "chat",
-                                  "temperature", "top_k", "top_p", "min_p", "repetition_penalty"}
+            unknown = set(obj) - {"prompt", "max_new_tokens", "stop", "seed", "chat", *SAMPLING_KEYS}
             if unknown:
                 raise TinyserveError(f"{path}:{n}: unknown field(s) {', '.join(sorted(unknown))}")
             items.append(obj)
