@@ -133,6 +133,35 @@ def test_timer_counts_are_exact(stories_dir):
     assert "op" in timer.report().table()
 
 
+def test_timer_steps_after_the_first_count_like_it(stories_dir):
+    """The first step of a signature records every call; later ones only names and seconds (timer.TimedOps).
+    Their counts, bytes and FLOPs must be those the full records would give."""
+    llm = tinyserve.load(stories_dir, backend="numpy")
+    steps = 6
+
+    def run(timer, fast: bool):
+        llm.timer, llm._timed_ops = timer, None
+        cache = llm.new_cache(2, 32)
+        for t in range(steps):
+            if not fast:
+                llm._timed_ops = None  # a fresh proxy every step: every step is a first step, recorded in full
+            # two sequences, one token each, at different positions: attention's cost differs per step
+            llm.forward([5, 7], [t, 2 * t], [0, 1], cache, rows=[0, 1], phase="decode")
+        llm.timer = None
+        return timer.report().as_dict()
+
+    full, fast = run(Timer(), False), run(Timer(), True)
+    assert fast["ops"].keys() == full["ops"].keys() and fast["roles"].keys() == full["roles"].keys()
+    for section in ("ops", "roles"):
+        for k, v in full[section].items():
+            assert (fast[section][k]["calls"], fast[section][k]["bytes"], fast[section][k]["flops"]) == \
+                (v["calls"], v["bytes"], v["flops"]), (section, k)
+    L = llm.config.num_hidden_layers
+    assert fast["ops"]["linear"]["calls"] == steps * (7 * L + 1)
+    assert fast["ops"]["attention"]["calls"] == steps * L
+    assert fast["ops"]["linear"]["seconds"] > 0
+
+
 def test_bench_runs_on_a_tiny_shape():
     from tinyserve.bench import markdown_table, run_bench
 

@@ -169,21 +169,25 @@ class LLM:
 
         phase ("prefill" or "decode") only labels the time spent, when a timer is attached.
         """
+        ids = np.asarray(token_ids, np.int64)
+        positions, slots = np.asarray(positions, np.int64), np.asarray(slots, np.int64)
         ops = self.ops
         if self.timer is not None:
-            if self._timed_ops is None or self._timed_ops._ops is not self.ops:  # follow a swapped-in ops
-                self._timed_ops = self.timer.wrap(self.ops, self.weights)
             ops = self._timed_ops
+            if ops is None or ops._ops is not self.ops or ops._timer is not self.timer:  # a swapped-in ops or timer
+                ops = self._timed_ops = self.timer.wrap(self.ops, self.weights)
+            # a step's op calls follow from its number of tokens and of logit rows (see timer.TimedOps)
+            ops.begin_step((ids.size, None if rows is None else len(rows)), slots, positions)
             t0 = time.perf_counter()
         up = self.ops.upload
         logits = forward(
-            self.weights, self.config, ops,
-            up(np.asarray(token_ids, np.int64)), up(np.asarray(positions, np.int64)), up(np.asarray(slots, np.int64)),
+            self.weights, self.config, ops, up(ids), up(positions), up(slots),
             cache, rows=None if rows is None else up(np.asarray(rows, np.int64)), tap=tap,
         )
         logits = self.ops.download(logits)
         if self.timer is not None:
             self.timer.add_phase(phase, time.perf_counter() - t0)
+            ops.end_step()
         return logits
 
     def logits(self, token_ids, tap=None) -> np.ndarray:

@@ -17,13 +17,15 @@ What it measures
 
 How: the timer wraps the backend's ops module in a proxy whose functions time each call (synchronizing the
 GPU first where the backend has asynchronous kernels). With no timer, the engine calls the ops directly:
-the cost is exactly zero. With the timer on, each op call costs two clock reads, one dict lookup and two
-additions (about a microsecond); `bench/timer_overhead.py` measures what that does to decode tokens/s.
+the cost is exactly zero. With the timer on, each op call costs two clock reads and one appended record; the
+records are folded into per-op tallies every few thousand calls and when a report is made. `bench/timer_overhead.py` measures what that
+does to decode tokens/s.
 """
 
 from __future__ import annotations
 
 import resource
+from array import array
 import sys
 import time
 from collections import defaultdict
@@ -46,42 +48,42 @@ def _nbytes(a) -> int:
     return int(np.prod(a.shape)) * a.dtype.itemsize
 
 
-def op_cost(name: str, args, out) -> tuple[int, int]:
-    """(bytes moved, floating-point operations) of one op call, from its arguments' shapes."""
+def op_cost(name: str, key, shape) -> tuple[int, int]:
+    """(bytes moved, floating-point operations) of one op call, from its log record (TimedOps): what the op
+    must read and write at least, counted from shapes; activations are float32."""
+    size = int(np.prod(shape))
     if name == "linear":
-        x, w = args[0], args[1]
-        bias = args[2] if len(args) > 2 else None
-        n, (o, i) = x.shape[0], w.shape
-        return _nbytes(x) + _nbytes(w) + _nbytes(bias) + n * o * 4, 2 * n * o * i
+        w, bias = key[0], key[1] if len(key) > 1 else None
+        n, (o, i) = size // shape[-1], w.shape
+        return 4 * size + _nbytes(w) + _nbytes(bias) + 4 * n * o, 2 * n * o * i
     if name == "attention":
-        q, k_cache, _v, slots, positions = args[:5]
-        pos = np.asarray(positions.copy_to_host() if hasattr(positions, "copy_to_host") else positions)
-        sl = np.asarray(slots.copy_to_host() if hasattr(slots, "copy_to_host") else slots)
-        n, h, hd = q.shape
-        kvh = k_cache.shape[1]
-        # every sequence's visible keys and values are read once; each query scores and mixes them
-        if n == 1:
-            visible = int(pos[0]) + 1
-        else:
-            seen = {}
-            for s, p in zip(sl.tolist(), pos.tolist()):
-                seen[s] = max(seen.get(s, 0), p + 1)
-            visible = sum(seen.values())
-        flops = 4 * (int(pos.sum()) + n) * h * hd
-        return 2 * visible * kvh * hd * 4 + 2 * _nbytes(q), flops
+        return _attention_cost(shape, key[0].shape[1], key[2], key[3])
     if name == "rmsnorm":
-        x = args[0]
-        return 2 * _nbytes(x) + _nbytes(args[1]), 4 * x.size
+        return 2 * 4 * size + _nbytes(key), 4 * size
     if name == "rope":
-        x = args[0]
-        return 2 * _nbytes(x), 6 * x.size
+        return 2 * 4 * size, 6 * size
     if name == "kv_write":
-        return 2 * (_nbytes(args[2]) + _nbytes(args[3])), 0
+        return 4 * 4 * size, 0  # keys and values, each read and written
     if name in ("swiglu", "add"):
-        return 3 * _nbytes(args[0]), (5 if name == "swiglu" else 1) * args[0].size
+        return 3 * 4 * size, (5 if name == "swiglu" else 1) * size
     if name == "take_rows":
-        return 2 * _nbytes(out), 0
+        return 2 * 4 * size, 0
     return 0, 0
+
+
+def _attention_cost(q_shape, kv_heads: int, slots, positions) -> tuple[int, int]:
+    """Every sequence's visible keys and values are read once; each query scores and mixes them."""
+    pos = np.asarray(positions.copy_to_host() if hasattr(positions, "copy_to_host") else positions)
+    n, h, hd = q_shape
+    if n == 1:
+        visible = int(pos[0]) + 1
+    else:
+        sl = np.asarray(slots.copy_to_host() if hasattr(slots, "copy_to_host") else slots)
+        seen = {}
+        for s, p in zip(sl.tolist(), pos.tolist()):
+            seen[s] = max(seen.get(s, 0), p + 1)
+        visible = sum(seen.values())
+    return 2 * visible * kv_heads * hd * 4 + 2 * 4 * n * h * hd, 4 * (int(pos.sum()) + n) * h * hd
 
 
 @dataclass
@@ -109,30 +111,93 @@ class OpStat:
 
 
 class TimedOps:
-    """A stand-in for a backend's ops module that times every op call (see Timer.wrap)."""
+    """A stand-in for a backend's ops module that times every op call (see Timer.wrap).
+
+    Between two kernels that have just streamed megabytes through the caches, every Python object the timer
+    touches is a cache miss: a first version that looked up and updated its tallies inside each call cost
+    7-8% of a stories110M int8 decode step, although it measured 0.4 us per call in a loop. So a call does
+    as little as possible, and the bookkeeping happens once per step:
+
+    - a forward step's sequence of op calls depends only on its number of tokens and of logit rows (its
+      signature). The first step of a signature runs "full" closures that append one record per call to the
+      timer's log: (op, key, shape, seconds), where key and shape decide the call's role, bytes and FLOPs
+      (op_cost). From those records the step's template is made: the tally of each call site.
+    - later steps of that signature run "fast" closures that append only the op's name and the seconds
+      (to a list and an array of doubles); end_step checks the names against the template. Every few
+      thousand calls (and for a report) fold() adds each step's seconds to its template's per-site sums,
+      one NumPy add per step, and counts attention's bytes and FLOPs from each step's positions. (Doing that
+      NumPy work after every step cost as much again as the calls themselves: cold caches again.)
+
+    Records hold only weights and the step's own inputs (slots, positions), never an intermediate
+    activation, so the log keeps no large array alive. bench/timer_overhead.py measures what is left.
+    """
 
     def __init__(self, ops, timer: "Timer", roles: dict):
         self._ops = ops
         self._timer = timer
-        self._roles = roles  # (op name, id(first weight-like argument)) -> role
+        timer.weight_roles.update(roles)
+        timer.timed_ops.append(self)
+        self._names: list[str] = []  # op names of the current fast step
+        self._seconds = array("d")  # the times of every fast step's calls since the last fold
+        self._steps: list[tuple] = []  # (template, slots, positions) of each of those steps, in order
+        self._templates: dict = {}  # signature -> _Template
+        self._step = None  # (template or None, signature, log length at the start, slots, positions)
         sync = getattr(ops, "synchronize", None)
-        for name in OP_NAMES:
-            setattr(self, name, self._timed(name, getattr(ops, name), sync))
+        self._full = {name: self._timed_full(name, getattr(ops, name), sync) for name in OP_NAMES}
+        self._fast = {name: self._timed_fast(name, getattr(ops, name), sync) for name in OP_NAMES}
+        self._mode = None
+        self._use(self._full)
 
     def __getattr__(self, name):  # upload, download, zeros, warmup, ...: untimed
         return getattr(self._ops, name)
 
-    def _timed(self, name, fn, sync):
-        timer, roles = self._timer, self._roles
-        key_arg = {"take_rows": 0, "rmsnorm": 1, "linear": 1}.get(name)
-        fixed_role = {"rope": "qkv", "kv_write": "qkv", "attention": "attention", "swiglu": "mlp",
-                      "add": "residual"}.get(name)
-        # Role, bytes and FLOPs of a call follow from its weight and the shape of its first argument, except
-        # for attention (its cost depends on the positions). So each (weight, shape) gets a tally
-        # [op, role, bytes per call, FLOPs per call, calls, seconds], made at its first call; a later call
-        # only bumps two numbers (the timer's own cost per call is about a microsecond).
-        known = {}
-        clock = time.perf_counter
+    def _use(self, closures) -> None:
+        if self._mode is not closures:
+            self.__dict__.update(closures)
+            self._mode = closures
+
+    def begin_step(self, signature, slots, positions) -> None:
+        """Before a forward step: signature = (tokens, logit rows), or None to record every call in full."""
+        template = self._templates.get(signature) if signature is not None else None
+        self._step = (template, signature, len(self._timer.log), slots, positions)
+        self._use(self._fast if template is not None else self._full)
+
+    def end_step(self) -> None:
+        template, signature, start, slots, positions = self._step
+        self._step = None
+        timer = self._timer
+        if template is None:
+            if signature is not None:
+                self._templates[signature] = _Template(timer, timer.log[start:])
+        elif self._names == template.names:
+            self._steps.append((template, slots, positions))
+        else:  # not the calls this signature made before (a swapped-in model?): keep what can be kept
+            calls = self._seconds[len(self._seconds) - len(self._names):]
+            del self._seconds[len(self._seconds) - len(self._names):]
+            for name, seconds in zip(self._names, calls):
+                timer.ops[name].add(seconds, 0, 0)
+            self._templates.pop(signature)
+        self._names.clear()
+        if len(timer.log) >= timer.FLUSH_EVERY or len(self._seconds) >= timer.FLUSH_EVERY \
+                or timer.per_step is not None:
+            timer.flush()
+
+    def fold(self) -> None:
+        """Add the fast steps' seconds (and attention's bytes and FLOPs) to their templates' tallies."""
+        seconds = np.frombuffer(self._seconds) if self._steps else None
+        at = 0
+        for template, slots, positions in self._steps:
+            n = len(template.names)
+            template.add(seconds[at:at + n], slots, positions)
+            at += n
+        del seconds  # release the buffer before the array shrinks
+        self._steps.clear()
+        del self._seconds[:]
+        for template in self._templates.values():
+            template.fold(self._timer)
+
+    def _timed_full(self, name, fn, sync):
+        record, append, clock = _RECORDS[name], self._timer.log.append, time.perf_counter
 
         def call(*args):
             if sync:
@@ -141,27 +206,91 @@ class TimedOps:
             out = fn(*args)
             if sync:
                 sync()
-            dt = clock() - t0
-            if name == "attention":
-                nbytes, flops = op_cost(name, args, out)
-                timer.ops[name].add(dt, nbytes, flops)
-                timer.roles["attention"].add(dt, nbytes, flops)
-                role = "attention"
-            else:
-                key = (id(args[key_arg]) if key_arg is not None else None, args[0].shape)
-                tally = known.get(key)
-                if tally is None:
-                    role = fixed_role or roles.get((name, key[0]), "logits")
-                    tally = known[key] = [name, role, *op_cost(name, args, out), 0, 0.0]
-                    timer.tallies.append(tally)
-                tally[4] += 1
-                tally[5] += dt
-                role = tally[1]
-            if timer.per_step is not None:
-                timer.per_step[(name, role)] = timer.per_step.get((name, role), 0) + 1
+            t1 = clock()
+            append((name, *record(args), t1 - t0))
             return out
 
         return call
+
+    def _timed_fast(self, name, fn, sync):
+        names, seconds, clock = self._names.append, self._seconds.append, time.perf_counter
+        if sync is not None:  # asynchronous backend: wait for queued kernels before and after
+            def call(*args):
+                sync()
+                t0 = clock()
+                out = fn(*args)
+                sync()
+                t1 = clock()
+                seconds(t1 - t0)
+                names(name)
+                return out
+        else:
+            def call(*args):
+                t0 = clock()
+                out = fn(*args)
+                t1 = clock()
+                seconds(t1 - t0)
+                names(name)
+                return out
+        return call
+
+
+class _Template:
+    """The call sites of one step signature (from the records of its first step) and, for the later steps of
+    that signature, the seconds spent at each site, summed, until Timer.flush folds them into the tallies."""
+
+    def __init__(self, timer: "Timer", records: list):
+        self.names = [r[0] for r in records]
+        self.sites = [timer.tally_for(*r[:3]) if r[0] != "attention" else None for r in records]
+        self.attention = np.array([i for i, r in enumerate(records) if r[0] == "attention"], np.int64)
+        first = records[self.attention[0]] if self.attention.size else None
+        self.geometry = (first[2], first[1][0].shape[1]) if first else None  # (q's shape, KV heads)
+        self.seconds = np.zeros(len(records))
+        self.steps = 0
+        self.attention_bytes = self.attention_flops = 0
+
+    def add(self, seconds: np.ndarray, slots, positions) -> None:
+        self.seconds += seconds
+        self.steps += 1
+        if self.geometry is not None:
+            nbytes, flops = _attention_cost(*self.geometry, slots, positions)
+            self.attention_bytes += nbytes * self.attention.size
+            self.attention_flops += flops * self.attention.size
+
+    def fold(self, timer: "Timer") -> None:
+        if not self.steps:
+            return
+        for tally, seconds in zip(self.sites, self.seconds.tolist()):
+            if tally is not None:
+                tally[4] += self.steps
+                tally[5] += seconds
+        if self.attention.size:
+            calls, seconds = self.steps * self.attention.size, float(self.seconds[self.attention].sum())
+            for stat in (timer.ops["attention"], timer.roles["attention"]):
+                stat.merge(calls, seconds, self.attention_bytes, self.attention_flops)
+        if timer.per_step is not None:
+            for name, tally in zip(self.names, self.sites):
+                key = (name, tally[1] if tally is not None else "attention")
+                timer.per_step[key] = timer.per_step.get(key, 0) + self.steps
+        self.seconds[:] = 0.0
+        self.steps = 0
+        self.attention_bytes = self.attention_flops = 0
+
+
+# (key, shape) of each op's log record, from its arguments (see op_cost for how they are used)
+_RECORDS = {
+    "linear": lambda a: (a[1:], a[0].shape),                        # (weight[, bias]), x's shape
+    "rmsnorm": lambda a: (a[1], a[0].shape),                        # weight, x's shape
+    "take_rows": lambda a: (id(a[0]), (a[1].shape[0], a[0].shape[-1])),  # which table, shape of the rows out
+    "rope": lambda a: (None, a[0].shape),
+    "kv_write": lambda a: (None, a[2].shape),                       # shape of the new keys (= values)
+    "attention": lambda a: (a[1:5], a[0].shape),                    # (k_cache, v_cache, slots, positions), q
+    "swiglu": lambda a: (None, a[0].shape),
+    "add": lambda a: (None, a[0].shape),
+}
+
+
+_FIXED_ROLES = {"rope": "qkv", "kv_write": "qkv", "swiglu": "mlp", "add": "residual"}
 
 
 def weight_roles(weights) -> dict:
@@ -180,18 +309,61 @@ def weight_roles(weights) -> dict:
 
 
 class Timer:
+    FLUSH_EVERY = 8192  # records (~1.5 MB of log)
+
     def __init__(self):
         self.phases: dict[str, float] = defaultdict(float)
         self.phase_calls: dict[str, int] = defaultdict(int)
         self.ops: dict[str, OpStat] = defaultdict(OpStat)
         self.roles: dict[str, OpStat] = defaultdict(OpStat)
-        self.tallies: list[list] = []  # [op, role, bytes per call, FLOPs per call, calls, seconds] (TimedOps)
+        self.log: list[tuple] = []  # (op, key, shape, seconds) per op call of "full" steps (TimedOps)
+        self.timed_ops: list[TimedOps] = []  # the proxies logging into this timer
+        self.weight_roles: dict = {}  # (op name, id(weight)) -> role, from every wrapped model's weights
+        self.tallies: dict = {}  # (op, id of key, shape) -> [op, role, bytes per call, FLOPs per call, calls, seconds]
         self.requests: list = []
         self.per_step: dict | None = None  # set to {} to count calls of one step (tests)
         self.wall_start = time.perf_counter()
 
     def wrap(self, ops, weights) -> TimedOps:
         return TimedOps(ops, self, weight_roles(weights))
+
+    def tally_for(self, name: str, key, shape) -> list:
+        """The tally of calls of one op with one weight and input shape (made, and costed, at first use)."""
+        if name == "linear":
+            wid = id(key[0])
+        elif name == "take_rows":  # the embedding table, or the hidden states picked for the head
+            wid = key if ("take_rows", key) in self.weight_roles else None
+        else:
+            wid = id(key)
+        tally = self.tallies.get((name, wid, shape))
+        if tally is None:
+            role = _FIXED_ROLES.get(name) or self.weight_roles.get((name, wid), "logits")
+            tally = self.tallies[(name, wid, shape)] = [name, role, *op_cost(name, key, shape), 0, 0.0]
+        return tally
+
+    def flush(self) -> None:
+        """Fold the op calls logged and summed since the last flush into the tallies (report() and totals()
+        call it; TimedOps every FLUSH_EVERY records)."""
+        per_step = self.per_step
+        attention = None
+        for name, key, shape, seconds in self.log:
+            if name == "attention":
+                if attention is None or attention[0] is not key[3]:  # the same positions for every layer
+                    attention = (key[3], op_cost(name, key, shape))
+                nbytes, flops = attention[1]
+                self.ops[name].add(seconds, nbytes, flops)
+                self.roles[name].add(seconds, nbytes, flops)
+                role = "attention"
+            else:
+                tally = self.tally_for(name, key, shape)
+                tally[4] += 1
+                tally[5] += seconds
+                role = tally[1]
+            if per_step is not None:
+                per_step[(name, role)] = per_step.get((name, role), 0) + 1
+        self.log.clear()
+        for timed in self.timed_ops:
+            timed.fold()
 
     def add_phase(self, name: str, seconds: float) -> None:
         self.phases[name] += seconds
@@ -206,11 +378,12 @@ class Timer:
     # -------------------------------------------------------------------------------------------- report
     def totals(self) -> tuple[dict, dict]:
         """(per op, per role) OpStats: the direct accumulators plus every tally folded in."""
+        self.flush()
         ops, roles = defaultdict(OpStat), defaultdict(OpStat)
         for target, source in ((ops, self.ops), (roles, self.roles)):
             for k, v in source.items():
                 target[k].merge(v.calls, v.seconds, v.bytes, v.flops)
-        for name, role, nbytes, flops, calls, seconds in self.tallies:
+        for name, role, nbytes, flops, calls, seconds in self.tallies.values():
             ops[name].merge(calls, seconds, nbytes * calls, flops * calls)
             roles[role].merge(calls, seconds, nbytes * calls, flops * calls)
         return ops, roles
