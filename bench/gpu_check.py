@@ -301,7 +301,7 @@ def check_gemv():
             w = C.upload(hw)
             for n in ((1, 5) if SIM else (1, 16)):
                 x = C.upload(f32(n, shape[1]))
-                t = gpu_time(lambda: C.linear(x, w))
+                t = gpu_time(lambda x=x, w=w: C.linear(x, w))
                 bw = weight_bytes(hw) / t
                 out.append(dict(shape=sname, fmt=fmt, N=n, seconds=t, weight_GBps=bw / 1e9,
                                 frac_copy=(bw / COPY_BW) if COPY_BW else None))
