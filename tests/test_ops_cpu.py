@@ -307,6 +307,50 @@ def test_avx2_group_dots_equal_the_portable_loops(group):
     np.testing.assert_array_equal(got[:, 3], (v * x8).reshape(ng, group).sum(-1))
 
 
+@pytest.mark.skipif(not cpu.VNNI, reason="vpdpbusd needs AVX512-VNNI")
+@pytest.mark.parametrize("group", quant.GROUP_SIZES)
+def test_vnni_four_row_dot_equals_the_portable_loop(group):
+    """_dot4_q8_vnni (4 rows at a stride, or one row with stride 0) gives the portable loop's int32, extremes
+    included (-128 + 128 = 0 and 127 + 128 = 255 against +-127)."""
+    from numba import njit
+
+    @njit
+    def dots(w, x, stride, K, ng):
+        out = np.empty((ng, 8), np.int64)
+        for g in range(ng):
+            out[g, :4] = cpu._dot4_q8_vnni(w, x, g * 32, stride, g * 32, K)
+            out[g, 4:] = cpu._dot4_q8_loop(w, x, g * 32, stride, g * 32, K)
+        return out
+
+    rng = rng_for("dot4", group)
+    K, ng = group, 2
+    w = rng.integers(-128, 128, 4 * K + 64, dtype=np.int8)
+    x = rng.integers(-127, 128, K + 64, dtype=np.int8)
+    w[:K], x[:K] = 127, -127  # the largest biased sum
+    for stride in (K, 0):
+        got = dots(w, x, stride, K, ng)
+        np.testing.assert_array_equal(got[:, :4], got[:, 4:])
+        want = [[((w[g * 32 + r * stride:][:K].astype(np.int64) + 128) * x[g * 32:][:K]).sum() for r in range(4)]
+                for g in range(ng)]
+        np.testing.assert_array_equal(got[:, :4], want)
+
+
+@pytest.mark.skipif(not cpu.VNNI, reason="vpdpbusd needs AVX512-VNNI")
+@pytest.mark.parametrize("out,k,group,N", [(37, 100, 32, 1), (6, 389, 128, 3), (9, 1000, 256, 2), (4, 64, 64, 1)])
+def test_vnni_int8_activation_kernel_equals_the_avx2_one(out, k, group, N):
+    """_gemv_q8a4 (4 rows per step, VNNI) and _gemv_q8a compute the same exact int32 group sums and scale them
+    in the same order: the same bits, tail rows included."""
+    rng = rng_for("q8a4", out, k, group, N)
+    w = quant.quantize(_weights(rng, out, k), 8, group, False)
+    x = cpu._padded(rng.standard_normal((N, k)).astype(np.float32), w.padded_in)
+    xq, xs, xsum = np.empty(x.shape, np.int8), np.empty((N, w.n_groups), np.float32), np.empty((N, w.n_groups), np.int32)
+    cpu._quantize_x(x, group, xq, xs, xsum)
+    a, b = np.empty((N, out), np.float32), np.empty((N, out), np.float32)
+    cpu._gemv_q8a(xq.astype(np.int16), xs, w.data, w.scales, a, 2048)
+    cpu._gemv_q8a4(xq, xs, xsum, w.data, w.scales, b, 4096)
+    np.testing.assert_array_equal(a, b)
+
+
 def test_int8_activations_do_not_depend_on_thread_count(monkeypatch):
 
     monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)

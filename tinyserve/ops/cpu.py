@@ -376,8 +376,24 @@ def _host_has_avx2() -> bool:
         return False
 
 
-# The explicit-vector group dot products below use x86 AVX2 instructions; elsewhere the portable loops.
+def _host_has_vnni() -> bool:
+    """Whether the CPU has AVX512-VNNI with 256-bit forms (vpdpbusd on ymm registers)."""
+    from llvmlite import binding as ll
+    from numba.core import config
+
+    if config.CPU_NAME or config.CPU_FEATURES:
+        return all(f in (config.CPU_FEATURES or "") for f in ("+avx512vnni", "+avx512vl"))
+    try:
+        feats = ll.get_host_cpu_features()
+        return bool(feats.get("avx512vnni", False) and feats.get("avx512vl", False))
+    except Exception:
+        return False
+
+
+# The explicit-vector group dot products below use x86 AVX2 (and VNNI) instructions; elsewhere the portable
+# loops.
 AVX2 = _host_has_avx2()
+VNNI = AVX2 and _host_has_vnni()
 
 _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 
@@ -501,8 +517,105 @@ def _dot_q4_loop(p, pstart, x, xstart, H):
     return t
 
 
+@intrinsic
+def _dot4_q8_vnni(typingctx, w, x, start, stride, xstart, n):
+    """Four int8 rows against int8 x, each sum_{k < n} (w[start + r * stride + k] + 128) * x[xstart + k] as
+    int32 (r = 0..3; stride 0 repeats one row): the caller subtracts 128 * sum(x). n a multiple of 32.
+
+    VNNI's vpdpbusd multiplies 32 unsigned bytes with 32 signed bytes and adds each 4 neighbouring products
+    into 8 int32 lanes, in one instruction: per 32 weights a load, an XOR (w + 128 as an unsigned byte) and
+    a vpdpbusd, where _dot_q8_avx2 needs 16-bit x, a widening and a vpmaddwd per 16. Each load of x serves
+    the 4 rows. No overflow: |(w + 128) x| <= 255 * 127, 4 per lane per step, 8 steps at most (G <= 256).
+    In cache (1 thread, 256 x 2048) 42 GB/s of weights against 20 for _gemv_q8a.
+    """
+
+    def codegen(context, builder, sig, args):
+        wa, xa, st, strd, xst, cnt = args
+        v32, v8 = _vec(_I8, 32), _vec(_I32, 8)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(4)]
+        dp = _llvm_fn(builder, "llvm.x86.avx512.vpdpbusd.256", v8, [v8, v8, v8])
+        c32 = ir.Constant(cnt.type, 32)
+        flip = ir.Constant(v32, [-128] * 32)
+        rows = [builder.add(st, builder.mul(strd, ir.Constant(strd.type, r))) for r in range(4)]
+        with cgutils.for_range(builder, builder.udiv(cnt, c32)) as loop:
+            o = builder.mul(loop.index, c32)
+            xv = builder.load(_vec_ptr(context, builder, sig.args[1], xa, builder.add(xst, o), v32), align=1)
+            xv = builder.bitcast(xv, v8)
+            for acc, row in zip(accs, rows):
+                wv = builder.load(_vec_ptr(context, builder, sig.args[0], wa, builder.add(row, o), v32), align=1)
+                wu = builder.bitcast(builder.xor(wv, flip), v8)
+                builder.store(builder.call(dp, [builder.load(acc), wu, xv]), acc)
+        total = _llvm_fn(builder, "llvm.vector.reduce.add.v8i32", _I32, [v8])
+        return context.make_tuple(builder, sig.return_type, [builder.call(total, [builder.load(a)]) for a in accs])
+
+    return types.UniTuple(types.int32, 4)(w, x, start, stride, xstart, n), codegen
+
+
+@njit(cache=True, inline="always")
+def _dot4_q8_loop(w, x, start, stride, xstart, n):
+    """The portable form of _dot4_q8_vnni (the same four int32)."""
+    xg = x[xstart:xstart + n]
+    t0 = t1 = t2 = t3 = i32(0)
+    for j in range(n):
+        v = i32(xg[j])
+        t0 = i32(t0 + (i32(w[start + j]) + 128) * v)
+        t1 = i32(t1 + (i32(w[start + stride + j]) + 128) * v)
+        t2 = i32(t2 + (i32(w[start + 2 * stride + j]) + 128) * v)
+        t3 = i32(t3 + (i32(w[start + 3 * stride + j]) + 128) * v)
+    return t0, t1, t2, t3
+
+
+_dot4_q8 = _dot4_q8_vnni if VNNI else _dot4_q8_loop
+
+
+@njit(cache=True, fastmath=REDUCE, inline="always")
+def _q8a_block(xq, xs, xsum, flat, s, y, o, rows, ahead, G, ng):
+    """Rows o .. o + rows - 1 (rows = 4, or 1: then _dot4_q8 reads the one row 4 times) of _gemv_q8a4."""
+    Kp = G * ng
+    stride = Kp if rows == 4 else 0
+    for n in range(xq.shape[0]):
+        xr = xq[n]
+        a0 = a1 = a2 = a3 = f32(0)
+        for g in range(ng):
+            if n == 0 and ahead > 0:
+                at = o * Kp + rows * g * G + ahead  # past the end is harmless: a prefetch never faults
+                for c in range(0, rows * G, 64):
+                    _prefetch(flat, at + c)
+            t0, t1, t2, t3 = _dot4_q8(flat, xr, o * Kp + g * G, stride, g * G, G)
+            c = 128 * xsum[n, g]
+            sx = xs[n, g]
+            a0 += f32(t0 - c) * (s[o, g] * sx)
+            if rows == 4:
+                a1 += f32(t1 - c) * (s[o + 1, g] * sx)
+                a2 += f32(t2 - c) * (s[o + 2, g] * sx)
+                a3 += f32(t3 - c) * (s[o + 3, g] * sx)
+        y[n, o] = a0
+        if rows == 4:
+            y[n, o + 1], y[n, o + 2], y[n, o + 3] = a1, a2, a3
+
+
+@parallel_kernel(fastmath=REDUCE)
+def _gemv_q8a4(xq, xs, xsum, q, s, y, ahead):
+    """int8 weights x int8 activations on VNNI machines: _gemv_q8a's result (the same exact int32 group
+    sums, the same float32 scaling per group) with 4 weight rows per step of x (_dot4_q8). Parallel over
+    blocks of 4 rows; the block's 4G bytes per group are prefetched `ahead` bytes on. xq: (N, Kp) int8.
+    From memory (2 threads, 8192 x 2048, group 128) 21-22 GB/s against 18-20 for _gemv_q8a.
+    """
+    O, ng = s.shape
+    G = xq.shape[1] // ng
+    flat = q.reshape(-1)
+    for blk in prange((O + 3) // 4):
+        o0 = 4 * blk
+        if o0 + 4 <= O:
+            _q8a_block(xq, xs, xsum, flat, s, y, o0, 4, ahead, G, ng)
+        else:  # the last rows, one at a time
+            for o in range(o0, O):
+                _q8a_block(xq, xs, xsum, flat, s, y, o, 1, ahead, G, ng)
+
+
 _dot_q8 = _dot_q8_avx2 if AVX2 else _dot_q8_loop
 PREFETCH_A8 = 2048  # bytes ahead the int8-activation kernels prefetch their weights
+PREFETCH_A8_4 = 4096  # and the 4-row VNNI one (measured: 1 KiB 19.4, 2 KiB 20.3, 4 KiB 21.2, none 15.6 GB/s)
 _dot_q4 = _dot_q4_avx2 if AVX2 else _dot_q4_loop
 
 
@@ -597,12 +710,14 @@ def _linear_int8_activations(xp, w, y, data, scales, z, asym):
     """The few-row quantized product with x quantized to int8 (ACTIVATIONS = "int8"): xp (N, Kp) padded."""
     N, Kp = xp.shape
     G, ng = w.group_size, w.n_groups
-    xq = np.empty((N, Kp), np.int16 if w.bits == 8 else np.int8)
+    xq = np.empty((N, Kp), np.int16 if w.bits == 8 and not VNNI else np.int8)
     xs = np.empty((N, ng), np.float32)
     xsum = np.empty((N, ng), np.int32)
     work = N * w.shape[0] * w.shape[1] * w.bits // 8  # bytes of weights read
     _run(_quantize_x, work, xp, G, xq, xs, xsum)
-    if w.bits == 8:
+    if w.bits == 8 and VNNI:
+        _run(_gemv_q8a4, work, xq, xs, xsum, data, scales, y, PREFETCH_A8_4)
+    elif w.bits == 8:
         _run(_gemv_q8a, work, xq, xs, data, scales, y, PREFETCH_A8)
     else:
         _run(_gemv_q4a, work, xq, xs, xsum, data, scales, z, asym, y, PREFETCH_A8)
