@@ -336,6 +336,32 @@ def test_vnni_four_row_dot_equals_the_portable_loop(group):
 
 
 @pytest.mark.skipif(not cpu.VNNI, reason="vpdpbusd needs AVX512-VNNI")
+@pytest.mark.parametrize("group", quant.GROUP_SIZES)
+def test_vnni_four_row_int4_dot_equals_the_portable_loop(group):
+    """_dot4_q4_vnni gives _dot4_q4_loop's four int32 (nibble 15 against -127 included), G = 32 too."""
+    from numba import njit
+
+    @njit
+    def dots(p, x, stride, H, ng):
+        out = np.empty((ng, 8), np.int64)
+        for g in range(ng):
+            out[g, :4] = cpu._dot4_q4_vnni(p, g * H, stride, x, g * 2 * H, H)
+            out[g, 4:] = cpu._dot4_q4_loop(p, g * H, stride, x, g * 2 * H, H)
+        return out
+
+    rng = rng_for("dot4q4", group)
+    H, ng = group // 2, 3
+    p = rng.integers(0, 256, 4 * H * ng + 64, dtype=np.uint8)
+    x = rng.integers(-127, 128, 2 * H * ng, dtype=np.int8)
+    p[:H], x[:2 * H] = 255, -127
+    for stride in (H * ng, 0):
+        got = dots(p, x, stride, H, ng)
+        np.testing.assert_array_equal(got[:, :4], got[:, 4:])
+    v = quant.unpack_int4(p[None, :H * ng], group)[0].astype(np.int64)  # row 0 (stride 0), unpacked
+    np.testing.assert_array_equal(got[:, 0], (v * x).reshape(ng, group).sum(-1))
+
+
+@pytest.mark.skipif(not cpu.VNNI, reason="vpdpbusd needs AVX512-VNNI")
 @pytest.mark.parametrize("out,k,group,N", [(37, 100, 32, 1), (6, 389, 128, 3), (9, 1000, 256, 2), (4, 64, 64, 1)])
 def test_vnni_int8_activation_kernel_equals_the_avx2_one(out, k, group, N):
     """_gemv_q8a4 (4 rows per step, VNNI) and _gemv_q8a compute the same exact int32 group sums and scale them
