@@ -1247,13 +1247,16 @@ def kv_write(k_cache, v_cache, k: np.ndarray, v: np.ndarray, slots, positions) -
 
 
 @parallel_kernel(fastmath=REDUCE)
-def _attention(q, k_cache, v_cache, slots, positions, window, out):
+def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
     """Causal grouped-query attention. Parallel over (token, kv head) pairs.
 
     A task takes the G = H / KVH query heads that share one kv head, so each key and value row of the
     cache is read once for all of them (nothing is repeated or copied). For token n at position p it
     scores the visible keys t in [lo, p] (lo = p - window + 1 with a sliding window, else 0), takes a
     softmax in float32 (minus the max, exp, sum) and accumulates p_t * v_t, dividing by the sum at the end.
+    Keys and values go 4 rows at a time (the matrix-vector trick of _gemv_f32: each load of q, or of the
+    output row, serves 4 rows). scores: (N * KVH, G, >= longest visible span) scratch, one slice per task
+    (no allocation inside the parallel loop).
     """
     N, H, hd = q.shape
     KVH = k_cache.shape[1]
@@ -1268,44 +1271,57 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out):
         if window > 0 and pos - window + 1 > 0:
             lo = pos - window + 1
         L = pos - lo + 1
+        L4 = L - L % 4
         K = k_cache[slot, kvh, lo:pos + 1]  # (L, hd)
         V = v_cache[slot, kvh, lo:pos + 1]
-        qs = q[n, kvh * G:(kvh + 1) * G]  # (G, hd)
-        scores = np.empty((G, L), np.float32)
-        for t in range(L):
-            kr = K[t]
-            for g in range(G):
-                qr = qs[g]
+        for g in range(G):
+            qr = q[n, kvh * G + g]
+            sr = scores[task, g]
+            for t in range(0, L4, 4):  # scores, 4 keys at a time
+                if g == 0:  # ask for the values these keys will weigh, and for the keys further on
+                    for r in range(t, t + 4):
+                        for c in range(0, hd, 16):
+                            _prefetch(V[r], c)
+                            if r + 16 < L:
+                                _prefetch(K[r + 16], c)
+                k0, k1, k2, k3 = K[t], K[t + 1], K[t + 2], K[t + 3]
+                a0 = a1 = a2 = a3 = f32(0)
+                for d in range(hd):
+                    v = qr[d]
+                    a0 += k0[d] * v
+                    a1 += k1[d] * v
+                    a2 += k2[d] * v
+                    a3 += k3[d] * v
+                sr[t], sr[t + 1], sr[t + 2], sr[t + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+            for t in range(L4, L):
+                kr = K[t]
                 acc = f32(0)
                 for d in range(hd):
                     acc += qr[d] * kr[d]
-                scores[g, t] = acc * scale
-        total = np.empty(G, np.float32)
-        for g in range(G):  # softmax numerators exp(s - max) in place, and their sums
-            sr = scores[g]
-            m = sr[0]
+                sr[t] = acc * scale
+            m = sr[0]  # softmax numerators exp(s - max) in place, and their sum
             for t in range(1, L):
                 m = max(m, sr[t])
-            ssum = f32(0)
+            total = f32(0)
             for t in range(L):
                 e = np.exp(sr[t] - m)
                 sr[t] = e
-                ssum += e
-            total[g] = ssum
-        acc_v = np.zeros((G, hd), np.float32)
-        for t in range(L):
-            vr = V[t]
-            for g in range(G):
-                pt = scores[g, t]
-                ar = acc_v[g]
-                for d in range(hd):
-                    ar[d] += pt * vr[d]
-        for g in range(G):
-            orow = out[n, kvh * G + g]
-            ar = acc_v[g]
-            inv = total[g]
+                total += e
+            orow = out[n, kvh * G + g]  # sum_t p_t v_t, 4 values rows at a time, then / total
             for d in range(hd):
-                orow[d] = ar[d] / inv
+                orow[d] = f32(0)
+            for t in range(0, L4, 4):
+                p0, p1, p2, p3 = sr[t], sr[t + 1], sr[t + 2], sr[t + 3]
+                v0, v1, v2, v3 = V[t], V[t + 1], V[t + 2], V[t + 3]
+                for d in range(hd):
+                    orow[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+            for t in range(L4, L):
+                pt = sr[t]
+                vr = V[t]
+                for d in range(hd):
+                    orow[d] += pt * vr[d]
+            for d in range(hd):
+                orow[d] = orow[d] / total
 
 
 def attention(q, k_cache, v_cache, slots, positions, window: int = 0) -> np.ndarray:
@@ -1317,8 +1333,12 @@ def attention(q, k_cache, v_cache, slots, positions, window: int = 0) -> np.ndar
         raise ValueError(f"attention: {H} query heads are not a multiple of {KVH} kv heads")
     slots, positions = _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, "attention")
     out = np.empty_like(q)
+    longest = int(positions.max()) + 1 if N else 0
+    if window:
+        longest = min(longest, int(window))
+    scores = np.empty((N * KVH, H // KVH, longest), np.float32)
     work = 2 * H * hd * int(np.sum(positions + 1)) if N else 0  # at most: every key and value a token sees
-    _run(_attention, 4 * work, q, k_cache, v_cache, slots, positions, int(window or 0), out)
+    _run(_attention, 4 * work, q, k_cache, v_cache, slots, positions, int(window or 0), out, scores)
     return out
 
 
