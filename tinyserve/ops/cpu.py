@@ -1197,13 +1197,18 @@ def rope(x: np.ndarray, positions, inv_freq: np.ndarray) -> np.ndarray:
 @parallel_kernel(fastmath=False)
 def _kv_write(k_cache, v_cache, k, v, slots, positions):
     """cache[slots[n], :, positions[n], :] = k[n], v[n]: one token per task."""
-    N, KVH, _ = k.shape
+    N, KVH, hd = k.shape
     for n in prange(N):
         s = slots[n]
         t = positions[n]
+        for h in range(KVH):  # each row of the cache it writes is in another page: ask for all of them first
+            _prefetch(k_cache[s, h, t], 0)
+            _prefetch(v_cache[s, h, t], 0)
         for h in range(KVH):
-            k_cache[s, h, t, :] = k[n, h]
-            v_cache[s, h, t, :] = v[n, h]
+            kd, vd, ks, vs = k_cache[s, h, t], v_cache[s, h, t], k[n, h], v[n, h]
+            for d in range(hd):
+                kd[d] = ks[d]
+                vd[d] = vs[d]
 
 
 @njit(cache=True)
