@@ -236,7 +236,7 @@ def _linear_int8act(x, w):
 
 
 @pytest.mark.parametrize("fmt,bits,zp", Q_FORMATS, ids=[f[0] for f in Q_FORMATS])
-@pytest.mark.parametrize("N", [1, 2, 3])
+@pytest.mark.parametrize("N", [1, 2, 3, 17])  # 17: a decode batch below cpu.A8_GEMM_MIN_ROWS
 @pytest.mark.parametrize("out,k,group", [(5, 32, 32), (37, 100, 32), (19, 200, 64), (33, 389, 128), (16, 300, 256),
                                          (9, 1000, 256)])
 def test_linear_int8_activations_within_bound(fmt, bits, zp, N, out, k, group):

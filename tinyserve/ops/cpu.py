@@ -66,6 +66,11 @@ i32 = np.int32
 # A linear layer with at least this many rows (tokens) uses the tiled matrix-matrix kernels; fewer rows
 # use the matrix-vector kernels, which read each weight once per row of x and never unpack a panel.
 GEMM_MIN_ROWS = 4
+# With int8 activations (ACTIVATIONS = "int8") the integer matrix-vector kernels stay faster than the tiled
+# float kernels up to ~32 rows (stories110M shapes, 2 threads, GFLOP/s tiled / integer: 4 rows 84-96 /
+# 147-181, 16 rows 142-168 / 168-202, 32 rows 170-189 / 187-191; int4 alike), so a decode batch of up to 31
+# sequences takes them too. Prefill (more rows) stays on the tiled kernels, in float.
+A8_GEMM_MIN_ROWS = 32
 
 
 def panel_rows(kp: int) -> int:
@@ -359,8 +364,8 @@ def _gemv_q4(x, xsum, p, s, z, asym, y, ahead):
 
 
 # ============================================================ linear: int8 activations (an option, off by default)
-# ACTIVATIONS = "int8" (or TINYSERVE_INT8_ACTIVATIONS=1 in the environment at import) makes the few-row
-# path of quantized linear layers quantize each row of x to int8 per group of the weight's G (one float32
+# ACTIVATIONS = "int8" (or TINYSERVE_INT8_ACTIVATIONS=1 in the environment at import) makes quantized
+# linear layers with fewer than A8_GEMM_MIN_ROWS rows (decode, batches up to 31) quantize each row of x to int8 per group of the weight's G (one float32
 # scale per group: quant.quantize_activations) and compute integer dot products, as llama.cpp does. It is
 # a different function from dequantize(W) @ x: each output moves by at most
 # sum_g xs_g / 2 * sum |w_g| (quant.linear_int8_activations is the spec, quant.activation_error_bound the
@@ -1059,7 +1064,7 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
             raise ValueError(f"cpu.ACTIVATIONS must be 'float32' or 'int8', got {ACTIVATIONS!r}")
         xp = _padded(x2, w.padded_in)
         data, scales = _weight(w.data), _weight(w.scales)
-        gemm = N >= GEMM_MIN_ROWS
+        gemm = N >= (A8_GEMM_MIN_ROWS if ACTIVATIONS == "int8" else GEMM_MIN_ROWS)
         if w.bits == 8:
             if gemm:
                 _gemm_q8(xp, data, scales, y, panel_rows(w.padded_in))
