@@ -362,19 +362,27 @@ def test_vnni_four_row_int4_dot_equals_the_portable_loop(group):
 
 
 @pytest.mark.skipif(not cpu.VNNI, reason="vpdpbusd needs AVX512-VNNI")
+@pytest.mark.parametrize("fmt,bits,zp", Q_FORMATS, ids=[f[0] for f in Q_FORMATS])
 @pytest.mark.parametrize("out,k,group,N", [(37, 100, 32, 1), (6, 389, 128, 3), (9, 1000, 256, 2), (4, 64, 64, 1)])
-def test_vnni_int8_activation_kernel_equals_the_avx2_one(out, k, group, N):
-    """_gemv_q8a4 (4 rows per step, VNNI) and _gemv_q8a compute the same exact int32 group sums and scale them
-    in the same order: the same bits, tail rows included."""
-    rng = rng_for("q8a4", out, k, group, N)
-    w = quant.quantize(_weights(rng, out, k), 8, group, False)
+def test_vnni_int8_activation_kernel_equals_the_avx2_one(fmt, bits, zp, out, k, group, N):
+    """_gemv_a8x4 (4 rows per step, VNNI) and _gemv_q8a / _gemv_q4a compute the same exact int32 group sums
+    and scale them alike: equal up to the float32 rounding of adding ng group terms (FMA contraction may
+    differ between the two kernels), tail rows included."""
+    rng = rng_for("a8x4", fmt, out, k, group, N)
+    w = quant.quantize(_weights(rng, out, k), bits, group, zp)
     x = cpu._padded(rng.standard_normal((N, k)).astype(np.float32), w.padded_in)
     xq, xs, xsum = np.empty(x.shape, np.int8), np.empty((N, w.n_groups), np.float32), np.empty((N, w.n_groups), np.int32)
     cpu._quantize_x(x, group, xq, xs, xsum)
+    z = w.zeros if zp else cpu._NO_ZEROS
     a, b = np.empty((N, out), np.float32), np.empty((N, out), np.float32)
-    cpu._gemv_q8a(xq.astype(np.int16), xs, w.data, w.scales, a, 2048)
-    cpu._gemv_q8a4(xq, xs, xsum, w.data, w.scales, b, 4096)
-    np.testing.assert_array_equal(a, b)
+    if bits == 8:
+        cpu._gemv_q8a(xq.astype(np.int16), xs, w.data, w.scales, a, 2048)
+    else:
+        cpu._gemv_q4a(xq, xs, xsum, w.data, w.scales, z, zp, a, 2048)
+    cpu._gemv_a8x4(xq, xs, xsum, w.data, w.scales, z, zp, b, 4096, bits)
+    terms = np.abs(np.repeat(xs, group, axis=1) * xq).astype(np.float64) @ np.abs(np.pad(
+        quant.dequantize(w), ((0, 0), (0, w.padded_in - k)))).T.astype(np.float64)
+    assert np.all(np.abs(a - b) <= 2 * (w.n_groups + 2) * EPS * terms + 1e-30)
 
 
 def test_int8_activations_do_not_depend_on_thread_count(monkeypatch):

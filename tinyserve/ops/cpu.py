@@ -182,6 +182,20 @@ PREFETCH_Q8 = 8192
 PREFETCH_Q4 = 4096
 
 
+@njit(cache=True, fastmath=REDUCE, inline="always")
+def _dot4_f32(r0, r1, r2, r3, x, K):
+    """(r0 . x, r1 . x, r2 . x, r3 . x) over the first K values: 4 accumulators, each load of x serving the
+    4 rows (one row at a time needs a load of x per multiply-add)."""
+    a0 = a1 = a2 = a3 = f32(0)
+    for k in range(K):
+        v = x[k]
+        a0 += r0[k] * v
+        a1 += r1[k] * v
+        a2 += r2[k] * v
+        a3 += r3[k] * v
+    return a0, a1, a2, a3
+
+
 @parallel_kernel(fastmath=REDUCE)
 def _gemv_f32(x, w, y):
     """y[n, o] = w[o] . x[n] for a few rows n. Parallel over blocks of 4 weight rows.
@@ -208,15 +222,7 @@ def _gemv_f32(x, w, y):
             continue
         r0, r1, r2, r3 = w[o0], w[o0 + 1], w[o0 + 2], w[o0 + 3]
         for n in range(N):
-            xr = x[n]
-            a0 = a1 = a2 = a3 = f32(0)
-            for k in range(K):
-                v = xr[k]
-                a0 += r0[k] * v
-                a1 += r1[k] * v
-                a2 += r2[k] * v
-                a3 += r3[k] * v
-            y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = a0, a1, a2, a3
+            y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _dot4_f32(r0, r1, r2, r3, x[n], K)
 
 
 @njit(cache=True, fastmath=REDUCE, inline="always")
@@ -579,51 +585,6 @@ def _dot4_q8_loop(w, x, start, stride, xstart, n):
 _dot4_q8 = _dot4_q8_vnni if VNNI else _dot4_q8_loop
 
 
-@njit(cache=True, fastmath=REDUCE, inline="always")
-def _q8a_block(xq, xs, xsum, flat, s, y, o, rows, ahead, G, ng):
-    """Rows o .. o + rows - 1 (rows = 4, or 1: then _dot4_q8 reads the one row 4 times) of _gemv_q8a4."""
-    Kp = G * ng
-    stride = Kp if rows == 4 else 0
-    for n in range(xq.shape[0]):
-        xr = xq[n]
-        a0 = a1 = a2 = a3 = f32(0)
-        for g in range(ng):
-            if n == 0 and ahead > 0:
-                at = o * Kp + rows * g * G + ahead  # past the end is harmless: a prefetch never faults
-                for c in range(0, rows * G, 64):
-                    _prefetch(flat, at + c)
-            t0, t1, t2, t3 = _dot4_q8(flat, xr, o * Kp + g * G, stride, g * G, G)
-            c = 128 * xsum[n, g]
-            sx = xs[n, g]
-            a0 += f32(t0 - c) * (s[o, g] * sx)
-            if rows == 4:
-                a1 += f32(t1 - c) * (s[o + 1, g] * sx)
-                a2 += f32(t2 - c) * (s[o + 2, g] * sx)
-                a3 += f32(t3 - c) * (s[o + 3, g] * sx)
-        y[n, o] = a0
-        if rows == 4:
-            y[n, o + 1], y[n, o + 2], y[n, o + 3] = a1, a2, a3
-
-
-@parallel_kernel(fastmath=REDUCE)
-def _gemv_q8a4(xq, xs, xsum, q, s, y, ahead):
-    """int8 weights x int8 activations on VNNI machines: _gemv_q8a's result (the same exact int32 group
-    sums, the same float32 scaling per group) with 4 weight rows per step of x (_dot4_q8). Parallel over
-    blocks of 4 rows; the block's 4G bytes per group are prefetched `ahead` bytes on. xq: (N, Kp) int8.
-    From memory (2 threads, 8192 x 2048, group 128) 21-22 GB/s against 18-20 for _gemv_q8a.
-    """
-    O, ng = s.shape
-    G = xq.shape[1] // ng
-    flat = q.reshape(-1)
-    for blk in prange((O + 3) // 4):
-        o0 = 4 * blk
-        if o0 + 4 <= O:
-            _q8a_block(xq, xs, xsum, flat, s, y, o0, 4, ahead, G, ng)
-        else:  # the last rows, one at a time
-            for o in range(o0, O):
-                _q8a_block(xq, xs, xsum, flat, s, y, o, 1, ahead, G, ng)
-
-
 @intrinsic
 def _dot4_q4_vnni(typingctx, p, pstart, stride, x, xstart, H):
     """Four int4 rows (split halves, H bytes each, at p[pstart + r * stride]; stride 0 repeats one row)
@@ -683,22 +644,34 @@ _dot4_q4 = _dot4_q4_vnni if VNNI else _dot4_q4_loop
 
 
 @njit(cache=True, fastmath=REDUCE, inline="always")
-def _q4a_block(xq, xs, xsum, flat, s, z, asym, y, o, rows, ahead, G, ng):
-    """Rows o .. o + rows - 1 (rows = 4, or 1: then _dot4_q4 reads the one row 4 times) of _gemv_q4a4."""
-    H = G // 2
-    Kb = H * ng  # bytes per row
+def _a8_block(xq, xs, xsum, flat, s, z, asym, y, o, rows, ahead, G, ng, bits):
+    """Rows o .. o + rows - 1 of _gemv_a8x4 (rows = 4, or 1: then the dot reads the one row 4 times).
+
+    Per group, each row's int32 sum from the VNNI dot, minus zero * sum(xq) (zero: 128 for int8, whose dot
+    adds 128 to every weight; 8 or the stored zero point for int4), converted to float32 once and scaled
+    by the weight's and x's scales, as _gemv_q8a and _gemv_q4a do.
+    """
+    Kb = G * ng if bits == 8 else G // 2 * ng  # bytes per row
+    gb = G if bits == 8 else G // 2  # bytes per group
     stride = Kb if rows == 4 else 0
     for n in range(xq.shape[0]):
         xr = xq[n]
         a0 = a1 = a2 = a3 = f32(0)
         for g in range(ng):
-            if n == 0 and ahead > 0:
-                at = o * Kb + rows * g * H + ahead
-                for c in range(0, rows * H, 64):
-                    _prefetch_l2(flat, at + c)
-            t0, t1, t2, t3 = _dot4_q4(flat, o * Kb + g * H, stride, xr, g * G, H)
+            if n == 0 and ahead > 0:  # past the end is harmless: a prefetch never faults
+                at = o * Kb + rows * g * gb + ahead
+                for c in range(0, rows * gb, 64):
+                    if bits == 8:
+                        _prefetch(flat, at + c)
+                    else:
+                        _prefetch_l2(flat, at + c)
+            if bits == 8:
+                t0, t1, t2, t3 = _dot4_q8(flat, xr, o * Kb + g * G, stride, g * G, G)
+            else:
+                t0, t1, t2, t3 = _dot4_q4(flat, o * Kb + g * gb, stride, xr, g * G, gb)
             c = xsum[n, g]
             sx = xs[n, g]
+            base = i32(128) if bits == 8 else i32(8)
             if asym:
                 a0 += f32(t0 - i32(z[o, g]) * c) * (s[o, g] * sx)
                 if rows == 4:
@@ -706,33 +679,35 @@ def _q4a_block(xq, xs, xsum, flat, s, z, asym, y, o, rows, ahead, G, ng):
                     a2 += f32(t2 - i32(z[o + 2, g]) * c) * (s[o + 2, g] * sx)
                     a3 += f32(t3 - i32(z[o + 3, g]) * c) * (s[o + 3, g] * sx)
             else:
-                c8 = 8 * c
-                a0 += f32(t0 - c8) * (s[o, g] * sx)
+                cz = base * c
+                a0 += f32(t0 - cz) * (s[o, g] * sx)
                 if rows == 4:
-                    a1 += f32(t1 - c8) * (s[o + 1, g] * sx)
-                    a2 += f32(t2 - c8) * (s[o + 2, g] * sx)
-                    a3 += f32(t3 - c8) * (s[o + 3, g] * sx)
+                    a1 += f32(t1 - cz) * (s[o + 1, g] * sx)
+                    a2 += f32(t2 - cz) * (s[o + 2, g] * sx)
+                    a3 += f32(t3 - cz) * (s[o + 3, g] * sx)
         y[n, o] = a0
         if rows == 4:
             y[n, o + 1], y[n, o + 2], y[n, o + 3] = a1, a2, a3
 
 
 @parallel_kernel(fastmath=REDUCE)
-def _gemv_q4a4(xq, xs, xsum, p, s, z, asym, y, ahead):
-    """int4 weights x int8 activations on VNNI machines: _gemv_q4a's integer group sums with 4 weight rows
-    per step of x (_dot4_q4), parallel over blocks of 4 rows, prefetching into L2 `ahead` bytes on.
-    From memory (2 threads, 8192 x 2048, G 128): 19.6-20.3 GB/s against 18.1-19.2 for _gemv_q4a.
+def _gemv_a8x4(xq, xs, xsum, data, s, z, asym, y, ahead, bits):
+    """int8 (bits 8) or int4 (bits 4) weights x int8 activations on VNNI machines: the integer group sums
+    of _gemv_q8a / _gemv_q4a with 4 weight rows per load of x (_dot4_q8 / _dot4_q4), parallel over blocks of
+    4 rows, the block's bytes prefetched `ahead` bytes on (int4: into L2). xq: (N, Kp) int8; z: (O, ng)
+    uint8 or a dummy (1, 1) when not asym. From memory (2 threads, 8192 x 2048, G 128): int8 21-22 GB/s
+    against 18-20 for _gemv_q8a, int4 19.6-20.3 against 18.1-19.2 for _gemv_q4a.
     """
     O, ng = s.shape
     G = xq.shape[1] // ng
-    flat = p.reshape(-1)
+    flat = data.reshape(-1)
     for blk in prange((O + 3) // 4):
         o0 = 4 * blk
         if o0 + 4 <= O:
-            _q4a_block(xq, xs, xsum, flat, s, z, asym, y, o0, 4, ahead, G, ng)
+            _a8_block(xq, xs, xsum, flat, s, z, asym, y, o0, 4, ahead, G, ng, bits)
         else:  # the last rows, one at a time
             for o in range(o0, O):
-                _q4a_block(xq, xs, xsum, flat, s, z, asym, y, o, 1, ahead, G, ng)
+                _a8_block(xq, xs, xsum, flat, s, z, asym, y, o, 1, ahead, G, ng, bits)
 
 
 _dot_q8 = _dot_q8_avx2 if AVX2 else _dot_q8_loop
@@ -838,12 +813,11 @@ def _linear_int8_activations(xp, w, y, data, scales, z, asym):
     xsum = np.empty((N, ng), np.int32)
     work = N * w.shape[0] * w.shape[1] * w.bits // 8  # bytes of weights read
     _run(_quantize_x, work, xp, G, xq, xs, xsum)
-    if w.bits == 8 and VNNI:
-        _run(_gemv_q8a4, work, xq, xs, xsum, data, scales, y, PREFETCH_A8_4)
+    if VNNI:
+        ahead = PREFETCH_A8_4 if w.bits == 8 else PREFETCH_A4_4
+        _run(_gemv_a8x4, work, xq, xs, xsum, data, scales, z, asym, y, ahead, w.bits)
     elif w.bits == 8:
         _run(_gemv_q8a, work, xq, xs, data, scales, y, PREFETCH_A8)
-    elif VNNI:
-        _run(_gemv_q4a4, work, xq, xs, xsum, data, scales, z, asym, y, PREFETCH_A4_4)
     else:
         _run(_gemv_q4a, work, xq, xs, xsum, data, scales, z, asym, y, PREFETCH_A8)
 
@@ -1294,14 +1268,7 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
                             _prefetch(V[r], c)
                             if r + 16 < L:
                                 _prefetch(K[r + 16], c)
-                k0, k1, k2, k3 = K[t], K[t + 1], K[t + 2], K[t + 3]
-                a0 = a1 = a2 = a3 = f32(0)
-                for d in range(hd):
-                    v = qr[d]
-                    a0 += k0[d] * v
-                    a1 += k1[d] * v
-                    a2 += k2[d] * v
-                    a3 += k3[d] * v
+                a0, a1, a2, a3 = _dot4_f32(K[t], K[t + 1], K[t + 2], K[t + 3], qr, hd)
                 sr[t], sr[t + 1], sr[t + 2], sr[t + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
             for t in range(L4, L):
                 kr = K[t]
