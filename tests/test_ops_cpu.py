@@ -151,6 +151,22 @@ def test_rope(N, nh, hd):
     np.testing.assert_allclose(cpu.rope(x, pos, inv), reference.rope(x, pos, inv), rtol=2 * EPS, atol=1e-6)
 
 
+def test_rope_tables_follow_the_positions_not_the_array():
+    """rope keeps the cos/sin tables of its last call (a step calls it twice per layer with the same
+    positions); a positions array changed in place, or another dtype or frequency array, recomputes them."""
+    rng = rng_for("rope-cache")
+    x = rng.standard_normal((3, 2, 8)).astype(np.float32)
+    inv = (1.0 / 10000 ** (np.arange(0, 8, 2) / 8)).astype(np.float32)
+    pos = np.array([1, 5, 9])
+    for _ in range(2):  # the second call reuses the tables
+        np.testing.assert_array_equal(cpu.rope(x, pos, inv), reference.rope(x, pos, inv))
+    pos[1] = 700  # same array, new content
+    np.testing.assert_array_equal(cpu.rope(x, pos, inv), reference.rope(x, pos, inv))
+    np.testing.assert_array_equal(cpu.rope(x, pos.astype(np.int32), inv), reference.rope(x, pos, inv))
+    inv2 = inv * np.float32(0.5)
+    np.testing.assert_array_equal(cpu.rope(x, pos, inv2), reference.rope(x, pos, inv2))
+
+
 def test_take_rows_swiglu_add():
     rng = rng_for("misc")
     table = rng.standard_normal((50, 9)).astype(np.float32)

@@ -1165,12 +1165,29 @@ def rope(x: np.ndarray, positions, inv_freq: np.ndarray) -> np.ndarray:
     positions = np.asarray(positions)
     if positions.shape != (N,):
         raise ValueError(f"rope: {N} tokens but positions has shape {positions.shape}")
-    # The angles, cos and sin exactly as the reference computes them (float32 NumPy); the rotation is then
-    # the same four products and two sums, so the result is the reference's, bit for bit.
-    angles = positions.astype(np.float32)[:, None] * np.asarray(inv_freq, dtype=np.float32)[None, :]
+    cos, sin = _rope_tables(positions, inv_freq)
     out = np.empty_like(x)
-    _run(_rope, 4 * x.size, x, np.cos(angles), np.sin(angles), out)
+    _run(_rope, 4 * x.size, x, cos, sin, out)
     return out
+
+
+_rope_last: list = [None, None, None, None]  # positions (dtype and bytes), inv_freq, cos, sin of the last call
+
+
+def _rope_tables(positions: np.ndarray, inv_freq: np.ndarray):
+    """cos and sin of positions x inv_freq, exactly as the reference computes them (float32 NumPy); the
+    rotation is then the same four products and two sums, so rope's result is the reference's, bit for bit.
+
+    A step calls rope twice per layer with the same positions and frequencies: the tables of the last call
+    are kept and reused when both are equal (stories260K: 10 calls a token, ~5 us of cos/sin each)."""
+    key = (positions.dtype.str, positions.tobytes())
+    last_key, last_freq, cos, sin = _rope_last
+    if last_freq is inv_freq and last_key == key:
+        return cos, sin
+    angles = positions.astype(np.float32)[:, None] * np.asarray(inv_freq, dtype=np.float32)[None, :]
+    cos, sin = np.cos(angles), np.sin(angles)
+    _rope_last[:] = [key, inv_freq, cos, sin]
+    return cos, sin
 
 
 @parallel_kernel(fastmath=False)
