@@ -1327,11 +1327,14 @@ def attention(q, k_cache, v_cache, slots, positions, window: int = 0) -> np.ndar
         raise ValueError(f"attention: {H} query heads are not a multiple of {KVH} kv heads")
     slots, positions = _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, "attention")
     out = np.empty_like(q)
-    longest = int(positions.max()) + 1 if N else 0
+    if N == 1:  # decode of one sequence: no NumPy reductions (a few microseconds a call on tiny models)
+        longest = seen = int(positions[0]) + 1
+    else:
+        longest, seen = (int(positions.max()) + 1, int(np.sum(positions + 1))) if N else (0, 0)
     if window:
         longest = min(longest, int(window))
     scores = np.empty((N * KVH, H // KVH, longest), np.float32)
-    work = 2 * H * hd * int(np.sum(positions + 1)) if N else 0  # at most: every key and value a token sees
+    work = 2 * H * hd * seen  # at most: every key and value a token sees
     _run(_attention, 4 * work, q, k_cache, v_cache, slots, positions, int(window or 0), out, scores)
     return out
 
