@@ -17,17 +17,17 @@ What it measures
 
 How: the timer wraps the backend's ops module in a proxy whose functions time each call (synchronizing the
 GPU first where the backend has asynchronous kernels). With no timer, the engine calls the ops directly:
-the cost is exactly zero. With the timer on, each op call costs two clock reads and one appended record; the
-records are folded into per-op tallies every few thousand calls and when a report is made. `bench/timer_overhead.py` measures what that
-does to decode tokens/s.
+the cost is exactly zero. With the timer on, each op call costs two clock reads and one or two appends (see
+TimedOps); the records are folded into per-op tallies every few thousand calls and when a report is made.
+`bench/timer_overhead.py` measures what that does to decode tokens/s.
 """
 
 from __future__ import annotations
 
 import resource
-from array import array
 import sys
 import time
+from array import array
 from collections import defaultdict
 from dataclasses import dataclass, field
 

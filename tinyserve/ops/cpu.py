@@ -155,10 +155,12 @@ def _make_prefetch(name: str, locality: int, doc: str):
             ptr = cgutils.get_item_pointer(context, builder, aty, a, [args[1]], wraparound=False, boundscheck=False)
             i8p = ir.IntType(8).as_pointer()
             i32t = ir.IntType(32)
-            name = "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"  # opaque pointers
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32t, i32t, i32t]), name)
+            llvm_name = "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"  # opaque pointers
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32t, i32t, i32t]),
+                                                llvm_name)
             # (address, 0 = read, locality, 1 = data cache)
-            builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32t, 0), ir.Constant(i32t, locality), ir.Constant(i32t, 1)])
+            builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32t, 0), ir.Constant(i32t, locality),
+                              ir.Constant(i32t, 1)])
             return context.get_dummy_value()
 
         return types.void(arr, i), codegen
@@ -167,7 +169,8 @@ def _make_prefetch(name: str, locality: int, doc: str):
     return intrinsic(prefetch)
 
 
-_prefetch = _make_prefetch("_prefetch", 3, """Ask the memory system for the cache line holding arr[i] (1-D array), without waiting for it.
+_prefetch = _make_prefetch("_prefetch", 3, """Ask the memory system for the cache line holding arr[i] (1-D array),
+    without waiting for it.
 
     LLVM's llvm.prefetch (read, keep in all cache levels): an x86 PREFETCHT0. The quantized matrix-vector
     kernels read 4 weight rows side by side, 4 streams the hardware prefetcher follows poorly (it restarts
@@ -371,12 +374,12 @@ def _gemv_q4(x, xsum, p, s, z, asym, y, ahead):
 
 # ============================================================ linear: int8 activations (an option, off by default)
 # ACTIVATIONS = "int8" (or TINYSERVE_INT8_ACTIVATIONS=1 in the environment at import) makes quantized
-# linear layers with fewer than A8_GEMM_MIN_ROWS rows (decode, batches up to 31) quantize each row of x to int8 per group of the weight's G (one float32
-# scale per group: quant.quantize_activations) and compute integer dot products, as llama.cpp does. It is
-# a different function from dequantize(W) @ x: each output moves by at most
-# sum_g xs_g / 2 * sum |w_g| (quant.linear_int8_activations is the spec, quant.activation_error_bound the
-# bound; tinyserve/tolerances.py has its rows). float32 weights and the tiled many-row path (prefill) are
-# unchanged. "float32" (the default) keeps every result exactly dequantize(W) @ x up to float32 rounding.
+# linear layers with fewer than A8_GEMM_MIN_ROWS rows (decode, batches up to 31) quantize each row of x to
+# int8 per group of the weight's G (one float32 scale per group: quant.quantize_activations) and compute
+# integer dot products, as llama.cpp does. It is a different function from dequantize(W) @ x: each output
+# moves by at most sum_g xs_g / 2 * sum |w_g| (quant.linear_int8_activations is the spec,
+# quant.activation_error_bound the bound; tinyserve/tolerances.py has its rows). float32 weights and the
+# tiled many-row path (prefill) are unchanged. "float32" (the default) keeps every result exactly dequantize(W) @ x up to float32 rounding.
 ACTIVATIONS = "int8" if os.environ.get("TINYSERVE_INT8_ACTIVATIONS", "") not in ("", "0") else "float32"
 
 
