@@ -158,6 +158,17 @@ def test_timer_steps_after_the_first_count_like_it(stories_dir):
                 (v["calls"], v["bytes"], v["flops"]), (section, k)
     L = llm.config.num_hidden_layers
     assert fast["ops"]["linear"]["calls"] == steps * (7 * L + 1)
+    # a step that fails half-way leaves no half-counted step behind
+    timer = Timer()
+    llm.timer, llm._timed_ops = timer, None
+    cache = llm.new_cache(1, 8)
+    for _ in range(2):
+        llm.forward([5], [0], [0], cache, phase="decode")
+    with pytest.raises(Exception):
+        llm.forward([5], [99], [0], cache, phase="decode")  # a position outside the cache: kv_write raises
+    llm.forward([5], [1], [0], cache, phase="decode")
+    llm.timer = None
+    assert timer.report().as_dict()["ops"]["linear"]["calls"] == 3 * (7 * L + 1)
     assert fast["ops"]["attention"]["calls"] == steps * L
     assert fast["ops"]["linear"]["seconds"] > 0
 

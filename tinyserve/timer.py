@@ -158,6 +158,9 @@ class TimedOps:
 
     def begin_step(self, signature, slots, positions) -> None:
         """Before a forward step: signature = (tokens, logit rows), or None to record every call in full."""
+        if self._names:  # a step that raised before end_step: its fast-mode calls are dropped
+            del self._seconds[len(self._seconds) - len(self._names):]
+            self._names.clear()
         template = self._templates.get(signature) if signature is not None else None
         self._step = (template, signature, len(self._timer.log), slots, positions)
         self._use(self._fast if template is not None else self._full)
