@@ -20,9 +20,11 @@ Linear layers (the time of a step) have two paths:
 Numerics: every quantized kernel computes dequantize(W) @ x in float32 (the same products, summed in
 another order), so results match ops/reference.py to float32 rounding (tests/test_ops_cpu.py gives the
 tolerances and why). The one exception is an option, off by default: ACTIVATIONS = "int8" (or
-TINYSERVE_INT8_ACTIVATIONS=1) rounds x to int8 per group in the few-row path of quantized layers and uses
-integer dot products (faster; bounded error, see _gemv_q8a and quant.linear_int8_activations). Kernels allow reassociation and FMA contraction so that LLVM can vectorize their
-sums; nothing else is relaxed (no approximate reciprocals or functions, NaN and inf as in NumPy; see REDUCE).
+TINYSERVE_INT8_ACTIVATIONS=1) rounds x to int8 per group in the few-row path of quantized layers (decode,
+batches below A8_GEMM_MIN_ROWS) and uses integer dot products (faster; bounded error, see _gemv_q8a,
+_gemv_a8x4 and quant.linear_int8_activations). Kernels allow reassociation and FMA contraction so that LLVM
+can vectorize their sums; nothing else is relaxed (no approximate reciprocals or functions, NaN and inf as in
+NumPy; see REDUCE).
 
 docs/performance.md has the measured speeds and the alternatives that were tried; NUMBA_NOTES.md (shared)
 has the facts about Numba on these machines that shaped the code (int32 casts, slicing before loops,
