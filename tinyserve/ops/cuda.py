@@ -251,16 +251,21 @@ def _add_kernel(a, b, out):
         out[i] = a[i] + b[i]
 
 
-def add(a, b):
-    """The residual connection a + b (same shapes)."""
-    a, b = _dev(a, "add a", np.float32), _dev(b, "add b", np.float32)
+def _elementwise(kernel, op: str, names: tuple[str, str], a, b):
+    """out = kernel(a, b) elementwise over two float32 arrays of one shape (add, swiglu)."""
+    a, b = _dev(a, f"{op} {names[0]}", np.float32), _dev(b, f"{op} {names[1]}", np.float32)
     if tuple(a.shape) != tuple(b.shape):
-        raise TinyserveError(f"cuda ops: add needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise TinyserveError(f"cuda ops: {op} needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
     out = cuda.device_array(a.shape, np.float32)
     n = int(np.prod(a.shape))
     if n:
-        _add_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads](_flat(a), _flat(b), _flat(out))
+        kernel[_grid(n, LAUNCH.threads), LAUNCH.threads](_flat(a), _flat(b), _flat(out))
     return out
+
+
+def add(a, b):
+    """The residual connection a + b (same shapes)."""
+    return _elementwise(_add_kernel, "add", ("a", "b"), a, b)
 
 
 @cuda.jit
@@ -273,14 +278,7 @@ def _swiglu_kernel(gate, up, out):
 
 def swiglu(gate, up):
     """SwiGLU's gating silu(gate) * up: (N, F), (N, F) -> (N, F)."""
-    gate, up = _dev(gate, "swiglu gate", np.float32), _dev(up, "swiglu up", np.float32)
-    if tuple(gate.shape) != tuple(up.shape):
-        raise TinyserveError(f"cuda ops: swiglu needs equal shapes, got {tuple(gate.shape)} and {tuple(up.shape)}")
-    out = cuda.device_array(gate.shape, np.float32)
-    n = int(np.prod(gate.shape))
-    if n:
-        _swiglu_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads](_flat(gate), _flat(up), _flat(out))
-    return out
+    return _elementwise(_swiglu_kernel, "swiglu", ("gate", "up"), gate, up)
 
 
 @cuda.jit
