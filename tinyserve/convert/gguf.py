@@ -126,53 +126,35 @@ class _Meta:
         shown = repr(got) if not isinstance(got, list) else f"an array of {len(got)}"
         return TinyserveError(f"{self.path}: metadata {key} must be {want}, got {shown}")
 
-    def int(self, key, default=...):
+    def _get(self, key, default, ok, want: str, convert):
+        """convert(value) of key when its GGUF type passes ok, else a one-line error naming `want`; when the
+        key is missing: default, or an error if there is none."""
         if key not in self:
             if default is ...:
                 raise TinyserveError(f"{self.path}: GGUF metadata has no {key}")
             return default
         types, v = self._value(key)
-        if types[0] in (self.T.ARRAY, self.T.STRING, self.T.BOOL, self.T.FLOAT32, self.T.FLOAT64):
-            raise self._bad(key, "an integer", v)
-        return int(v)
+        if not ok(types[0]):
+            raise self._bad(key, want, v)
+        return convert(v)
+
+    def int(self, key, default=...):
+        T = self.T
+        return self._get(key, default, lambda t: t not in (T.ARRAY, T.STRING, T.BOOL, T.FLOAT32, T.FLOAT64),
+                         "an integer", int)
 
     def float(self, key, default=...):
-        if key not in self:
-            if default is ...:
-                raise TinyserveError(f"{self.path}: GGUF metadata has no {key}")
-            return default
-        types, v = self._value(key)
-        if types[0] in (self.T.ARRAY, self.T.STRING, self.T.BOOL):
-            raise self._bad(key, "a number", v)
-        return float(v)
+        T = self.T
+        return self._get(key, default, lambda t: t not in (T.ARRAY, T.STRING, T.BOOL), "a number", float)
 
     def str(self, key, default=...):
-        if key not in self:
-            if default is ...:
-                raise TinyserveError(f"{self.path}: GGUF metadata has no {key}")
-            return default
-        types, v = self._value(key)
-        if types[0] != self.T.STRING:
-            raise self._bad(key, "a string", v)
-        return v
+        return self._get(key, default, lambda t: t == self.T.STRING, "a string", lambda v: v)
 
     def bool(self, key, default):
-        if key not in self:
-            return default
-        types, v = self._value(key)
-        if types[0] != self.T.BOOL:
-            raise self._bad(key, "true or false", v)
-        return bool(v)
+        return self._get(key, default, lambda t: t == self.T.BOOL, "true or false", bool)
 
     def array(self, key, kind, default=...):
-        if key not in self:
-            if default is ...:
-                raise TinyserveError(f"{self.path}: GGUF metadata has no {key}")
-            return default
-        types, v = self._value(key)
-        if types[0] != self.T.ARRAY:
-            raise self._bad(key, f"an array of {kind}", v)
-        return v
+        return self._get(key, default, lambda t: t == self.T.ARRAY, f"an array of {kind}", lambda v: v)
 
 
 def _short_float(x: float) -> float:
