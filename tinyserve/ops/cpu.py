@@ -957,59 +957,49 @@ def _gemm_f32(x, w, y, panel):
         _panel_matmul(x, w[o0:o0 + rows], rows, y, o0)
 
 
-@njit(parallel=True, cache=True, fastmath=REDUCE)
-def _gemm_q8(x, q, s, y, panel):
-    """int8 weights, many rows. Parallel over panels of `panel` weight rows.
-
-    Each panel is dequantized once into a float32 buffer (panel x Kp: the exact values of dequantize(W)),
-    which is then multiplied with every 4-token block of x by the 4x4 register tile. The unpacking cost
-    is paid once per panel and shared by all N rows of x.
-    """
-    O, ng = s.shape
-    Kp = q.shape[1]
-    G = Kp // ng
-    for pb in prange((O + panel - 1) // panel):
-        o0 = pb * panel
-        rows = min(panel, O - o0)
-        wb = np.empty((panel, Kp), np.float32)
-        for r in range(rows):
-            qr = q[o0 + r]
-            wr = wb[r]
-            for g in range(ng):
-                sg = s[o0 + r, g]
-                qg = qr[g * G:(g + 1) * G]
+@njit(cache=True, fastmath=REDUCE, inline="always")
+def _dequantize_panel(data, s, z, asym, bits, o0, rows, wb, G, ng):
+    """wb[r] = dequantize(W)[o0 + r] for r < rows, exactly: int8 (bits 8) values times the group's scale, or
+    int4 (bits 4) (nibble - zero) * scale, low nibbles to the first half of each group, high to the second."""
+    H = G // 2
+    for r in range(rows):
+        dr = data[o0 + r]
+        wr = wb[r]
+        for g in range(ng):
+            sg = s[o0 + r, g]
+            if bits == 8:
+                qg = dr[g * G:(g + 1) * G]
                 wg = wr[g * G:(g + 1) * G]
                 for j in range(G):
                     wg[j] = f32(i32(qg[j])) * sg
-        _panel_matmul(x, wb, rows, y, o0)
-
-
-@njit(parallel=True, cache=True, fastmath=REDUCE)
-def _gemm_q4(x, p, s, z, asym, y, panel):
-    """int4 weights (symmetric, or asymmetric with zero points z), many rows: as _gemm_q8, the panel
-    dequantized to (nibble - zero) * scale, low nibbles to the first half of each group, high nibbles to
-    the second."""
-    O, ng = s.shape
-    Kp = 2 * p.shape[1]
-    G = Kp // ng
-    H = G // 2
-    for pb in prange((O + panel - 1) // panel):
-        o0 = pb * panel
-        rows = min(panel, O - o0)
-        wb = np.empty((panel, Kp), np.float32)
-        for r in range(rows):
-            pr = p[o0 + r]
-            wr = wb[r]
-            for g in range(ng):
-                sg = s[o0 + r, g]
+            else:
                 zero = i32(z[o0 + r, g]) if asym else i32(8)
-                pg = pr[g * H:(g + 1) * H]
+                pg = dr[g * H:(g + 1) * H]
                 wl = wr[g * G:g * G + H]
                 wh = wr[g * G + H:(g + 1) * G]
                 for j in range(H):
                     b = i32(pg[j])
                     wl[j] = f32(i32(i32(b & 15) - zero)) * sg
                     wh[j] = f32(i32(i32(b >> 4) - zero)) * sg
+
+
+@njit(parallel=True, cache=True, fastmath=REDUCE)
+def _gemm_quant(x, data, s, z, asym, bits, y, panel):
+    """int8 (bits 8) or int4 (bits 4; symmetric, or asymmetric with zero points z) weights, many rows.
+    Parallel over panels of `panel` weight rows.
+
+    Each panel is dequantized once into a float32 buffer (panel x Kp: the exact values of dequantize(W)),
+    which is then multiplied with every 4-token block of x by the 4x4 register tile. The unpacking cost
+    is paid once per panel and shared by all N rows of x. z: (O, ng) uint8, or a dummy (1, 1) when not asym.
+    """
+    O, ng = s.shape
+    Kp = x.shape[1]
+    G = Kp // ng
+    for pb in prange((O + panel - 1) // panel):
+        o0 = pb * panel
+        rows = min(panel, O - o0)
+        wb = np.empty((panel, Kp), np.float32)
+        _dequantize_panel(data, s, z, asym, bits, o0, rows, wb, G, ng)
         _panel_matmul(x, wb, rows, y, o0)
 
 
@@ -1070,7 +1060,7 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
         gemm = N >= (A8_GEMM_MIN_ROWS if ACTIVATIONS == "int8" else GEMM_MIN_ROWS)
         if w.bits == 8:
             if gemm:
-                _gemm_q8(xp, data, scales, y, panel_rows(w.padded_in))
+                _gemm_quant(xp, data, scales, _NO_ZEROS, False, 8, y, panel_rows(w.padded_in))
             elif ACTIVATIONS == "int8":
                 _linear_int8_activations(xp, w, y, data, scales, _NO_ZEROS, False)
             else:
@@ -1078,7 +1068,7 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
         else:
             z, asym = (_weight(w.zeros), True) if w.zeros is not None else (_NO_ZEROS, False)
             if gemm:
-                _gemm_q4(xp, data, scales, z, asym, y, panel_rows(w.padded_in))
+                _gemm_quant(xp, data, scales, z, asym, 4, y, panel_rows(w.padded_in))
             elif ACTIVATIONS == "int8":
                 _linear_int8_activations(xp, w, y, data, scales, z, asym)
             else:
