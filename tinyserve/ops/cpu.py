@@ -409,37 +409,24 @@ def _gemv_q4(x, xsum, p, s, z, asym, y, ahead):
 ACTIVATIONS = "int8" if os.environ.get("TINYSERVE_INT8_ACTIVATIONS", "") not in ("", "0") else "float32"
 
 
-def _host_has_avx2() -> bool:
-    """Whether the CPU Numba compiles for has AVX2 (vpmaddwd / vpmaddubsw on 256-bit registers)."""
+def _host_has(*features: str) -> bool:
+    """Whether the CPU Numba compiles for has every one of these LLVM features (e.g. "avx2")."""
     from llvmlite import binding as ll
     from numba.core import config
 
     if config.CPU_NAME or config.CPU_FEATURES:  # NUMBA_CPU_NAME / NUMBA_CPU_FEATURES: compiling for another CPU
-        return "+avx2" in (config.CPU_FEATURES or "")
+        return all("+" + f in (config.CPU_FEATURES or "") for f in features)
     try:
-        return bool(ll.get_host_cpu_features().get("avx2", False))
+        host = ll.get_host_cpu_features()
+        return all(host.get(f, False) for f in features)
     except Exception:  # not x86, or features unknown
         return False
 
 
-def _host_has_vnni() -> bool:
-    """Whether the CPU has AVX512-VNNI with 256-bit forms (vpdpbusd on ymm registers)."""
-    from llvmlite import binding as ll
-    from numba.core import config
-
-    if config.CPU_NAME or config.CPU_FEATURES:
-        return all(f in (config.CPU_FEATURES or "") for f in ("+avx512vnni", "+avx512vl"))
-    try:
-        feats = ll.get_host_cpu_features()
-        return bool(feats.get("avx512vnni", False) and feats.get("avx512vl", False))
-    except Exception:
-        return False
-
-
-# The explicit-vector group dot products below use x86 AVX2 (and VNNI) instructions; elsewhere the portable
-# loops.
-AVX2 = _host_has_avx2()
-VNNI = AVX2 and _host_has_vnni()
+# The explicit-vector group dot products below use x86 instructions: AVX2 (vpmaddwd / vpmaddubsw on 256-bit
+# registers) and, where there is AVX512-VNNI with its 256-bit forms, vpdpbusd; elsewhere the portable loops.
+AVX2 = _host_has("avx2")
+VNNI = AVX2 and _host_has("avx512vnni", "avx512vl")
 
 _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 
