@@ -67,6 +67,42 @@ if SIMULATOR:
         """The float32 whose bit pattern is the integer `bits` (simulator: plain NumPy)."""
         return np.array([bits], dtype=np.uint32).view(np.float32)[0]
 
+    def _patch_simulator_shared_arrays() -> None:
+        """Make the simulator's cuda.shared.array safe for the threads of a block.
+
+        The simulator runs a block's threads as Python threads, and FakeCUDAShared.array finds a block's
+        shared array by the calling line with a get-then-insert on a dict, without a lock: two threads can
+        both miss and each make its own array, so one thread's writes never reach the others (seen as NaN
+        logits and wrong tokens in about 1 run of 6 with 4 simulator processes on 2 cores). Same lookup,
+        under a lock; dynamic shared memory (shape 0) and alignment keep the simulator's own handling.
+        """
+        import sys
+        import threading
+        import traceback
+
+        from numba.cuda.simulator.kernelapi import FakeCUDAShared
+        from numba.np import numpy_support
+
+        original, lock = FakeCUDAShared.array, threading.Lock()
+
+        def array(self, shape, dtype, alignment=None):
+            if shape == 0 or alignment is not None:
+                return original(self, shape, dtype, alignment)
+            if isinstance(dtype, numba_types.Type):
+                dtype = numpy_support.as_dtype(dtype)
+            caller = tuple(traceback.extract_stack(sys._getframe(1), limit=1)[0][0:2])  # (file, line)
+            with lock:
+                res = self._allocations.get(caller)
+                if res is None:
+                    res = self._allocations[caller] = np.empty(shape, dtype)
+            return res
+
+        FakeCUDAShared.array = array
+
+    from numba.core import types as numba_types
+
+    _patch_simulator_shared_arrays()
+
 else:
     from numba.cuda import libdevice
 
