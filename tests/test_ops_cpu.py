@@ -284,11 +284,14 @@ def test_quantize_x_kernel_is_the_spec(dtype):
     x[1, :G] = 0  # a group of zeros: scale 0, values 0
     x[2, G:2 * G] = np.float32(2.5) * np.arange(G, dtype=np.float32) / 127  # exact halves: ties to even
     xq, xs, xsum = np.empty(x.shape, dtype), np.empty((3, ng), np.float32), np.empty((3, ng), np.int32)
-    cpu._quantize_x(x, G, xq, xs, xsum)
+    lanes = np.empty((3, ng * cpu.VNNI_LANES), np.int32)
+    cpu._quantize_x(x, G, xq, xs, xsum, lanes)
     want_q, want_s = quant.quantize_activations(x, G)
     np.testing.assert_array_equal(xq, want_q)
     np.testing.assert_array_equal(xs, want_s)
     np.testing.assert_array_equal(xsum, want_q.reshape(3, ng, G).sum(-1))
+    # lane l of group g: the values at positions p of the group with p mod 32 in 4l .. 4l + 3 (vpdpbusd's lanes)
+    np.testing.assert_array_equal(lanes, want_q.astype(np.int64).reshape(3, ng, G // 32, 8, 4).sum(axis=(2, 4)).reshape(3, -1))
     assert np.all(np.abs(x - want_s.repeat(G, axis=1) * want_q) <= want_s.repeat(G, axis=1) / 2 * (1 + 4 * EPS))
 
 
@@ -324,81 +327,59 @@ def test_avx2_group_dots_equal_the_portable_loops(group):
 
 
 @pytest.mark.skipif(not cpu.VNNI, reason="vpdpbusd needs AVX512-VNNI")
+@pytest.mark.parametrize("fmt,bits,zp", Q_FORMATS, ids=[f[0] for f in Q_FORMATS])
 @pytest.mark.parametrize("group", quant.GROUP_SIZES)
-def test_vnni_four_row_dot_equals_the_portable_loop(group):
-    """_dot4_q8_vnni (4 rows at a stride, or one row with stride 0) gives the portable loop's int32, extremes
-    included (-128 + 128 = 0 and 127 + 128 = 255 against +-127)."""
-    from numba import njit
-
-    @njit
-    def dots(w, x, stride, K, ng):
-        out = np.empty((ng, 8), np.int64)
-        for g in range(ng):
-            out[g, :4] = cpu._dot4_q8_vnni(w, x, g * 32, stride, g * 32, K)
-            out[g, 4:] = cpu._dot4_q8_loop(w, x, g * 32, stride, g * 32, K)
-        return out
-
-    rng = rng_for("dot4", group)
-    K, ng = group, 2
-    w = rng.integers(-128, 128, 4 * K + 64, dtype=np.int8)
-    x = rng.integers(-127, 128, K + 64, dtype=np.int8)
-    w[:K], x[:K] = 127, -127  # the largest biased sum
-    for stride in (K, 0):
-        got = dots(w, x, stride, K, ng)
-        np.testing.assert_array_equal(got[:, :4], got[:, 4:])
-        want = [[((w[g * 32 + r * stride:][:K].astype(np.int64) + 128) * x[g * 32:][:K]).sum() for r in range(4)]
-                for g in range(ng)]
-        np.testing.assert_array_equal(got[:, :4], want)
-
-
-@pytest.mark.skipif(not cpu.VNNI, reason="vpdpbusd needs AVX512-VNNI")
-@pytest.mark.parametrize("group", quant.GROUP_SIZES)
-def test_vnni_four_row_int4_dot_equals_the_portable_loop(group):
-    """_dot4_q4_vnni gives _dot4_q4_loop's four int32 (nibble 15 against -127 included), G = 32 too."""
-    from numba import njit
-
-    @njit
-    def dots(p, x, stride, H, ng):
-        out = np.empty((ng, 8), np.int64)
-        for g in range(ng):
-            out[g, :4] = cpu._dot4_q4_vnni(p, g * H, stride, x, g * 2 * H, H)
-            out[g, 4:] = cpu._dot4_q4_loop(p, g * H, stride, x, g * 2 * H, H)
-        return out
-
-    rng = rng_for("dot4q4", group)
-    H, ng = group // 2, 3
-    p = rng.integers(0, 256, 4 * H * ng + 64, dtype=np.uint8)
-    x = rng.integers(-127, 128, 2 * H * ng, dtype=np.int8)
-    p[:H], x[:2 * H] = 255, -127
-    for stride in (H * ng, 0):
-        got = dots(p, x, stride, H, ng)
-        np.testing.assert_array_equal(got[:, :4], got[:, 4:])
-    v = quant.unpack_int4(p[None, :H * ng], group)[0].astype(np.int64)  # row 0 (stride 0), unpacked
-    np.testing.assert_array_equal(got[:, 0], (v * x).reshape(ng, group).sum(-1))
+def test_vnni_kernel_at_the_extremes_is_the_spec(fmt, bits, zp, group):
+    """_gemv_a8x4's int32 lanes at their largest: every weight at an end of its range (int8 -127 / 127,
+    nibbles 0 / 15, zero points 0 / 15) against x at +-127; the result is the spec's exact group sums up to
+    float32 rounding of ng * 8 lane terms (nothing overflows or saturates)."""
+    rng = rng_for("a8 extremes", fmt, group)
+    out, ng = 6, 3
+    k = ng * group
+    w = quant.quantize(_weights(rng, out, k), bits, group, zp)
+    if bits == 8:
+        w.data = np.where(rng.random(w.data.shape) < 0.5, -127, 127).astype(np.int8)
+    else:
+        w.data = np.where(rng.random(w.data.shape) < 0.5, 0x00, 0xFF).astype(np.uint8)
+        w.data[0] = 0xFF  # a row of 15s
+        if zp:
+            w.zeros = np.where(rng.random(w.zeros.shape) < 0.5, 0, 15).astype(np.uint8)
+    x = np.where(rng.random((2, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+    x[0] = -1.0  # a row at -127 throughout
+    xq, xs, xsum = np.empty(x.shape, np.int8), np.empty((2, ng), np.float32), np.empty((2, ng), np.int32)
+    lanes = np.empty((2, ng * cpu.VNNI_LANES), np.int32)
+    cpu._quantize_x(x, group, xq, xs, xsum, lanes)
+    got = np.empty((2, out), np.float32)
+    cpu._gemv_a8x4(xq, xs, lanes, w.data, w.scales, w.zeros if zp else cpu._NO_ZEROS, zp, got, 0, bits)
+    want = quant.linear_int8_activations(x, w)
+    terms = np.abs(np.repeat(xs, group, axis=1) * xq).astype(np.float64) @ np.abs(
+        quant.dequantize(w)).T.astype(np.float64)
+    assert np.all(np.abs(got - want) <= 2 * (8 * ng + 2) * EPS * terms), np.max(np.abs(got - want) / terms)
 
 
 @pytest.mark.skipif(not cpu.VNNI, reason="vpdpbusd needs AVX512-VNNI")
 @pytest.mark.parametrize("fmt,bits,zp", Q_FORMATS, ids=[f[0] for f in Q_FORMATS])
 @pytest.mark.parametrize("out,k,group,N", [(37, 100, 32, 1), (6, 389, 128, 3), (9, 1000, 256, 2), (4, 64, 64, 1)])
 def test_vnni_int8_activation_kernel_equals_the_avx2_one(fmt, bits, zp, out, k, group, N):
-    """_gemv_a8x4 (4 rows per step, VNNI) and _gemv_q8a / _gemv_q4a compute the same exact int32 group sums
-    and scale them alike: equal up to the float32 rounding of adding ng group terms (FMA contraction may
-    differ between the two kernels), tail rows included."""
+    """_gemv_a8x4 (4 rows per step, VNNI, 8 lanes per group) and _gemv_q8a / _gemv_q4a compute the same
+    exact int32 group sums and scale them: equal up to the float32 rounding of adding 8 ng lane terms
+    against ng group terms, tail rows included."""
     rng = rng_for("a8x4", fmt, out, k, group, N)
     w = quant.quantize(_weights(rng, out, k), bits, group, zp)
     x = cpu._padded(rng.standard_normal((N, k)).astype(np.float32), w.padded_in)
     xq, xs, xsum = np.empty(x.shape, np.int8), np.empty((N, w.n_groups), np.float32), np.empty((N, w.n_groups), np.int32)
-    cpu._quantize_x(x, group, xq, xs, xsum)
+    lanes = np.empty((N, w.n_groups * cpu.VNNI_LANES), np.int32)
+    cpu._quantize_x(x, group, xq, xs, xsum, lanes)
     z = w.zeros if zp else cpu._NO_ZEROS
     a, b = np.empty((N, out), np.float32), np.empty((N, out), np.float32)
     if bits == 8:
         cpu._gemv_q8a(xq.astype(np.int16), xs, w.data, w.scales, a, 2048)
     else:
         cpu._gemv_q4a(xq, xs, xsum, w.data, w.scales, z, zp, a, 2048)
-    cpu._gemv_a8x4(xq, xs, xsum, w.data, w.scales, z, zp, b, 4096, bits)
+    cpu._gemv_a8x4(xq, xs, lanes, w.data, w.scales, z, zp, b, 4096, bits)
     terms = np.abs(np.repeat(xs, group, axis=1) * xq).astype(np.float64) @ np.abs(np.pad(
         quant.dequantize(w), ((0, 0), (0, w.padded_in - k)))).T.astype(np.float64)
-    assert np.all(np.abs(a - b) <= 2 * (w.n_groups + 2) * EPS * terms + 1e-30)
+    assert np.all(np.abs(a - b) <= 2 * (8 * w.n_groups + 2) * EPS * terms + 1e-30)
 
 
 def test_int8_activations_do_not_depend_on_thread_count(monkeypatch):

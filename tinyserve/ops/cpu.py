@@ -550,195 +550,185 @@ def _dot_q4_loop(p, pstart, x, xstart, H):
     return t
 
 
-@intrinsic
-def _dot4_q8_vnni(typingctx, w, x, start, stride, xstart, n):
-    """Four int8 rows against int8 x, each sum_{k < n} (w[start + r * stride + k] + 128) * x[xstart + k] as
-    int32 (r = 0..3; stride 0 repeats one row): the caller subtracts 128 * sum(x). n a multiple of 32.
-
-    VNNI's vpdpbusd multiplies 32 unsigned bytes with 32 signed bytes and adds each 4 neighbouring products
-    into 8 int32 lanes, in one instruction: per 32 weights a load, an XOR (w + 128 as an unsigned byte) and
-    a vpdpbusd, where _dot_q8_avx2 needs 16-bit x, a widening and a vpmaddwd per 16. Each load of x serves
-    the 4 rows. No overflow: |(w + 128) x| <= 255 * 127, 4 per lane per step, 8 steps at most (G <= 256).
-    In cache (1 thread, 256 x 2048) 42 GB/s of weights against 20 for _gemv_q8a.
-    """
-
-    def codegen(context, builder, sig, args):
-        wa, xa, st, strd, xst, cnt = args
-        v32, v8 = _vec(_I8, 32), _vec(_I32, 8)
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(4)]
-        dp = _llvm_fn(builder, "llvm.x86.avx512.vpdpbusd.256", v8, [v8, v8, v8])
-        c32 = ir.Constant(cnt.type, 32)
-        flip = ir.Constant(v32, [-128] * 32)
-        rows = [builder.add(st, builder.mul(strd, ir.Constant(strd.type, r))) for r in range(4)]
-        with cgutils.for_range(builder, builder.udiv(cnt, c32)) as loop:
-            o = builder.mul(loop.index, c32)
-            xv = builder.load(_vec_ptr(context, builder, sig.args[1], xa, builder.add(xst, o), v32), align=1)
-            xv = builder.bitcast(xv, v8)
-            for acc, row in zip(accs, rows):
-                wv = builder.load(_vec_ptr(context, builder, sig.args[0], wa, builder.add(row, o), v32), align=1)
-                wu = builder.bitcast(builder.xor(wv, flip), v8)
-                builder.store(builder.call(dp, [builder.load(acc), wu, xv]), acc)
-        total = _llvm_fn(builder, "llvm.vector.reduce.add.v8i32", _I32, [v8])
-        return context.make_tuple(builder, sig.return_type, [builder.call(total, [builder.load(a)]) for a in accs])
-
-    return types.UniTuple(types.int32, 4)(w, x, start, stride, xstart, n), codegen
-
-
-@njit(cache=True, inline="always")
-def _dot4_q8_loop(w, x, start, stride, xstart, n):
-    """The portable form of _dot4_q8_vnni (the same four int32)."""
-    xg = x[xstart:xstart + n]
-    t0 = t1 = t2 = t3 = i32(0)
-    for j in range(n):
-        v = i32(xg[j])
-        t0 = i32(t0 + (i32(w[start + j]) + 128) * v)
-        t1 = i32(t1 + (i32(w[start + stride + j]) + 128) * v)
-        t2 = i32(t2 + (i32(w[start + 2 * stride + j]) + 128) * v)
-        t3 = i32(t3 + (i32(w[start + 3 * stride + j]) + 128) * v)
-    return t0, t1, t2, t3
-
-
-_dot4_q8 = _dot4_q8_vnni if VNNI else _dot4_q8_loop
+_F32 = ir.FloatType()
+VNNI_LANES = 8  # int32 lanes of one 256-bit vpdpbusd: lane l sums the products of bytes 4l .. 4l + 3
 
 
 @intrinsic
-def _dot4_q4_vnni(typingctx, p, pstart, stride, x, xstart, H):
-    """Four int4 rows (split halves, H bytes each, at p[pstart + r * stride]; stride 0 repeats one row)
-    against int8 x: UniTuple(int32, 4) of sum_j lo(p_j) x[xstart + j] + hi(p_j) x[xstart + H + j], the
-    nibbles as stored (0..15; the caller subtracts the zero point through the group sum of x).
+def _a8_rows4(typingctx, data, start, stride, x, lanes, s, srow, sstride, xs, z, asym, zero, ng, gb, bits, ahead):
+    """Four rows of int8 (bits 8) or int4 (bits 4) weights against one row of int8 activations, on VNNI
+    machines: UniTuple(float32, 4), row r = sum_g s[srow + r * sstride, g] * xs[g] * (its exact int32 group
+    sum). Row r's ng groups of gb bytes start at data[start + r * stride] (stride 0 repeats one row, for the
+    last rows of a matrix); s and z are flat (O * ng) arrays.
 
-    _dot_q4_avx2's unpacking (AND / shift to 32 unsigned nibbles per 32 bytes) with vpdpbusd (VNNI) in place
-    of vpmaddubsw + vpmaddwd + add, and each load of x serving 4 rows. H = 16 (G = 32) joins a group's 16 low
-    and 16 high nibbles into one 32-byte vector, as _dot_q4_avx2 does. In cache (1 thread, 256 x 2048, G 128)
-    19.7 GB/s of weights against 12.6 for _gemv_q4a.
+    The integer part is _dot_q8_avx2's / _dot_q4_avx2's: vpdpbusd multiplies 32 unsigned bytes with 32
+    signed bytes of x and adds each 4 neighbouring products into 8 int32 lanes. The weights go in as
+    unsigned bytes: int8 w + 128 (an XOR with 0x80), int4 the nibbles as stored (0..15); the zero (128,
+    8, or the stored zero point when asym) comes off through `lanes`, the lane sums of x
+    (lanes[8g + l] = sum of x[g * G + p] over p mod 32 in 4l .. 4l + 3, from _quantize_x): each lane of each group starts
+    at -zero * lanes[8g + l], so after the group every lane holds an exact int32 sum of (w - zero) * x.
+
+    What makes it fast: a group's 8 lanes are never added together. They are converted to float32 once
+    per group (exact: |lane| < 2^24) and multiply-added into 8 float32 lanes by the group's scale
+    product, so a row costs one horizontal sum at its end, not one per group (the old kernel's cost at
+    G = 32). Each load of x serves the 4 rows. In cache (1 thread, 256 x 2048, G 128): 37-46 GB/s of weights
+    against 34-37 for the per-group-sum kernel; from memory (docs/performance.md) +5-10% (int8) and
+    +10% (int4). The weights are prefetched `ahead` bytes on, per group (0: no prefetch): int8 into L1,
+    int4 into L2 (measured best, as before).
+
+    No overflow: a lane adds G / 32 steps of 4 products, each at most 255 * 127, and starts at
+    -128 * (G / 8) * 127 at most; G <= 256.
     """
+    W = VNNI_LANES
 
     def codegen(context, builder, sig, args):
-        pa, ps, strd, xa, xs_, h = args
-        T = h.type
-        v32, v16, v8 = _vec(_I8, 32), _vec(_I8, 16), _vec(_I32, 8)
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(4)]
-        dp = _llvm_fn(builder, "llvm.x86.avx512.vpdpbusd.256", v8, [v8, v8, v8])
-        rows = [builder.add(ps, builder.mul(strd, ir.Constant(strd.type, r))) for r in range(4)]
+        (da, st, strd, xa, la, sa, sr, sst, xsa, za, asy, zr, ngv, gbv, bitsv, ah) = args
+        T = st.type
+        v32, v16, vi, vf = _vec(_I8, 32), _vec(_I8, 16), _vec(_I32, W), _vec(_F32, W)
+        dp = _llvm_fn(builder, "llvm.x86.avx512.vpdpbusd.256", vi, [vi, vi, vi])
+        fma = _llvm_fn(builder, "llvm.fma.v8f32", vf, [vf, vf, vf])
+        i8p = _I8.as_pointer()
+        pf = _llvm_fn(builder, "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8",
+                      ir.VoidType(), [i8p, _I32, _I32, _I32])
+        dty, xty, lty, sty, xsty, zty = (sig.args[i] for i in (0, 3, 4, 5, 8, 9))
 
-        def load(aty, arr, idx, vty):
-            return builder.load(_vec_ptr(context, builder, aty, arr, idx, vty), align=1)
+        def const(v):
+            return ir.Constant(T, v)
 
-        def accumulate(acc, u8, s8):
-            builder.store(builder.call(dp, [builder.load(acc), builder.bitcast(u8, v8), builder.bitcast(s8, v8)]), acc)
+        def load(aty, arr, idx, ety, align=1):  # arr[idx] as ety (a vector or a scalar)
+            a = context.make_array(aty)(context, builder, arr)
+            return builder.load(builder.bitcast(builder.gep(a.data, [idx]), ety.as_pointer()), align=align)
 
-        c32 = ir.Constant(T, 32)
-        with cgutils.for_range(builder, builder.udiv(h, c32)) as loop:  # 32 bytes (64 values) per row at a time
-            o = builder.mul(loop.index, c32)
-            xl = load(sig.args[3], xa, builder.add(xs_, o), v32)
-            xh = load(sig.args[3], xa, builder.add(builder.add(xs_, h), o), v32)
-            for acc, row in zip(accs, rows):
-                b = load(sig.args[0], pa, builder.add(row, o), v32)
-                accumulate(acc, builder.and_(b, ir.Constant(v32, [15] * 32)), xl)
-                accumulate(acc, builder.lshr(b, ir.Constant(v32, [4] * 32)), xh)
-        with builder.if_then(builder.icmp_unsigned("==", h, ir.Constant(T, 16))):  # G = 32: one 16-byte group
-            xv = load(sig.args[3], xa, xs_, v32)
-            for acc, row in zip(accs, rows):
-                b = load(sig.args[0], pa, row, v16)
-                lo = builder.and_(b, ir.Constant(v16, [15] * 16))
-                hi = builder.lshr(b, ir.Constant(v16, [4] * 16))
-                accumulate(acc, builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, 32), list(range(32)))), xv)
-        total = _llvm_fn(builder, "llvm.vector.reduce.add.v8i32", _I32, [v8])
-        return context.make_tuple(builder, sig.return_type, [builder.call(total, [builder.load(a)]) for a in accs])
+        def splat(v, vty):
+            u = builder.insert_element(ir.Constant(vty, None), v, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(u, u, ir.Constant(_vec(_I32, W), [0] * W))
 
-    return types.UniTuple(types.int32, 4)(p, pstart, stride, x, xstart, H), codegen
+        def dot(acc, u8, s8):  # acc += 4-product sums of u8 (unsigned) and s8 (signed), per lane
+            builder.store(builder.call(dp, [builder.load(acc), builder.bitcast(u8, vi), builder.bitcast(s8, vi)]), acc)
+
+        sums = [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(4)]  # float32 lanes
+        ints = [cgutils.alloca_once(builder, vi) for _ in range(4)]  # the current group's int32 lanes
+        rows = [builder.add(st, builder.mul(strd, const(r))) for r in range(4)]
+        srows = [builder.mul(builder.add(sr, builder.mul(sst, const(r))), ngv) for r in range(4)]  # s[row, 0]
+        is8 = builder.icmp_unsigned("==", bitsv, ir.Constant(bitsv.type, 8))
+        G = builder.select(is8, gbv, builder.mul(gbv, const(2)))  # values per group
+        base = context.make_array(dty)(context, builder, da).data
+        c32 = const(32)
+        with cgutils.for_range(builder, ngv) as group:
+            g = group.index
+            gbase = builder.mul(g, gbv)  # the group's first byte in a row
+            with builder.if_then(builder.icmp_signed(">", ah, const(0))):  # the block's bytes, `ahead` on
+                at = builder.add(builder.add(st, builder.mul(gbase, const(4))), ah)
+                with cgutils.for_range(builder, builder.udiv(builder.mul(gbv, const(4)), const(64))) as line:
+                    p = builder.bitcast(builder.gep(base, [builder.add(at, builder.mul(line.index, const(64)))]), i8p)
+                    with builder.if_else(is8) as (l1, l2):
+                        with l1:
+                            builder.call(pf, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+                        with l2:
+                            builder.call(pf, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
+            L = load(lty, la, builder.mul(g, const(W)), vi, 4)
+            with builder.if_else(asy) as (per_row, shared):  # each lane starts at -zero * (its lane sum of x)
+                with per_row:
+                    for r in range(4):
+                        zv = builder.zext(load(zty, za, builder.add(srows[r], g), _I8), _I32)
+                        builder.store(builder.mul(L, splat(builder.neg(zv), vi)), ints[r])
+                with shared:
+                    start_lanes = builder.mul(L, splat(builder.neg(builder.trunc(zr, _I32)), vi))
+                    for r in range(4):
+                        builder.store(start_lanes, ints[r])
+            xg = builder.mul(g, G)  # the group's first value of x
+            with builder.if_else(is8) as (int8, int4):
+                with int8:  # 32 weights per step: w XOR 0x80 = w + 128 as an unsigned byte
+                    flip = ir.Constant(v32, [-128] * 32)
+                    with cgutils.for_range(builder, builder.udiv(gbv, c32)) as step:
+                        o = builder.mul(step.index, c32)
+                        xv = load(xty, xa, builder.add(xg, o), v32)
+                        for r in range(4):
+                            dot(ints[r], builder.xor(load(dty, da, builder.add(builder.add(rows[r], gbase), o), v32), flip), xv)
+                with int4:  # 32 bytes (64 weights) per step: low nibbles face x[j], high ones x[j + gb]
+                    with cgutils.for_range(builder, builder.udiv(gbv, c32)) as step:
+                        o = builder.mul(step.index, c32)
+                        xl = load(xty, xa, builder.add(xg, o), v32)
+                        xh = load(xty, xa, builder.add(builder.add(xg, gbv), o), v32)
+                        for r in range(4):
+                            b = load(dty, da, builder.add(builder.add(rows[r], gbase), o), v32)
+                            dot(ints[r], builder.and_(b, ir.Constant(v32, [15] * 32)), xl)
+                            dot(ints[r], builder.lshr(b, ir.Constant(v32, [4] * 32)), xh)
+                    with builder.if_then(builder.icmp_unsigned("==", gbv, const(16))):  # G = 32: one 16-byte group
+                        xv = load(xty, xa, xg, v32)
+                        for r in range(4):
+                            b = load(dty, da, builder.add(rows[r], gbase), v16)
+                            lo = builder.and_(b, ir.Constant(v16, [15] * 16))
+                            hi = builder.lshr(b, ir.Constant(v16, [4] * 16))  # joined: values 0..31 of the group
+                            dot(ints[r], builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, 32), list(range(32)))), xv)
+            sx = load(xsty, xsa, g, _F32, 4)
+            for r in range(4):  # float32 lanes += float(int32 lanes) * (s[row, g] * xs[g])
+                scale = builder.fmul(load(sty, sa, builder.add(srows[r], g), _F32, 4), sx)
+                f = builder.sitofp(builder.load(ints[r]), vf)
+                builder.store(builder.call(fma, [f, splat(scale, vf), builder.load(sums[r])]), sums[r])
+
+        def lane_total(v):  # (l0 + l4) + (l2 + l6) + ((l1 + l5) + (l3 + l7)): one fixed order
+            h = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 4), [0, 1, 2, 3])),
+                             builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 4), [4, 5, 6, 7])))
+            q = builder.fadd(builder.shuffle_vector(h, h, ir.Constant(_vec(_I32, 2), [0, 1])),
+                             builder.shuffle_vector(h, h, ir.Constant(_vec(_I32, 2), [2, 3])))
+            return builder.fadd(builder.extract_element(q, ir.Constant(_I32, 0)), builder.extract_element(q, ir.Constant(_I32, 1)))
+
+        return context.make_tuple(builder, sig.return_type, [lane_total(builder.load(a)) for a in sums])
+
+    sig = types.UniTuple(types.float32, 4)(data, start, stride, x, lanes, s, srow, sstride, xs, z, asym, zero, ng, gb,
+                                           bits, ahead)
+    return sig, codegen
 
 
-@njit(cache=True, inline="always")
-def _dot4_q4_loop(p, pstart, stride, x, xstart, H):
-    """The portable form of _dot4_q4_vnni (the same four int32)."""
-    return (_dot_q4_loop(p, pstart, x, xstart, H), _dot_q4_loop(p, pstart + stride, x, xstart, H),
-            _dot_q4_loop(p, pstart + 2 * stride, x, xstart, H), _dot_q4_loop(p, pstart + 3 * stride, x, xstart, H))
-
-
-_dot4_q4 = _dot4_q4_vnni if VNNI else _dot4_q4_loop
-
-
-@njit(cache=True, fastmath=REDUCE, inline="always")
-def _a8_block(xq, xs, xsum, flat, s, z, asym, y, o, rows, ahead, G, ng, bits):
-    """Rows o .. o + rows - 1 of _gemv_a8x4 (rows = 4, or 1: then the dot reads the one row 4 times).
-
-    Per group, each row's int32 sum from the VNNI dot, minus zero * sum(xq) (zero: 128 for int8, whose dot
-    adds 128 to every weight; 8 or the stored zero point for int4), converted to float32 once and scaled
-    by the weight's and x's scales, as _gemv_q8a and _gemv_q4a do.
-    """
-    Kb = G * ng if bits == 8 else G // 2 * ng  # bytes per row
-    gb = G if bits == 8 else G // 2  # bytes per group
-    stride = Kb if rows == 4 else 0
-    for n in range(xq.shape[0]):
-        xr = xq[n]
-        a0 = a1 = a2 = a3 = f32(0)
-        for g in range(ng):
-            if n == 0 and ahead > 0:  # past the end is harmless: a prefetch never faults
-                at = o * Kb + rows * g * gb + ahead
-                for c in range(0, rows * gb, 64):
-                    if bits == 8:
-                        _prefetch(flat, at + c)
-                    else:
-                        _prefetch_l2(flat, at + c)
-            if bits == 8:
-                t0, t1, t2, t3 = _dot4_q8(flat, xr, o * Kb + g * G, stride, g * G, G)
-            else:
-                t0, t1, t2, t3 = _dot4_q4(flat, o * Kb + g * gb, stride, xr, g * G, gb)
-            c = xsum[n, g]
-            sx = xs[n, g]
-            base = i32(128) if bits == 8 else i32(8)
-            if asym:
-                a0 += f32(t0 - i32(z[o, g]) * c) * (s[o, g] * sx)
-                if rows == 4:
-                    a1 += f32(t1 - i32(z[o + 1, g]) * c) * (s[o + 1, g] * sx)
-                    a2 += f32(t2 - i32(z[o + 2, g]) * c) * (s[o + 2, g] * sx)
-                    a3 += f32(t3 - i32(z[o + 3, g]) * c) * (s[o + 3, g] * sx)
-            else:
-                cz = base * c
-                a0 += f32(t0 - cz) * (s[o, g] * sx)
-                if rows == 4:
-                    a1 += f32(t1 - cz) * (s[o + 1, g] * sx)
-                    a2 += f32(t2 - cz) * (s[o + 2, g] * sx)
-                    a3 += f32(t3 - cz) * (s[o + 3, g] * sx)
-        y[n, o] = a0
-        if rows == 4:
-            y[n, o + 1], y[n, o + 2], y[n, o + 3] = a1, a2, a3
-
-
-@parallel_kernel(fastmath=REDUCE)
-def _gemv_a8x4(xq, xs, xsum, data, s, z, asym, y, ahead, bits):
-    """int8 (bits 8) or int4 (bits 4) weights x int8 activations on VNNI machines: the integer group sums
-    of _gemv_q8a / _gemv_q4a with 4 weight rows per load of x (_dot4_q8 / _dot4_q4), parallel over blocks of
-    4 rows, the block's bytes prefetched `ahead` bytes on (int4: into L2). xq: (N, Kp) int8; z: (O, ng)
-    uint8 or a dummy (1, 1) when not asym. From memory (2 threads, 8192 x 2048, G 128): int8 21-22 GB/s
-    against 18-20 for _gemv_q8a, int4 19.6-20.3 against 18.1-19.2 for _gemv_q4a.
+@parallel_kernel(fastmath=False)
+def _gemv_a8x4(xq, xs, lanes, data, s, z, asym, y, ahead, bits):
+    """int8 (bits 8) or int4 (bits 4) weights x int8 activations on VNNI machines: y[n, o] = sum_g
+    (exact int32 group sum) * s[o, g] * xs[n, g], through _a8_rows4, parallel over blocks of 4 weight rows
+    (the last O mod 4 rows one at a time). The block (4 rows, a few KiB) stays in L1 while the N rows of
+    x pass over it; it is prefetched (`ahead` bytes on) for the first. xq: (N, Kp) int8; lanes: (N, 8 ng)
+    from _quantize_x; z: (O, ng) uint8, or a dummy (1, 1) when not asym. Results do not depend on the
+    thread count (each output is one call, in one order).
     """
     O, ng = s.shape
     G = xq.shape[1] // ng
-    flat = data.reshape(-1)
+    gb = G if bits == 8 else G // 2  # bytes per group
+    Kb = gb * ng  # bytes per row
+    zero = 128 if bits == 8 else 8  # what the unsigned form adds to each weight (asym: z instead)
+    flat, sf, zf = data.reshape(-1), s.reshape(-1), z.reshape(-1)
     for blk in prange((O + 3) // 4):
         o0 = 4 * blk
         if o0 + 4 <= O:
-            _a8_block(xq, xs, xsum, flat, s, z, asym, y, o0, 4, ahead, G, ng, bits)
-        else:  # the last rows, one at a time
+            for n in range(xq.shape[0]):
+                y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _a8_rows4(
+                    flat, o0 * Kb, Kb, xq[n], lanes[n], sf, o0, 1, xs[n], zf, asym, zero, ng, gb, bits,
+                    ahead if n == 0 else 0)
+        else:
             for o in range(o0, O):
-                _a8_block(xq, xs, xsum, flat, s, z, asym, y, o, 1, ahead, G, ng, bits)
+                for n in range(xq.shape[0]):
+                    y[n, o] = _a8_rows4(flat, o * Kb, 0, xq[n], lanes[n], sf, o, 0, xs[n], zf, asym, zero, ng, gb,
+                                        bits, 0)[0]
 
 
 _dot_q8 = _dot_q8_avx2 if AVX2 else _dot_q8_loop
 PREFETCH_A8 = 2048  # bytes ahead the int8-activation kernels prefetch their weights
-PREFETCH_A4_4 = 8192  # the int4 4-row VNNI one, into L2 (T0 2 KiB 18.7, T1 8 KiB 20.0, 16 KiB 19.7, none 11.5)
-PREFETCH_A8_4 = 4096  # and the int8 4-row VNNI one (measured: 1 KiB 19.4, 2 KiB 20.3, 4 KiB 21.2, none 15.6 GB/s)
+# _a8_rows4's distances, GB/s from memory (8192 x 2048, G 128, 2 threads), first with the per-group-sum kernel
+# it replaced, then re-measured with it (third session): int4, into L2: T0 2 KiB 18.7, T1 8 KiB 20.0, 16 KiB
+# 19.7, none 11.5; now T1 4 KiB 20.9-21.2, 8 KiB 20.8-21.6, none 12.9-13.5. int8, into L1: 1 KiB 19.4, 2 KiB
+# 20.3, 4 KiB 21.2, none 15.6; now 4 KiB 22.5-23.0, 8 KiB 17.2-21.8, none 18.1-18.9.
+PREFETCH_A4_4 = 8192
+PREFETCH_A8_4 = 4096
 _dot_q4 = _dot_q4_avx2 if AVX2 else _dot_q4_loop
 
 
 @parallel_kernel(fastmath=False)
-def _quantize_x(x, G, xq, xs, xsum):
+def _quantize_x(x, G, xq, xs, xsum, lanes):
     """quant.quantize_activations for rows of x already padded to whole groups, bit for bit: per group,
     scale = max|x| / 127 (float32), xq = rint(x / scale) clipped to +-127 (0 where the scale is 0).
     xq is int8 (int4 weights) or int16 (int8 weights: widened here once, not in the inner loop); xsum[n, g]
-    is the group's sum of xq (int32), which the int4 kernel needs for the zero point. Parallel over rows.
+    is the group's sum of xq (int32), which the int4 kernel needs for the zero point, and lanes[n, 8g + l]
+    the part of it that lane l of a 256-bit vpdpbusd adds up (the values at p mod 32 in 4l .. 4l + 3 of
+    the group; _a8_rows4 takes the zero points off with it). Parallel over rows.
     """
     N, Kp = x.shape
     ng = Kp // G
@@ -758,6 +748,10 @@ def _quantize_x(x, G, xq, xs, xsum):
                 xq[n, g * G + j] = v
                 t += v
             xsum[n, g] = t
+            for l in range(VNNI_LANES):
+                lanes[n, g * VNNI_LANES + l] = 0
+            for j in range(G):
+                lanes[n, g * VNNI_LANES + (j % 32) // 4] += xq[n, g * G + j]
 
 
 @parallel_kernel(fastmath=REDUCE)
@@ -827,11 +821,12 @@ def _linear_int8_activations(xp, w, y, data, scales, z, asym):
     xq = np.empty((N, Kp), np.int16 if w.bits == 8 and not VNNI else np.int8)
     xs = np.empty((N, ng), np.float32)
     xsum = np.empty((N, ng), np.int32)
+    lanes = np.empty((N, ng * VNNI_LANES), np.int32)
     work = N * w.shape[0] * w.shape[1] * w.bits // 8  # bytes of weights read
-    _run(_quantize_x, work, xp, G, xq, xs, xsum)
+    _run(_quantize_x, work, xp, G, xq, xs, xsum, lanes)
     if VNNI:
         ahead = PREFETCH_A8_4 if w.bits == 8 else PREFETCH_A4_4
-        _run(_gemv_a8x4, work, xq, xs, xsum, data, scales, z, asym, y, ahead, w.bits)
+        _run(_gemv_a8x4, work, xq, xs, lanes, data, scales, z, asym, y, ahead, w.bits)
     elif w.bits == 8:
         _run(_gemv_q8a, work, xq, xs, data, scales, y, PREFETCH_A8)
     else:
