@@ -182,31 +182,27 @@ _prefetch = _make_prefetch("_prefetch", 3, """Ask the memory system for the cach
 _prefetch_l2 = _make_prefetch("_prefetch_l2", 2, """_prefetch into L2 only (PREFETCHT1): for prefetching further ahead than L1 holds.""")
 
 
-@intrinsic
-def _wide_vectors(typingctx):
-    """Let LLVM vectorize the function this is called in (the body of a prange loop: Numba outlines it into
-    a function of its own) with 512-bit registers, on CPUs that have them.
+# LLVM IR for the explicit-vector kernels (intrinsics): types and helpers.
+_I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+_F32 = ir.FloatType()
 
-    LLVM's tuning for this CPU prefers 256-bit vectors, for every function; the per-function attributes
-    "prefer-vector-width" and "min-legal-vector-width" (what clang's -mprefer-vector-width sets) lift that
-    for one kernel. Measured in _gemv_q8, whose int8 -> float conversions and FMAs are its limit: llama-1b
-    int8 decode 9.9-10.2 -> 11.1-11.6 tok/s; _gemv_q4 gained nothing (16.1-16.2 vs 16.3-17.0) and the
-    memory-bound float32 kernel has nothing to gain, so only _gemv_q8 asks. On a CPU without AVX-512 the
-    attributes change nothing. (llvmlite only accepts attributes it knows; these are added to its set
-    directly.)
-    """
 
-    def codegen(context, builder, sig, args):
-        attrs = builder.function.attributes
-        set.add(attrs, '"prefer-vector-width"="512"')
-        set.add(attrs, '"min-legal-vector-width"="512"')
-        return context.get_dummy_value()
+def _vec(t, n):
+    return ir.VectorType(t, n)
 
-    return types.void(), codegen
+
+def _vec_ptr(context, builder, aty, arr, idx, vty):
+    """Pointer to the vector vty starting at arr[idx] (1-D array, no bounds check)."""
+    a = context.make_array(aty)(context, builder, arr)
+    return builder.bitcast(builder.gep(a.data, [idx]), vty.as_pointer())
+
+
+def _llvm_fn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
 
 
 # How far ahead (bytes) the int8 and int4 matrix-vector kernels prefetch their weights: measured best.
-PREFETCH_Q8 = 8192
+PREFETCH_Q8 = 4096  # _q8_rows4: 2 KiB 18.4-19.5, 4 KiB 18.6-19.2, 6 KiB 16.1-16.6, 8 KiB 15.4-16.5, none 14.0-14.3 GB/s
 PREFETCH_Q4 = 4096
 
 
@@ -268,52 +264,110 @@ def _q8_dot(qrow, srow, xr, G, ng):
     return acc
 
 
+@intrinsic
+def _q8_rows4(typingctx, q, start, x, s, srow, ng, G, ahead):
+    """Four int8 weight rows (o = srow .. srow + 3, bytes from q[start], rows Kp = ng * G bytes apart)
+    against float32 x: UniTuple(float32, 4), row r = sum_g s[srow + r, g] * sum_j float(q[o, g, j]) * x[g, j].
+    s is flat (O * ng). Exactly dequantize(W) @ x up to float32 rounding, like _q8_dot.
+
+    Per step, 16 weights of each row are widened and converted to float32 (vpmovsxbd + vcvtdq2ps) and
+    multiply-added with 16 values of x loaded once for the 4 rows, into a 16-lane partial sum per row; at
+    the end of a group the partial sums are multiply-added by the group's scale into 16 float32 lanes per
+    row, and only the row's end adds lanes together. Written as a Numba loop, the same sum ends every group
+    with a horizontal sum per row (what LLVM makes of `t += ...` then `a += t * s`), which cost ~20% of
+    the work; here 16 lanes are 512-bit vectors where the CPU has them (two 256-bit halves elsewhere).
+    From memory (8192 x 2048, G 128, 2 threads): 18.5-19.5 GB/s against 14.3-15.8 for the Numba loop.
+    The 4 rows' bytes `ahead` on are prefetched once per group (0: none).
+    """
+    V = 16
+
+    def codegen(context, builder, sig, args):
+        qa, st, xa, sa, sr, ngv, Gv, ah = args
+        T = st.type
+        vb, vf = _vec(_I8, V), _vec(_F32, V)
+        fma = _llvm_fn(builder, "llvm.fma.v16f32", vf, [vf, vf, vf])
+        i8p = _I8.as_pointer()
+        pf = _llvm_fn(builder, "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8",
+                      ir.VoidType(), [i8p, _I32, _I32, _I32])
+        qty, xty, sty = sig.args[0], sig.args[2], sig.args[3]
+
+        def const(v):
+            return ir.Constant(T, v)
+
+        def load(aty, arr, idx, ety, align=1):  # arr[idx] as ety (a vector or a scalar)
+            a = context.make_array(aty)(context, builder, arr)
+            return builder.load(builder.bitcast(builder.gep(a.data, [idx]), ety.as_pointer()), align=align)
+
+        def muladd(a, b, c):  # a * b + c: fused where the CPU has FMA (a library call would be slow)
+            return builder.call(fma, [a, b, c]) if FMA else builder.fadd(builder.fmul(a, b), c)
+
+        def splat(v):
+            u = builder.insert_element(ir.Constant(vf, None), v, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(u, u, ir.Constant(_vec(_I32, V), [0] * V))
+
+        Kp = builder.mul(ngv, Gv)
+        sums = [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(4)]
+        part = [cgutils.alloca_once(builder, vf) for _ in range(4)]
+        rows = [builder.add(st, builder.mul(Kp, const(r))) for r in range(4)]
+        srows = [builder.mul(builder.add(sr, const(r)), ngv) for r in range(4)]  # s[o, 0]
+        base = context.make_array(qty)(context, builder, qa).data
+        with cgutils.for_range(builder, ngv) as group:
+            g = group.index
+            gbase = builder.mul(g, Gv)
+            with builder.if_then(builder.icmp_signed(">", ah, const(0))):  # 4 G bytes per group, `ahead` on
+                at = builder.add(builder.add(st, builder.mul(gbase, const(4))), ah)
+                with cgutils.for_range(builder, builder.udiv(builder.mul(Gv, const(4)), const(64))) as line:
+                    p = builder.bitcast(builder.gep(base, [builder.add(at, builder.mul(line.index, const(64)))]), i8p)
+                    builder.call(pf, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+            for r in range(4):
+                builder.store(ir.Constant(vf, None), part[r])
+            with cgutils.for_range(builder, builder.udiv(Gv, const(V))) as step:
+                o = builder.add(gbase, builder.mul(step.index, const(V)))
+                xv = load(xty, xa, o, vf, 4)
+                for r in range(4):
+                    w = builder.sitofp(load(qty, qa, builder.add(rows[r], o), vb), vf)  # exact
+                    builder.store(muladd(w, xv, builder.load(part[r])), part[r])
+            for r in range(4):
+                sc = splat(load(sty, sa, builder.add(srows[r], g), _F32, 4))
+                builder.store(muladd(builder.load(part[r]), sc, builder.load(sums[r])), sums[r])
+
+        def total(v):  # halves added pairwise: 16 -> 8 -> 4 -> 2 -> 1, one fixed order
+            n = V
+            while n > 1:
+                n //= 2
+                v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n)))),
+                                 builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n, 2 * n)))))
+            return builder.extract_element(v, ir.Constant(_I32, 0))
+
+        return context.make_tuple(builder, sig.return_type, [total(builder.load(a)) for a in sums])
+
+    return types.UniTuple(types.float32, 4)(q, start, x, s, srow, ng, G, ahead), codegen
+
+
 @parallel_kernel(fastmath=REDUCE)
 def _gemv_q8(x, q, s, y, ahead):
     """int8 weights, few rows: y[n, o] = sum_g s[o, g] * (q[o, group g] . x[n, group g]).
 
-    Parallel over blocks of 4 weight rows. The 4 rows of a block go through each group together, so every
-    value of x loaded from L1 serves 4 multiply-adds (the matrix-vector form of register tiling; ~15%
-    faster than one row at a time), and the weights `ahead` bytes further on are prefetched (_prefetch).
-    x is padded to whole groups (Kp = ng * G columns, zeros past `in`). Slices are taken before each inner
-    loop so that the loop index starts at 0 (NUMBA_NOTES: otherwise no SIMD).
+    Parallel over blocks of 4 weight rows (_q8_rows4). The 4 rows of a block go through each group
+    together, so every vector of x loaded from L1 serves 4 rows (the matrix-vector form of register
+    tiling), and the weights `ahead` bytes further on are prefetched. The block (4 rows, a few KiB) stays
+    in L1 while the other rows of x pass over it. x is padded to whole groups (Kp = ng * G columns, zeros
+    past `in`); G is a multiple of 16 (quant.GROUP_SIZES). The last O mod 4 rows take _q8_dot.
     """
     N, Kp = x.shape
     O, ng = s.shape
     G = Kp // ng
-    flat = q.reshape(-1)
+    flat, sf = q.reshape(-1), s.reshape(-1)
     for blk in prange((O + 3) // 4):
-        _wide_vectors()
         o0 = 4 * blk
         if o0 + 4 > O:  # the last rows, one at a time
             for o in range(o0, O):
                 for n in range(N):
                     y[n, o] = _q8_dot(q[o], s[o], x[n], G, ng)
             continue
-        q0, q1, q2, q3 = q[o0], q[o0 + 1], q[o0 + 2], q[o0 + 3]
         for n in range(N):
-            xr = x[n]
-            a0 = a1 = a2 = a3 = f32(0)
-            for g in range(ng):
-                if n == 0:  # the 4 rows are contiguous: 4G bytes per group, prefetch the same amount ahead
-                    at = o0 * Kp + 4 * g * G + ahead
-                    for c in range(0, 4 * G, 64):
-                        if at + c < flat.shape[0]:
-                            _prefetch(flat, at + c)
-                lo, hi = g * G, (g + 1) * G
-                xg, r0, r1, r2, r3 = xr[lo:hi], q0[lo:hi], q1[lo:hi], q2[lo:hi], q3[lo:hi]
-                t0 = t1 = t2 = t3 = f32(0)
-                for j in range(G):
-                    v = xg[j]
-                    t0 += f32(i32(r0[j])) * v
-                    t1 += f32(i32(r1[j])) * v
-                    t2 += f32(i32(r2[j])) * v
-                    t3 += f32(i32(r3[j])) * v
-                a0 += t0 * s[o0, g]
-                a1 += t1 * s[o0 + 1, g]
-                a2 += t2 * s[o0 + 2, g]
-                a3 += t3 * s[o0 + 3, g]
-            y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = a0, a1, a2, a3
+            y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _q8_rows4(flat, o0 * Kp, x[n], sf, o0, ng, G,
+                                                                            ahead if n == 0 else 0)
 
 
 @njit(cache=True, fastmath=REDUCE, inline="always")
@@ -426,24 +480,8 @@ def _host_has(*features: str) -> bool:
 # The explicit-vector group dot products below use x86 instructions: AVX2 (vpmaddwd / vpmaddubsw on 256-bit
 # registers) and, where there is AVX512-VNNI with its 256-bit forms, vpdpbusd; elsewhere the portable loops.
 AVX2 = _host_has("avx2")
+FMA = _host_has("fma")  # _q8_rows4 fuses its multiply-adds where there is FMA
 VNNI = AVX2 and _host_has("avx512vnni", "avx512vl")
-
-_I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-
-
-def _vec(t, n):
-    return ir.VectorType(t, n)
-
-
-def _vec_ptr(context, builder, aty, arr, idx, vty):
-    """Pointer to the vector vty starting at arr[idx] (1-D array, no bounds check)."""
-    a = context.make_array(aty)(context, builder, arr)
-    return builder.bitcast(builder.gep(a.data, [idx]), vty.as_pointer())
-
-
-def _llvm_fn(builder, name, ret, args):
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
-
 
 @intrinsic
 def _dot_q8_avx2(typingctx, w, x, start, n):
@@ -550,7 +588,6 @@ def _dot_q4_loop(p, pstart, x, xstart, H):
     return t
 
 
-_F32 = ir.FloatType()
 VNNI_LANES = 8  # int32 lanes of one 256-bit vpdpbusd: lane l sums the products of bytes 4l .. 4l + 3
 
 
