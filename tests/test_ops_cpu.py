@@ -291,7 +291,8 @@ def test_quantize_x_kernel_is_the_spec(dtype):
     np.testing.assert_array_equal(xs, want_s)
     np.testing.assert_array_equal(xsum, want_q.reshape(3, ng, G).sum(-1))
     # lane l of group g: the values at positions p of the group with p mod 32 in 4l .. 4l + 3 (vpdpbusd's lanes)
-    np.testing.assert_array_equal(lanes, want_q.astype(np.int64).reshape(3, ng, G // 32, 8, 4).sum(axis=(2, 4)).reshape(3, -1))
+    want_lanes = want_q.astype(np.int64).reshape(3, ng, G // 32, 8, 4).sum(axis=(2, 4)).reshape(3, -1)
+    np.testing.assert_array_equal(lanes, want_lanes)
     assert np.all(np.abs(x - want_s.repeat(G, axis=1) * want_q) <= want_s.repeat(G, axis=1) / 2 * (1 + 4 * EPS))
 
 
