@@ -68,6 +68,11 @@ i32 = np.int32
 # A linear layer with at least this many rows (tokens) uses the tiled matrix-matrix kernels; fewer rows
 # use the matrix-vector kernels, which read each weight once per row of x and never unpack a panel.
 GEMM_MIN_ROWS = 4
+# int4 weights cross over later: _gemv_q4's table lookups beat the tiled kernel's panel unpacking up to ~8
+# rows (third session, stories110M shapes, 2 threads, GFLOP/s matrix-vector / tiled: 4 rows 98-114 / 74-80,
+# 8 rows 103-116 / 112-119, 16 rows 111-116 / 148-152; int8 at 4 rows 100-116 / 99-108, 8 rows 111-115 /
+# 139-145).
+GEMM_MIN_ROWS_Q4 = 8
 # With int8 activations (ACTIVATIONS = "int8") the integer matrix-vector kernels stay faster than the tiled
 # float kernels up to ~32 rows (stories110M shapes, 2 threads, GFLOP/s tiled / integer: 4 rows 84-96 /
 # 147-181, 16 rows 142-168 / 168-202, 32 rows 170-189 / 187-191; int4 alike), so a decode batch of up to 31
@@ -1120,7 +1125,7 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
             raise ValueError(f"cpu.ACTIVATIONS must be 'float32' or 'int8', got {ACTIVATIONS!r}")
         xp = _padded(x2, w.padded_in)
         data, scales = _weight(w.data), _weight(w.scales)
-        gemm = N >= (A8_GEMM_MIN_ROWS if ACTIVATIONS == "int8" else GEMM_MIN_ROWS)
+        gemm = N >= (A8_GEMM_MIN_ROWS if ACTIVATIONS == "int8" else GEMM_MIN_ROWS_Q4 if w.bits == 4 else GEMM_MIN_ROWS)
         if w.bits == 8:
             if gemm:
                 _gemm_quant(xp, data, scales, _NO_ZEROS, False, 8, y, panel_rows(w.padded_in))
@@ -1483,7 +1488,7 @@ def _warm_calls() -> None:
     w = rng.standard_normal((8, 64)).astype(np.float32)
     global ACTIVATIONS
     for wt in (w, quantize(w, 8, 32), quantize(w, 4, 32), quantize(w, 4, 32, zero_point=True)):
-        for n in (1, GEMM_MIN_ROWS):
+        for n in (1, GEMM_MIN_ROWS, GEMM_MIN_ROWS_Q4):
             linear(rng.standard_normal((n, 64)).astype(np.float32), wt)
         saved, ACTIVATIONS = ACTIVATIONS, "int8"  # the int8-activation kernels too, whatever the setting
         try:
