@@ -435,3 +435,40 @@ def test_linear_int8_activations_within_table_limits(fmt, bits, zp):
     lim = op_limits("linear_int8_act", fmt.split("-")[0])
     assert ((got - ref) ** 2).sum() / (ref ** 2).sum() <= lim["nmse"]
     assert np.abs(got - ref).max() / np.abs(ref).max() <= lim["max_rel"]
+
+
+PORTABLE_CHECK = """
+import numpy as np
+from tinyserve import quant
+from tinyserve.ops import cpu
+assert not (cpu.AVX2 or cpu.AVX512 or cpu.FMA or cpu.VNNI), "the generic CPU was not selected"
+rng = np.random.default_rng(5)
+worst = 0.0
+for bits, G, zp in ((8, 32, False), (4, 64, False), (4, 128, True)):
+    w = quant.quantize(rng.standard_normal((13, 300)).astype(np.float32), bits, G, zp)
+    for N in (1, 3):
+        x = rng.standard_normal((N, 300)).astype(np.float32)
+        exact = x.astype(np.float64) @ quant.dequantize(w).T.astype(np.float64)
+        terms = np.abs(x).astype(np.float64) @ np.abs(quant.dequantize(w)).T.astype(np.float64)
+        worst = max(worst, float(np.max(np.abs(cpu.linear(x, w) - exact) / terms)))
+        cpu.ACTIVATIONS = "int8"
+        spec = quant.linear_int8_activations(x, w)
+        worst = max(worst, float(np.max(np.abs(cpu.linear(x, w) - spec) / terms)))
+        cpu.ACTIVATIONS = "float32"
+print(worst)
+"""
+
+
+def test_portable_kernels_on_a_cpu_without_avx(tmp_path):
+    """The forms of the matrix-vector kernels for CPUs without AVX2, AVX-512, FMA or VNNI (the explicit-vector
+    intrinsics' generic branches, the plain integer loops) give the reference's results: compiled for LLVM's
+    generic x86-64 CPU in a subprocess (NUMBA_CPU_NAME=generic; its own kernel cache)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CPU_FEATURES": "", "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # float32 rounding of ~75-300 terms (sums of |x w|): far below 1e-5 of them
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
