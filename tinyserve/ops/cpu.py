@@ -11,7 +11,9 @@ Linear layers (the time of a step) have two paths:
 
 - few rows (decode): a matrix-vector product per weight row, reading each weight byte once. Memory
   bandwidth is the ceiling; the kernels stream the weights' own format (float32, int8, packed int4) and
-  never materialize a dequantized matrix.
+  never materialize a dequantized matrix. The quantized ones take 4 weight rows at a time through
+  intrinsics that write LLVM vector code (_q8_rows4, _q4_rows4, _a8_rows4; helpers in _Gen): on this
+  hardware the speed from memory follows the instructions issued per byte (docs/performance.md).
 - many rows (prefill, big batches): weight rows are dequantized a panel at a time into a small float32
   buffer that stays in cache, then multiplied with register-tiled 4x4 blocks (4 tokens x 4 weight rows
   share every load). float32 weights use the same tiled kernel without the dequantization (NumPy's BLAS
@@ -184,7 +186,29 @@ _prefetch = _make_prefetch("_prefetch", 3, """Ask the memory system for the cach
     at every 4 KiB page); asking a few KiB ahead made them 1.4x (int8) to 1.8x (int4) faster from memory.
     A prefetch never faults, so an address past the end of the array is harmless.
     """)
-_prefetch_l2 = _make_prefetch("_prefetch_l2", 2, """_prefetch into L2 only (PREFETCHT1): for prefetching further ahead than L1 holds.""")
+
+
+def _host_has(*features: str) -> bool:
+    """Whether the CPU Numba compiles for has every one of these LLVM features (e.g. "avx2")."""
+    from llvmlite import binding as ll
+    from numba.core import config
+
+    if config.CPU_NAME or config.CPU_FEATURES:  # NUMBA_CPU_NAME / NUMBA_CPU_FEATURES: compiling for another CPU
+        return all("+" + f in (config.CPU_FEATURES or "") for f in features)
+    try:
+        host = ll.get_host_cpu_features()
+        return all(host.get(f, False) for f in features)
+    except Exception:  # not x86, or features unknown
+        return False
+
+
+# What the explicit-vector kernels may use: FMA (their multiply-adds, _Gen.muladd), AVX-512 (_q4_rows4's
+# table lookup), AVX2 (vpmaddwd / vpmaddubsw on 256-bit registers in the int8-activation kernels) and
+# AVX512-VNNI with its 256-bit forms (vpdpbusd); elsewhere generic forms or the portable loops.
+AVX2 = _host_has("avx2")
+AVX512 = _host_has("avx512f")
+FMA = _host_has("fma")
+VNNI = AVX2 and _host_has("avx512vnni", "avx512vl")
 
 
 # LLVM IR for the explicit-vector kernels (intrinsics): types and helpers.
@@ -533,26 +557,6 @@ def _gemv_q4(x, xsum, p, s, z, asym, y, ahead):
 ACTIVATIONS = "int8" if os.environ.get("TINYSERVE_INT8_ACTIVATIONS", "") not in ("", "0") else "float32"
 
 
-def _host_has(*features: str) -> bool:
-    """Whether the CPU Numba compiles for has every one of these LLVM features (e.g. "avx2")."""
-    from llvmlite import binding as ll
-    from numba.core import config
-
-    if config.CPU_NAME or config.CPU_FEATURES:  # NUMBA_CPU_NAME / NUMBA_CPU_FEATURES: compiling for another CPU
-        return all("+" + f in (config.CPU_FEATURES or "") for f in features)
-    try:
-        host = ll.get_host_cpu_features()
-        return all(host.get(f, False) for f in features)
-    except Exception:  # not x86, or features unknown
-        return False
-
-
-# The explicit-vector group dot products below use x86 instructions: AVX2 (vpmaddwd / vpmaddubsw on 256-bit
-# registers) and, where there is AVX512-VNNI with its 256-bit forms, vpdpbusd; elsewhere the portable loops.
-AVX2 = _host_has("avx2")
-AVX512 = _host_has("avx512f")
-FMA = _host_has("fma")  # _q8_rows4 fuses its multiply-adds where there is FMA
-VNNI = AVX2 and _host_has("avx512vnni", "avx512vl")
 
 @intrinsic
 def _dot_q8_avx2(typingctx, w, x, start, n):
@@ -678,11 +682,11 @@ def _a8_rows4(typingctx, data, start, stride, x, lanes, s, srow, sstride, xs, z,
 
     What makes it fast: a group's 8 lanes are never added together. They are converted to float32 once
     per group (exact: |lane| < 2^24) and multiply-added into 8 float32 lanes by the group's scale
-    product, so a row costs one horizontal sum at its end, not one per group (the old kernel's cost at
-    G = 32). Each load of x serves the 4 rows. In cache (1 thread, 256 x 2048, G 128): 37-46 GB/s of weights
+    product, so a row costs one horizontal sum at its end, not one per group (a per-group sum costs most
+    at G = 32). Each load of x serves the 4 rows. In cache (1 thread, 256 x 2048, G 128): 37-46 GB/s of weights
     against 34-37 for the per-group-sum kernel; from memory (docs/performance.md) +5-10% (int8) and
     +10% (int4). The weights are prefetched `ahead` bytes on, per group (0: no prefetch): int8 into L1,
-    int4 into L2 (measured best, as before).
+    int4 into L2 (measured best: PREFETCH_A8_4, PREFETCH_A4_4).
 
     No overflow: a lane adds G / 32 steps of 4 products, each at most 255 * 127, and starts at
     -128 * (G / 8) * 127 at most; G <= 256.
