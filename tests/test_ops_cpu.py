@@ -331,15 +331,15 @@ def test_avx2_group_dots_equal_the_portable_loops(group):
 @pytest.mark.parametrize("fmt,bits,zp", Q_FORMATS, ids=[f[0] for f in Q_FORMATS])
 @pytest.mark.parametrize("group", quant.GROUP_SIZES)
 def test_vnni_kernel_at_the_extremes_is_the_spec(fmt, bits, zp, group):
-    """_gemv_a8x4's int32 lanes at their largest: every weight at an end of its range (int8 -127 / 127,
-    nibbles 0 / 15, zero points 0 / 15) against x at +-127; the result is the spec's exact group sums up to
+    """_gemv_a8x4's int32 lanes at their largest: every weight at an end of its range (int8 -128 / -127 /
+    127, nibbles 0 / 15, zero points 0 / 15) against x at +-127; the result is the spec's exact group sums up to
     float32 rounding of ng * 8 lane terms (nothing overflows or saturates)."""
     rng = rng_for("a8 extremes", fmt, group)
     out, ng = 6, 3
     k = ng * group
     w = quant.quantize(_weights(rng, out, k), bits, group, zp)
     if bits == 8:
-        w.data = np.where(rng.random(w.data.shape) < 0.5, -127, 127).astype(np.int8)
+        w.data = rng.choice(np.array([-128, -127, 127], np.int8), w.data.shape)  # Q8_0 from GGUF may hold -128
     else:
         w.data = np.where(rng.random(w.data.shape) < 0.5, 0x00, 0xFF).astype(np.uint8)
         w.data[0] = 0xFF  # a row of 15s
