@@ -267,16 +267,24 @@ class _Gen:
         fn = _llvm_fn(self.b, f"llvm.fma.v{vty.count}f32", vty, [vty, vty, vty])
         return self.b.call(fn, [a, b, c])
 
-    def prefetch(self, base, at, nbytes, locality):
-        """Prefetch the nbytes (a multiple of 64) from byte `at` of the int8 pointer base: locality 3 into
-        L1 (PREFETCHT0), 2 into L2 (PREFETCHT1). Addresses past the end are harmless."""
+    def prefetch(self, base, at, nbytes, locality, far=0):
+        """Prefetch the nbytes (a multiple of 64) from byte `at` of the int8 pointer base, every cache line:
+        locality 3 into L1 (PREFETCHT0), 2 into L2 (PREFETCHT1); with far > 0, also each line `far` bytes
+        further on into L2, so that a line is asked for twice on its way (the second time from L2). Addresses
+        past the end are harmless."""
         i8p = _I8.as_pointer()
         name = "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
         pf = _llvm_fn(self.b, name, ir.VoidType(), [i8p, _I32, _I32, _I32])
+
+        def ask(p, loc):  # (address, 0 = read, locality, 1 = data cache)
+            args = [self.b.bitcast(p, i8p), ir.Constant(_I32, 0), ir.Constant(_I32, loc), ir.Constant(_I32, 1)]
+            self.b.call(pf, args)
+
         with cgutils.for_range(self.b, self.b.udiv(nbytes, self.const(64))) as line:
             p = self.b.gep(base, [self.b.add(at, self.b.mul(line.index, self.const(64)))])
-            self.b.call(pf, [self.b.bitcast(p, i8p), ir.Constant(_I32, 0), ir.Constant(_I32, locality),
-                             ir.Constant(_I32, 1)])
+            ask(p, locality)
+            if far:
+                ask(self.b.gep(p, [self.const(far)]), 2)
 
     def total(self, v):
         """The sum of v's lanes: halves added pairwise (16 -> 8 -> 4 -> 2 -> 1), one fixed order."""
@@ -292,6 +300,14 @@ class _Gen:
 # How far ahead (bytes) the int8 and int4 matrix-vector kernels prefetch their weights: measured best.
 PREFETCH_Q8 = 4096  # _q8_rows4: 2 KiB 18.4-19.5, 4 KiB 18.6-19.2, 6 KiB 16.1-16.6, 8 KiB 15.4-16.5, none 14.0-14.3 GB/s
 PREFETCH_Q4 = 2048  # _q4_rows4: 2 KiB 15.4-16.5, 4 KiB 15.1-15.5, 8 KiB 13.9-16.0, none 8.2-11.6 GB/s
+# ...and each line once more, PREFETCH_FAR bytes further on, into L2 (_Gen.prefetch). Through linear(), 8192 x
+# 2048, G 128, 2 threads, GB/s, without / with 4, 8, 16 KiB: int8 17.9-18.6 / 21.2-21.6, 20.1-21.4, 16.5-22.0;
+# int8 activations 19.8-20.8 / 23.5-24.0, 22.2-23.9, 23.1-24.5; int4 14.6-16.0 / 16.1-16.5, 15.9-17.0,
+# 16.6-17.3. In the model (llama-1b decode, alternating runs of the trees with and without): int8 13.2-14.1 ->
+# 16.3 tok/s, int4 21.9-22.6 -> 23.0-25.1. Not for the int8-activation kernel: alone it gained as above, in
+# the model it lost (15.8-16.3 -> 14.9-15.7 tok/s); int4 with int8 activations prefetches into L2 already.
+# Prefetching every other line only (the adjacent-line prefetcher pairs them) was 10-30% slower.
+PREFETCH_FAR = 8192
 
 
 @njit(cache=True, fastmath=REDUCE, inline="always")
@@ -365,7 +381,8 @@ def _q8_rows4(typingctx, q, start, x, s, srow, ng, G, ahead):
     with a horizontal sum per row (what LLVM makes of `t += ...` then `a += t * s`), which cost ~20% of
     the work; here 16 lanes are 512-bit vectors where the CPU has them (two 256-bit halves elsewhere).
     From memory (8192 x 2048, G 128, 2 threads): 18.5-19.5 GB/s against 14.3-15.8 for the Numba loop.
-    The 4 rows' bytes `ahead` on are prefetched once per group (0: none).
+    The 4 rows' bytes `ahead` on are prefetched once per group into L1, and PREFETCH_FAR further on into
+    L2 (0: none).
     """
     V = 16
 
@@ -385,7 +402,7 @@ def _q8_rows4(typingctx, q, start, x, s, srow, ng, G, ahead):
             gbase = builder.mul(g, Gv)
             with builder.if_then(builder.icmp_signed(">", ah, gen.const(0))):  # 4 G bytes per group, `ahead` on
                 gen.prefetch(gen.data(qty, qa), builder.add(builder.add(st, builder.mul(g, four_groups)), ah),
-                             four_groups, 3)
+                             four_groups, 3, PREFETCH_FAR)
             for r in range(4):
                 builder.store(ir.Constant(vf, None), part[r])
             with cgutils.for_range(builder, builder.udiv(Gv, gen.const(V))) as step:
@@ -486,7 +503,7 @@ def _q4_rows4(typingctx, p, start, x, xsum, s, z, asym, srow, ng, G, ahead):
             g = group.index
             with builder.if_then(builder.icmp_signed(">", ah, gen.const(0))):  # 4 G/2 bytes per group, `ahead` on
                 gen.prefetch(gen.data(pty, pa), builder.add(builder.add(st, builder.mul(g, four_groups)), ah),
-                             four_groups, 3)
+                             four_groups, 3, PREFETCH_FAR)
             c = gen.load(xsty, xsa, g, _F32, 4)
             for r in range(4):
                 builder.store(ir.Constant(_F32, 8.0), zero)
