@@ -156,38 +156,6 @@ def zeros(shape, dtype=np.float32):
 
 
 # =========================================================================== linear: matrix-vector kernels
-def _make_prefetch(name: str, locality: int, doc: str):
-    def prefetch(typingctx, arr, i):
-        def codegen(context, builder, signature, args):
-            aty = signature.args[0]
-            a = context.make_array(aty)(context, builder, args[0])
-            ptr = cgutils.get_item_pointer(context, builder, aty, a, [args[1]], wraparound=False, boundscheck=False)
-            i8p = ir.IntType(8).as_pointer()
-            i32t = ir.IntType(32)
-            llvm_name = "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"  # opaque pointers
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32t, i32t, i32t]),
-                                                llvm_name)
-            # (address, 0 = read, locality, 1 = data cache)
-            builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32t, 0), ir.Constant(i32t, locality),
-                              ir.Constant(i32t, 1)])
-            return context.get_dummy_value()
-
-        return types.void(arr, i), codegen
-
-    prefetch.__doc__, prefetch.__name__, prefetch.__qualname__ = doc, name, name
-    return intrinsic(prefetch)
-
-
-_prefetch = _make_prefetch("_prefetch", 3, """Ask the memory system for the cache line holding arr[i] (1-D array),
-    without waiting for it.
-
-    LLVM's llvm.prefetch (read, keep in all cache levels): an x86 PREFETCHT0. The quantized matrix-vector
-    kernels read 4 weight rows side by side, 4 streams the hardware prefetcher follows poorly (it restarts
-    at every 4 KiB page); asking a few KiB ahead made them 1.4x (int8) to 1.8x (int4) faster from memory.
-    A prefetch never faults, so an address past the end of the array is harmless.
-    """)
-
-
 def _host_has(*features: str) -> bool:
     """Whether the CPU Numba compiles for has every one of these LLVM features (e.g. "avx2")."""
     from llvmlite import binding as ll
@@ -218,12 +186,6 @@ _F32 = ir.FloatType()
 
 def _vec(t, n):
     return ir.VectorType(t, n)
-
-
-def _vec_ptr(context, builder, aty, arr, idx, vty):
-    """Pointer to the vector vty starting at arr[idx] (1-D array, no bounds check)."""
-    a = context.make_array(aty)(context, builder, arr)
-    return builder.bitcast(builder.gep(a.data, [idx]), vty.as_pointer())
 
 
 def _llvm_fn(builder, name, ret, args):
@@ -272,19 +234,19 @@ class _Gen:
         locality 3 into L1 (PREFETCHT0), 2 into L2 (PREFETCHT1); with far > 0, also each line `far` bytes
         further on into L2, so that a line is asked for twice on its way (the second time from L2). Addresses
         past the end are harmless."""
-        i8p = _I8.as_pointer()
-        name = "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
-        pf = _llvm_fn(self.b, name, ir.VoidType(), [i8p, _I32, _I32, _I32])
-
-        def ask(p, loc):  # (address, 0 = read, locality, 1 = data cache)
-            args = [self.b.bitcast(p, i8p), ir.Constant(_I32, 0), ir.Constant(_I32, loc), ir.Constant(_I32, 1)]
-            self.b.call(pf, args)
-
         with cgutils.for_range(self.b, self.b.udiv(nbytes, self.const(64))) as line:
             p = self.b.gep(base, [self.b.add(at, self.b.mul(line.index, self.const(64)))])
-            ask(p, locality)
+            self.prefetch_line(p, locality)
             if far:
-                ask(self.b.gep(p, [self.const(far)]), 2)
+                self.prefetch_line(self.b.gep(p, [self.const(far)]), 2)
+
+    def prefetch_line(self, ptr, locality):
+        """llvm.prefetch of the cache line at ptr (read; locality 3 = all levels, 2 = L2 and out; data)."""
+        i8p = _I8.as_pointer()
+        name = "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"  # opaque pointers
+        pf = _llvm_fn(self.b, name, ir.VoidType(), [i8p, _I32, _I32, _I32])
+        self.b.call(pf, [self.b.bitcast(ptr, i8p), ir.Constant(_I32, 0), ir.Constant(_I32, locality),
+                         ir.Constant(_I32, 1)])
 
     def total(self, v):
         """The sum of v's lanes: halves added pairwise (16 -> 8 -> 4 -> 2 -> 1), one fixed order."""
@@ -295,6 +257,26 @@ class _Gen:
             hi = self.b.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n, 2 * n))))
             v = self.b.fadd(lo, hi)
         return self.b.extract_element(v, ir.Constant(_I32, 0))
+
+
+@intrinsic
+def _prefetch(typingctx, arr, i):
+    """Ask the memory system for the cache line holding arr[i] (1-D array), without waiting for it.
+
+    LLVM's llvm.prefetch (read, keep in all cache levels): an x86 PREFETCHT0. The quantized matrix-vector
+    kernels read 4 weight rows side by side, 4 streams the hardware prefetcher follows poorly (it restarts
+    at every 4 KiB page); asking a few KiB ahead made them 1.4x (int8) to 1.8x (int4) faster from memory.
+    A prefetch never faults, so an address past the end of the array is harmless.
+    """
+
+    def codegen(context, builder, sig, args):
+        aty = sig.args[0]
+        a = context.make_array(aty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aty, a, [args[1]], wraparound=False, boundscheck=False)
+        _Gen(context, builder, args[1].type).prefetch_line(ptr, 3)
+        return context.get_dummy_value()
+
+    return types.void(arr, i), codegen
 
 
 # How far ahead (bytes) the int8 and int4 matrix-vector kernels prefetch their weights: measured best.
@@ -308,6 +290,15 @@ PREFETCH_Q4 = 2048  # _q4_rows4: 2 KiB 15.4-16.5, 4 KiB 15.1-15.5, 8 KiB 13.9-16
 # the model it lost (15.8-16.3 -> 14.9-15.7 tok/s); int4 with int8 activations prefetches into L2 already.
 # Prefetching every other line only (the adjacent-line prefetcher pairs them) was 10-30% slower.
 PREFETCH_FAR = 8192
+
+
+@njit(cache=True, fastmath=REDUCE, inline="always")
+def _dot(a, b, K):
+    """a . b over the first K values (float32)."""
+    acc = f32(0)
+    for k in range(K):
+        acc += a[k] * b[k]
+    return acc
 
 
 @njit(cache=True, fastmath=REDUCE, inline="always")
@@ -340,13 +331,8 @@ def _gemv_f32(x, w, y):
         o0 = 4 * blk
         if o0 + 4 > O:  # the last rows, one at a time
             for o in range(o0, O):
-                wr = w[o]
                 for n in range(N):
-                    xr = x[n]
-                    acc = f32(0)
-                    for k in range(K):
-                        acc += wr[k] * xr[k]
-                    y[n, o] = acc
+                    y[n, o] = _dot(w[o], x[n], K)
             continue
         r0, r1, r2, r3 = w[o0], w[o0 + 1], w[o0 + 2], w[o0 + 3]
         for n in range(N):
@@ -589,13 +575,14 @@ def _dot_q8_avx2(typingctx, w, x, start, n):
 
     def codegen(context, builder, sig, args):
         wa, xa, st, cnt = args
+        gen = _Gen(context, builder, cnt.type)
         acc = cgutils.alloca_once_value(builder, ir.Constant(_vec(_I32, 8), None))
         madd = _llvm_fn(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [_vec(_I16, 16), _vec(_I16, 16)])
         sixteen = ir.Constant(cnt.type, 16)
         with cgutils.for_range(builder, builder.udiv(cnt, sixteen)) as loop:
             off = builder.add(st, builder.mul(loop.index, sixteen))
-            wv = builder.load(_vec_ptr(context, builder, sig.args[0], wa, off, _vec(_I8, 16)), align=1)
-            xv = builder.load(_vec_ptr(context, builder, sig.args[1], xa, off, _vec(_I16, 16)), align=1)
+            wv = gen.load(sig.args[0], wa, off, _vec(_I8, 16))
+            xv = gen.load(sig.args[1], xa, off, _vec(_I16, 16))
             prod = builder.call(madd, [builder.sext(wv, _vec(_I16, 16)), xv])
             builder.store(builder.add(builder.load(acc), prod), acc)
         total = _llvm_fn(builder, "llvm.vector.reduce.add.v8i32", _I32, [_vec(_I32, 8)])
@@ -628,8 +615,7 @@ def _dot_q4_avx2(typingctx, p, pstart, x, xstart, H):
         madd = _llvm_fn(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [_vec(_I16, 16), _vec(_I16, 16)])
         ones = ir.Constant(_vec(_I16, 16), [1] * 16)
 
-        def load(aty, arr, idx, vty):
-            return builder.load(_vec_ptr(context, builder, aty, arr, idx, vty), align=1)
+        load = _Gen(context, builder, T).load
 
         def accumulate(s16):
             builder.store(builder.add(builder.load(acc), builder.call(madd, [s16, ones])), acc)
@@ -818,6 +804,7 @@ def _gemv_a8x4(xq, xs, lanes, data, s, z, asym, y, ahead, bits):
 
 
 _dot_q8 = _dot_q8_avx2 if AVX2 else _dot_q8_loop
+_dot_q4 = _dot_q4_avx2 if AVX2 else _dot_q4_loop
 PREFETCH_A8 = 2048  # bytes ahead the int8-activation kernels prefetch their weights
 # _a8_rows4's distances, GB/s from memory (8192 x 2048, G 128, 2 threads), first with the per-group-sum kernel
 # it replaced, then re-measured with it (third session): int4, into L2: T0 2 KiB 18.7, T1 8 KiB 20.0, 16 KiB
@@ -825,7 +812,6 @@ PREFETCH_A8 = 2048  # bytes ahead the int8-activation kernels prefetch their wei
 # 20.3, 4 KiB 21.2, none 15.6; now 4 KiB 22.5-23.0, 8 KiB 17.2-21.8, none 18.1-18.9.
 PREFETCH_A4_4 = 8192
 PREFETCH_A8_4 = 4096
-_dot_q4 = _dot_q4_avx2 if AVX2 else _dot_q4_loop
 
 
 @parallel_kernel(fastmath=False)
@@ -848,17 +834,16 @@ def _quantize_x(x, G, xq, xs, xsum, lanes):
             s = m / f32(127)
             xs[n, g] = s
             t = i32(0)
+            for l in range(VNNI_LANES):
+                lanes[n, g * VNNI_LANES + l] = 0
             for j in range(G):
                 v = i32(0)
                 if s > 0:
                     v = i32(min(max(np.rint(xg[j] / s), f32(-127)), f32(127)))
                 xq[n, g * G + j] = v
                 t += v
+                lanes[n, g * VNNI_LANES + (j % 32) // 4] += v
             xsum[n, g] = t
-            for l in range(VNNI_LANES):
-                lanes[n, g * VNNI_LANES + l] = 0
-            for j in range(G):
-                lanes[n, g * VNNI_LANES + (j % 32) // 4] += xq[n, g * G + j]
 
 
 @parallel_kernel(fastmath=REDUCE)
@@ -1002,14 +987,6 @@ def _tile4x4(X, wb, Y, n0, r0, o0, K):
     Y[n0 + 3, o + 1] = a31
     Y[n0 + 3, o + 2] = a32
     Y[n0 + 3, o + 3] = a33
-
-
-@njit(cache=True, fastmath=REDUCE, inline="always")
-def _dot(a, b, K):
-    acc = f32(0)
-    for k in range(K):
-        acc += a[k] * b[k]
-    return acc
 
 
 @njit(cache=True, fastmath=REDUCE)
@@ -1396,11 +1373,7 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
                 a0, a1, a2, a3 = _dot4_f32(K[t], K[t + 1], K[t + 2], K[t + 3], qr, hd)
                 sr[t], sr[t + 1], sr[t + 2], sr[t + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
             for t in range(L4, L):
-                kr = K[t]
-                acc = f32(0)
-                for d in range(hd):
-                    acc += qr[d] * kr[d]
-                sr[t] = acc * scale
+                sr[t] = _dot(qr, K[t], hd) * scale
             m = sr[0]  # softmax numerators exp(s - max) in place, and their sum
             for t in range(1, L):
                 m = max(m, sr[t])
