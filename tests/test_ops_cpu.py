@@ -276,6 +276,15 @@ def test_linear_int8_activations_within_bound(fmt, bits, zp, N, out, k, group):
     np.testing.assert_allclose(cpu.linear(x, w), exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
 
 
+def _quantize_x(x, G, dtype=np.int8):
+    """cpu._quantize_x on rows of x padded to whole groups: (xq, xs, xsum, lanes)."""
+    N, ng = x.shape[0], x.shape[1] // G
+    xq, xs, xsum = np.empty(x.shape, dtype), np.empty((N, ng), np.float32), np.empty((N, ng), np.int32)
+    lanes = np.empty((N, ng * cpu.VNNI_LANES), np.int32)
+    cpu._quantize_x(x, G, xq, xs, xsum, lanes)
+    return xq, xs, xsum, lanes
+
+
 @pytest.mark.parametrize("dtype", [np.int8, np.int16])
 def test_quantize_x_kernel_is_the_spec(dtype):
     rng = rng_for("qx", np.dtype(dtype).name)
@@ -283,9 +292,7 @@ def test_quantize_x_kernel_is_the_spec(dtype):
     x = (rng.standard_normal((3, G * ng)) * 10).astype(np.float32)
     x[1, :G] = 0  # a group of zeros: scale 0, values 0
     x[2, G:2 * G] = np.float32(2.5) * np.arange(G, dtype=np.float32) / 127  # exact halves: ties to even
-    xq, xs, xsum = np.empty(x.shape, dtype), np.empty((3, ng), np.float32), np.empty((3, ng), np.int32)
-    lanes = np.empty((3, ng * cpu.VNNI_LANES), np.int32)
-    cpu._quantize_x(x, G, xq, xs, xsum, lanes)
+    xq, xs, xsum, lanes = _quantize_x(x, G, dtype)
     want_q, want_s = quant.quantize_activations(x, G)
     np.testing.assert_array_equal(xq, want_q)
     np.testing.assert_array_equal(xs, want_s)
@@ -347,9 +354,7 @@ def test_vnni_kernel_at_the_extremes_is_the_spec(fmt, bits, zp, group):
             w.zeros = np.where(rng.random(w.zeros.shape) < 0.5, 0, 15).astype(np.uint8)
     x = np.where(rng.random((2, k)) < 0.5, -1.0, 1.0).astype(np.float32)
     x[0] = -1.0  # a row at -127 throughout
-    xq, xs, xsum = np.empty(x.shape, np.int8), np.empty((2, ng), np.float32), np.empty((2, ng), np.int32)
-    lanes = np.empty((2, ng * cpu.VNNI_LANES), np.int32)
-    cpu._quantize_x(x, group, xq, xs, xsum, lanes)
+    xq, xs, xsum, lanes = _quantize_x(x, group)
     got = np.empty((2, out), np.float32)
     cpu._gemv_a8x4(xq, xs, lanes, w.data, w.scales, w.zeros if zp else cpu._NO_ZEROS, zp, got, 0, bits)
     want = quant.linear_int8_activations(x, w)
@@ -368,9 +373,7 @@ def test_vnni_int8_activation_kernel_equals_the_avx2_one(fmt, bits, zp, out, k, 
     rng = rng_for("a8x4", fmt, out, k, group, N)
     w = quant.quantize(_weights(rng, out, k), bits, group, zp)
     x = cpu._padded(rng.standard_normal((N, k)).astype(np.float32), w.padded_in)
-    xq, xs, xsum = np.empty(x.shape, np.int8), np.empty((N, w.n_groups), np.float32), np.empty((N, w.n_groups), np.int32)
-    lanes = np.empty((N, w.n_groups * cpu.VNNI_LANES), np.int32)
-    cpu._quantize_x(x, group, xq, xs, xsum, lanes)
+    xq, xs, xsum, lanes = _quantize_x(x, group)
     z = w.zeros if zp else cpu._NO_ZEROS
     a, b = np.empty((N, out), np.float32), np.empty((N, out), np.float32)
     if bits == 8:
