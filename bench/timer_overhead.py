@@ -1,11 +1,22 @@
 """Cost of the instrumented timer: decode tokens/s with the timer on vs off, measured in one run.
 
-    python bench/timer_overhead.py [--shape stories110M] [--quant int8] [--tokens 64] [--rounds 5]
+    python bench/timer_overhead.py [--shape stories110M] [--quant int8] [--tokens 200] [--rounds 8]
 
-Three settings alternate step by step (off, floor, on, off, floor, on, ...) on the same model and cache, so
-drift of a shared machine hits all alike; the figures are ratios of the mean step times. Target: on < 2%
-slower than off. "floor" wraps every op in a proxy that does nothing but read the clock before and after the
-call: what timing each op from Python costs at the least, whatever the timer then does with the times.
+Four settings take turns step by step on the same model and cache, in cycles of four consecutive decode
+steps (the order rotates from round to round):
+
+- off: no timer, the engine calls the backend directly (what the timer is compared with);
+- forward: every op through a proxy that only forwards the call (the cost of any per-op wrapper in Python);
+- clock: a proxy that reads the clock before and after each call and adds up the seconds (the floor of
+  timing each op from Python, whatever the timer then does with the times);
+- on: the instrumented timer (timer.TimedOps), one Timer for the whole run as in a real one, so its first
+  step of each kind (recorded in full, see TimedOps) is counted once, and its folds are counted where they
+  happen.
+
+Each setting's cost is the median, over cycles, of its step's time divided by the off step's time in the
+same cycle: neighbouring steps see the same machine, so the drift of a shared machine cancels out (means of
+whole rounds swung by 2-3% from run to run here; the paired medians by about half a point). The means of
+all steps are printed too. Target: on < 2% slower than off.
 """
 
 from __future__ import annotations
@@ -17,23 +28,36 @@ import time
 import numpy as np
 
 from tinyserve.bench import load_for_bench
+from tinyserve.ops import OP_NAMES
 from tinyserve.timer import Timer
 
 
-class ClockOnly:
-    """The floor: an ops proxy that reads the clock around each op call and adds up the seconds."""
+class Forwarding:
+    """An ops proxy whose functions only call the backend's (what wrapping each op costs by itself)."""
 
     def __init__(self, ops):
-        from tinyserve.ops import OP_NAMES
-
-        self._ops, self.seconds = ops, [0.0]
+        self._ops = ops
         for name in OP_NAMES:
-            setattr(self, name, self._clocked(getattr(ops, name)))
+            setattr(self, name, self._wrap(getattr(ops, name)))
 
     def __getattr__(self, name):
         return getattr(self._ops, name)
 
-    def _clocked(self, fn):
+    def _wrap(self, fn):
+        def call(*args):
+            return fn(*args)
+
+        return call
+
+
+class ClockOnly(Forwarding):
+    """The floor: an ops proxy that reads the clock around each op call and adds up the seconds."""
+
+    def __init__(self, ops):
+        self.seconds = [0.0]
+        super().__init__(ops)
+
+    def _wrap(self, fn):
         clock, total = time.perf_counter, self.seconds
 
         def call(*args):
@@ -45,30 +69,36 @@ class ClockOnly:
         return call
 
 
-def decode_steps(llm, timer, tokens: int, prompt: int = 32) -> tuple[list, list, list]:
-    """Decode `tokens` steps of one sequence, cycling through timer off, the clock-only floor and timer on:
-    (seconds of the steps of each setting). Alternating step by step puts the settings at the same moments
-    and context lengths, so the drift of a shared machine cancels out."""
+SETTINGS = ("off", "forward", "clock", "on")
+
+
+def decode_round(llm, timer, tokens: int, first: int, prompt: int = 32) -> list[dict]:
+    """Decode `tokens` steps of one sequence, the settings taking turns (starting with SETTINGS[first]):
+    one {setting: seconds of its step} per complete cycle."""
     cache = llm.new_cache(1, prompt + tokens + 1)
     ids = np.arange(3, 3 + prompt) % llm.config.vocab_size
+    real = llm.ops
+    proxies = {"off": real, "forward": Forwarding(real), "clock": ClockOnly(real), "on": real}
+    order = SETTINGS[first:] + SETTINGS[:first]
     llm.timer = None
     logits = llm.forward(ids, np.arange(prompt), np.zeros(prompt, np.int64), cache, rows=[prompt - 1])
     tok = np.array([int(np.argmax(logits[0]))])
-    real, floor_ops = llm.ops, ClockOnly(llm.ops)
-    times = ([], [], [])  # off, floor, on
-    for t in range(tokens):
-        setting = t % 3
-        llm.timer = timer if setting == 2 else None
-        llm.ops = floor_ops if setting == 1 else real
-        t0 = time.perf_counter()
-        logits = llm.forward(tok, [prompt + t], [0], cache, phase="decode")
-        tok = np.array([int(np.argmax(logits[0]))])
-        times[setting].append(time.perf_counter() - t0)
-    llm.timer, llm.ops = None, real
-    t0 = time.perf_counter()
-    timer.flush()  # what the timer still holds is part of its cost
-    times[2][-1] += time.perf_counter() - t0
-    return times
+    cycles, cycle = [], {}
+    try:
+        for t in range(tokens):
+            setting = order[t % len(order)]
+            llm.timer = timer if setting == "on" else None
+            llm.ops = proxies[setting]
+            t0 = time.perf_counter()
+            logits = llm.forward(tok, [prompt + t], [0], cache, phase="decode")
+            tok = np.array([int(np.argmax(logits[0]))])
+            cycle[setting] = time.perf_counter() - t0
+            if len(cycle) == len(order):
+                cycles.append(cycle)
+                cycle = {}
+    finally:
+        llm.timer, llm.ops = None, real
+    return cycles
 
 
 def _per_call(f, n: int = 20000) -> float:
@@ -87,35 +117,37 @@ def main() -> int:
     ap.add_argument("--shape", default="stories110M")
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--quant", default="int8")
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--tokens", type=int, default=200, help="decode steps per round")
+    ap.add_argument("--rounds", type=int, default=8)
     args = ap.parse_args()
     name, llm = load_for_bench(None, args.shape, args.backend, args.quant)
-    decode_steps(llm, Timer(), 6)  # warm caches and pages
-    off, floor, on = [], [], []
-    for _ in range(args.rounds):
-        a, f, b = decode_steps(llm, Timer(), args.tokens)
-        off += a
-        floor += f
-        on += b
-    # tokens/s from the mean step time of each setting (the mean, not the median: it includes the steps
-    # after which the timer folds its log into tallies)
-    a, f, b = 1 / statistics.mean(off), 1 / statistics.mean(floor), 1 / statistics.mean(on)
-    # the timer's own cost, measured directly: one tiny op called bare and through the timer's proxy (the
-    # "fast" closure that every step after the first of its kind runs, see timer.TimedOps)
+    decode_round(llm, Timer(), 8, 0)  # warm caches and pages
+    timer = Timer()  # one timer for the whole run, as in a real one
+    cycles = []
+    for r in range(args.rounds):
+        cycles += decode_round(llm, timer, args.tokens, r % len(SETTINGS))
+    t0 = time.perf_counter()
+    timer.flush()  # what the timer still holds is part of its cost: added to the last cycle's step
+    cycles[-1]["on"] += time.perf_counter() - t0
+
+    paired = {s: 100 * (statistics.median(c[s] / c["off"] for c in cycles) - 1) for s in SETTINGS[1:]}
+    mean = {s: statistics.mean(c[s] for c in cycles) for s in SETTINGS}
+    # the timer's fast closure measured directly: one tiny op called bare and through it
     from tinyserve.timer import TimedOps
 
     x = np.ones((1, 64), np.float32)
-    proxy = TimedOps(llm.ops, Timer(), {})
-    fast = proxy._fast["add"]
+    fast = TimedOps(llm.ops, Timer(), {})._fast["add"]
     bare = _per_call(lambda: llm.ops.add(x, x))
     timed = _per_call(lambda: fast(x, x))
-    print(f"timer cost per op call: {1e6 * (timed - bare):.2f} us (a tiny add: {1e6 * bare:.2f} us bare, "
-          f"{1e6 * timed:.2f} us timed)")
-    print(f"{name} {args.backend} {args.quant}: decode {a:.1f} tok/s with the timer off, {b:.1f} on, {f:.1f} with "
-          f"clock reads only (mean step of {args.rounds} rounds of {args.tokens} tokens, the three alternating "
-          f"step by step): on is {100 * (a - b) / a:+.2f}% slower than off; the clock-only floor "
-          f"{100 * (a - f) / a:+.2f}%")
+    steps = timer.report().as_dict()["ops"]
+    calls = sum(v["calls"] for v in steps.values()) / timer.phase_calls["decode"]
+    print(f"timer cost per op call in a loop: {1e6 * (timed - bare):.2f} us (a tiny add: {1e6 * bare:.2f} us bare, "
+          f"{1e6 * timed:.2f} us timed); {calls:.0f} op calls per step")
+    print(f"{name} {args.backend} {args.quant}: decode {1 / mean['off']:.1f} tok/s with the timer off, "
+          f"{1 / mean['on']:.1f} on (means of {len(cycles)} cycles of {len(SETTINGS)} steps, {args.rounds} rounds); "
+          f"per step, median of each cycle's ratio to its off step: "
+          + ", ".join(f"{s} {paired[s]:+.2f}%" for s in SETTINGS[1:])
+          + f"; the means: on {100 * (mean['on'] / mean['off'] - 1):+.2f}%")
     return 0
 
 

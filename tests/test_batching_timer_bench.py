@@ -134,7 +134,7 @@ def test_timer_counts_are_exact(stories_dir):
 
 
 def test_timer_steps_after_the_first_count_like_it(stories_dir):
-    """The first step of a signature records every call; later ones only names and seconds (timer.TimedOps).
+    """The first step of a signature records every call; later ones only a clock reading per call (timer.TimedOps).
     Their counts, bytes and FLOPs must be those the full records would give."""
     llm = tinyserve.load(stories_dir, backend="numpy")
     steps = 6
@@ -171,6 +171,11 @@ def test_timer_steps_after_the_first_count_like_it(stories_dir):
     assert timer.report().as_dict()["ops"]["linear"]["calls"] == 3 * (7 * L + 1)
     assert fast["ops"]["attention"]["calls"] == steps * L
     assert fast["ops"]["linear"]["seconds"] > 0
+    # a call's time runs from the end of the call before it: the calls of a step add up to (most of) the step
+    for rep in (full, fast):
+        ops_seconds = sum(v["seconds"] for v in rep["ops"].values())
+        phase_seconds = sum(v["seconds"] for v in rep["phases"].values())
+        assert 0.5 * phase_seconds < ops_seconds <= phase_seconds
 
 
 def test_bench_runs_on_a_tiny_shape():

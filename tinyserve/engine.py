@@ -173,12 +173,12 @@ class LLM:
         positions, slots = np.asarray(positions, np.int64), np.asarray(slots, np.int64)
         ops = self.ops
         if self.timer is not None:
+            t0 = time.perf_counter()  # the phase holds the step's op calls (timer.TimedOps times each one)
             ops = self._timed_ops
             if ops is None or ops._ops is not self.ops or ops._timer is not self.timer:  # a swapped-in ops or timer
                 ops = self._timed_ops = self.timer.wrap(self.ops, self.weights)
             # a step's op calls follow from its number of tokens and of logit rows (see timer.TimedOps)
             ops.begin_step((ids.size, None if rows is None else len(rows)), slots, positions)
-            t0 = time.perf_counter()
         up = self.ops.upload
         logits = forward(
             self.weights, self.config, ops, up(ids), up(positions), up(slots),

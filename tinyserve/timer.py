@@ -15,11 +15,13 @@ What it measures
 - per request (from the generator): time to first token, time per output token (mean, p50, p90), tokens/s;
 - the whole run: generated tokens / wall time, and the process's peak resident memory.
 
-How: the timer wraps the backend's ops module in a proxy whose functions time each call (synchronizing the
-GPU first where the backend has asynchronous kernels). With no timer, the engine calls the ops directly:
-the cost is exactly zero. With the timer on, each op call costs two clock reads and one or two appends (see
-TimedOps); the records are folded into per-op tallies every few thousand calls and when a report is made.
-`bench/timer_overhead.py` measures what that does to decode tokens/s.
+How: the timer wraps the backend's ops module in a proxy whose functions time each call (waiting for the GPU
+after each call where the backend has asynchronous kernels). With no timer, the engine calls the ops
+directly: the cost is exactly zero. With the timer on, each op call costs one clock read after it and one
+append (see TimedOps): a call's time runs from the end of the call before it to its own end, so the calls
+of a step add up to the step, the Python between them included. The records are folded into per-op
+tallies every few thousand calls and when a report is made. `bench/timer_overhead.py` measures what that
+does to decode tokens/s.
 """
 
 from __future__ import annotations
@@ -122,11 +124,19 @@ class TimedOps:
       signature). The first step of a signature runs "full" closures that append one record per call to the
       timer's log: (op, key, shape, seconds), where key and shape decide the call's role, bytes and FLOPs
       (op_cost). From those records the step's template is made: the tally of each call site.
-    - later steps of that signature run "fast" closures that append only the op's name and the seconds
-      (to a list and an array of doubles); end_step checks the names against the template. Every few
-      thousand calls (and for a report) fold() adds each step's seconds to its template's per-site sums,
-      one NumPy add per step, and counts attention's bytes and FLOPs from each step's positions. (Doing that
-      NumPy work after every step cost as much again as the calls themselves: cold caches again.)
+    - later steps of that signature run "fast" closures that only append the clock after the call to an
+      array of doubles, which begin_step starts with the clock at the start of the step; end_step checks
+      that the step made as many calls as its template. Every few thousand calls (and for a report) fold()
+      turns each step's stamps into the seconds of each call (differences of consecutive stamps) and adds
+      them to its template's per-site sums, one NumPy add per step, and counts attention's bytes and FLOPs
+      from each step's positions. (Doing that NumPy work after every step cost as much again as the calls
+      themselves: cold caches again.)
+
+    So a call's time runs from the end of the call before it (or the start of the step) to its own end: the
+    Python that prepares its arguments (a reshape, the model's loop) is part of it, and the calls of a step
+    add up to the step. One clock read per call instead of two around it, and no name logged: the fast
+    path costs a forwarding proxy plus one clock read and one append (docs/performance.md, "The timer's
+    cost"). The first step of a signature times its calls the same way.
 
     Records hold only weights and the step's own inputs (slots, positions), never an intermediate
     activation, so the log keeps no large array alive. bench/timer_overhead.py measures what is left.
@@ -137,14 +147,15 @@ class TimedOps:
         self._timer = timer
         timer.weight_roles.update(roles)
         timer.timed_ops.append(self)
-        self._names: list[str] = []  # op names of the current fast step
-        self._seconds = array("d")  # the times of every fast step's calls since the last fold
+        self._stamps = array("d")  # fast steps since the last fold: the clock at each start and after each call
+        self._mark = None  # where the current fast step's stamps begin, until its end_step
+        self._last = [time.perf_counter()]  # full steps: the clock after the previous call (or at the start)
         self._steps: list[tuple] = []  # (template, slots, positions) of each of those steps, in order
         self._templates: dict = {}  # signature -> _Template
         self._step = None  # (template or None, signature, log length at the start, slots, positions)
-        sync = getattr(ops, "synchronize", None)
+        self._sync = sync = getattr(ops, "synchronize", None)
         self._full = {name: self._timed_full(name, getattr(ops, name), sync) for name in OP_NAMES}
-        self._fast = {name: self._timed_fast(name, getattr(ops, name), sync) for name in OP_NAMES}
+        self._fast = {name: self._timed_fast(getattr(ops, name), sync) for name in OP_NAMES}
         self._mode = None
         self._use(self._full)
 
@@ -158,12 +169,20 @@ class TimedOps:
 
     def begin_step(self, signature, slots, positions) -> None:
         """Before a forward step: signature = (tokens, logit rows), or None to record every call in full."""
-        if self._names:  # a step that raised before end_step: its fast-mode calls are dropped
-            del self._seconds[len(self._seconds) - len(self._names):]
-            self._names.clear()
+        if self._mark is not None:  # a step that raised before end_step: its fast-mode stamps are dropped
+            del self._stamps[self._mark:]
+            self._mark = None
         template = self._templates.get(signature) if signature is not None else None
         self._step = (template, signature, len(self._timer.log), slots, positions)
-        self._use(self._fast if template is not None else self._full)
+        if self._sync is not None:  # work still queued from before the step is not the step's
+            self._sync()
+        if template is not None:
+            self._use(self._fast)
+            self._mark = len(self._stamps)
+            self._stamps.append(time.perf_counter())
+        else:
+            self._use(self._full)
+            self._last[0] = time.perf_counter()
 
     def end_step(self) -> None:
         template, signature, start, slots, positions = self._step
@@ -172,68 +191,59 @@ class TimedOps:
         if template is None:
             if signature is not None:
                 self._templates[signature] = _Template(timer, timer.log[start:])
-        elif self._names == template.names:
-            self._steps.append((template, slots, positions))
-        else:  # not the calls this signature made before (a swapped-in model?): keep what can be kept
-            calls = self._seconds[len(self._seconds) - len(self._names):]
-            del self._seconds[len(self._seconds) - len(self._names):]
-            for name, seconds in zip(self._names, calls):
-                timer.ops[name].add(seconds, 0, 0)
-            self._templates.pop(signature)
-        self._names.clear()
-        if len(timer.log) >= timer.FLUSH_EVERY or len(self._seconds) >= timer.FLUSH_EVERY \
+        else:
+            if len(self._stamps) - self._mark - 1 == len(template.names):
+                self._steps.append((template, slots, positions))
+            else:  # not as many calls as this signature made before (a swapped-in model?): times not split
+                del self._stamps[self._mark:]
+                self._templates.pop(signature)
+            self._mark = None
+        if len(timer.log) >= timer.FLUSH_EVERY or len(self._stamps) >= timer.FLUSH_EVERY \
                 or timer.per_step is not None:
             timer.flush()
 
     def fold(self) -> None:
         """Add the fast steps' seconds (and attention's bytes and FLOPs) to their templates' tallies."""
-        seconds = np.frombuffer(self._seconds) if self._steps else None
+        stamps = np.frombuffer(self._stamps) if self._steps else None
         at = 0
         for template, slots, positions in self._steps:
             n = len(template.names)
-            template.add(seconds[at:at + n], slots, positions)
-            at += n
-        del seconds  # release the buffer before the array shrinks
+            template.add(np.diff(stamps[at:at + n + 1]), slots, positions)  # each call: from the stamp before
+            at += n + 1
+        del stamps  # release the buffer before the array shrinks
         self._steps.clear()
-        del self._seconds[:]
+        del self._stamps[:at]  # a step still running (a report from inside it) keeps its stamps
+        if self._mark is not None:
+            self._mark -= at
         for template in self._templates.values():
             template.fold(self._timer)
 
     def _timed_full(self, name, fn, sync):
-        record, append, clock = _RECORDS[name], self._timer.log.append, time.perf_counter
+        record, append, clock, last = _RECORDS[name], self._timer.log.append, time.perf_counter, self._last
 
         def call(*args):
-            if sync:
-                sync()
-            t0 = clock()
             out = fn(*args)
             if sync:
                 sync()
-            t1 = clock()
-            append((name, *record(args), t1 - t0))
+            t = clock()
+            append((name, *record(args), t - last[0]))
+            last[0] = t
             return out
 
         return call
 
-    def _timed_fast(self, name, fn, sync):
-        names, seconds, clock = self._names.append, self._seconds.append, time.perf_counter
-        if sync is not None:  # asynchronous backend: wait for queued kernels before and after
+    def _timed_fast(self, fn, sync):
+        stamp, clock = self._stamps.append, time.perf_counter
+        if sync is not None:  # asynchronous backend: the op's kernels finish before its stamp
             def call(*args):
-                sync()
-                t0 = clock()
                 out = fn(*args)
                 sync()
-                t1 = clock()
-                seconds(t1 - t0)
-                names(name)
+                stamp(clock())
                 return out
         else:
             def call(*args):
-                t0 = clock()
                 out = fn(*args)
-                t1 = clock()
-                seconds(t1 - t0)
-                names(name)
+                stamp(clock())
                 return out
         return call
 
