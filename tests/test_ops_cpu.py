@@ -386,6 +386,26 @@ def test_vnni_int8_activation_kernel_equals_the_avx2_one(fmt, bits, zp, out, k, 
     assert np.all(np.abs(a - b) <= 2 * (8 * w.n_groups + 2) * EPS * terms + 1e-30)
 
 
+@pytest.mark.skipif(not cpu.VNNI, reason="vpdpbusd needs AVX512-VNNI")
+@pytest.mark.parametrize("fmt,bits,zp", Q_FORMATS, ids=[f[0] for f in Q_FORMATS])
+def test_vnni_kernel_rows_of_x_in_pairs_equal_each_alone(fmt, bits, zp):
+    """_gemv_a8x4 takes rows of x two at a time (_a8_rows4x2) and an odd last one alone (_a8_rows4x1): every
+    output is the same sequence of operations either way, so a batch equals its rows run one by one, bit for
+    bit (a batch's results must not depend on its other sequences)."""
+    rng = rng_for("a8 pairs", fmt)
+    out, k, group, N = 11, 200, 64, 5
+    w = quant.quantize(_weights(rng, out, k), bits, group, zp)
+    x = cpu._padded(rng.standard_normal((N, k)).astype(np.float32), w.padded_in)
+    xq, xs, xsum, lanes = _quantize_x(x, group)
+    z = w.zeros if zp else cpu._NO_ZEROS
+    batch = np.empty((N, out), np.float32)
+    cpu._gemv_a8x4(xq, xs, lanes, w.data, w.scales, z, zp, batch, 4096, bits)
+    for n in range(N):
+        one = np.empty((1, out), np.float32)
+        cpu._gemv_a8x4(xq[n:n + 1], xs[n:n + 1], lanes[n:n + 1], w.data, w.scales, z, zp, one, 4096, bits)
+        np.testing.assert_array_equal(batch[n], one[0])
+
+
 def test_int8_activations_do_not_depend_on_thread_count(monkeypatch):
 
     monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)

@@ -12,7 +12,7 @@ Linear layers (the time of a step) have two paths:
 - few rows (decode): a matrix-vector product per weight row, reading each weight byte once. Memory
   bandwidth is the ceiling; the kernels stream the weights' own format (float32, int8, packed int4) and
   never materialize a dequantized matrix. The quantized ones take 4 weight rows at a time through
-  intrinsics that write LLVM vector code (_q8_rows4, _q4_rows4, _a8_rows4; helpers in _Gen): on this
+  intrinsics that write LLVM vector code (_q8_rows4, _q4_rows4, _a8_block; helpers in _Gen): on this
   hardware the speed from memory follows the instructions issued per byte (docs/performance.md).
 - many rows (prefill, big batches): weight rows are dequantized a panel at a time into a small float32
   buffer that stays in cache, then multiplied with register-tiled 4x4 blocks (4 tokens x 4 weight rows
@@ -669,120 +669,152 @@ def _dot_q4_loop(p, pstart, x, xstart, H):
 VNNI_LANES = 8  # int32 lanes of one 256-bit vpdpbusd: lane l sums the products of bytes 4l .. 4l + 3
 
 
-@intrinsic
-def _a8_rows4(typingctx, data, start, stride, x, lanes, s, srow, sstride, xs, z, asym, zero, ng, gb, bits, ahead):
-    """Four rows of int8 (bits 8) or int4 (bits 4) weights against one row of int8 activations, on VNNI
-    machines: UniTuple(float32, 4), row r = sum_g s[srow + r * sstride, g] * xs[g] * (its exact int32 group
-    sum). Row r's ng groups of gb bytes start at data[start + r * stride] (stride 0 repeats one row, for the
-    last rows of a matrix); s and z are flat (O * ng) arrays.
+def _a8_block(nx):
+    """An intrinsic for a block of four rows of int8 (bits 8) or int4 (bits 4) weights against nx rows of int8
+    activations, on VNNI machines:
+
+        _a8_rows4xN(data, start, stride, xq, n0, lanes, s, srow, sstride, xs, z, asym, zero, ng, gb, bits, ahead)
+
+    returns UniTuple(float32, 4 * nx): item 4c + r = sum_g s[srow + r * sstride, g] * xs[n0 + c, g] * (the
+    exact int32 group sum of weight row r with x row n0 + c). Row r's ng groups of gb bytes start at
+    data[start + r * stride] (stride 0 repeats one row, for the last rows of a matrix); s and z are flat
+    (O * ng) arrays; xq (N, ng * G), lanes (N, 8 ng) and xs (N, ng) are _quantize_x's outputs, C-contiguous.
 
     The integer part is _dot_q8_avx2's / _dot_q4_avx2's: vpdpbusd multiplies 32 unsigned bytes with 32
     signed bytes of x and adds each 4 neighbouring products into 8 int32 lanes. The weights go in as
     unsigned bytes: int8 w + 128 (an XOR with 0x80), int4 the nibbles as stored (0..15); the zero (128,
     8, or the stored zero point when asym) comes off through `lanes`, the lane sums of x from _quantize_x
-    (lanes[8g + l] = sum of x[g * G + p] over p mod 32 in 4l .. 4l + 3): each lane of each group starts
-    at -zero * lanes[8g + l], so after the group every lane holds an exact int32 sum of (w - zero) * x.
+    (lanes[n, 8g + l] = sum of x[n, g * G + p] over p mod 32 in 4l .. 4l + 3): each lane of each group
+    starts at -zero * lanes[n, 8g + l], so after the group every lane holds an exact int32 sum of
+    (w - zero) * x.
 
     What makes it fast: a group's 8 lanes are never added together. They are converted to float32 once
     per group (exact: |lane| < 2^24) and multiply-added into 8 float32 lanes by the group's scale
     product, so a row costs one horizontal sum at its end, not one per group (a per-group sum costs most
-    at G = 32). Each load of x serves the 4 rows. In cache (1 thread, 256 x 2048, G 128): 37-46 GB/s of weights
-    against 34-37 for the per-group-sum kernel; from memory (docs/performance.md) +5-10% (int8) and
-    +10% (int4). The weights are prefetched `ahead` bytes on, per group (0: no prefetch): int8 into L1,
-    int4 into L2 (measured best: PREFETCH_A8_4, PREFETCH_A4_4).
+    at G = 32). Each load of x serves the 4 rows, and each load of weights (with its XOR or nibble split)
+    the nx rows of x: with nx = 2, 6 loads and 4 XORs per 8 vpdpbusd instead of 10 and 8 (_gemv_a8x4 uses
+    it for batches). 4 x nx int32 and 4 x nx float32 vectors stay in registers (nx = 4 would need all 32).
+    In cache (1 thread, 256 x 2048, G 128, nx = 1): 37-46 GB/s of weights against 34-37 for the per-group-
+    sum kernel; from memory (docs/performance.md) +5-10% (int8) and +10% (int4). The weights are prefetched
+    `ahead` bytes on, per group (0: no prefetch): int8 into L1, int4 into L2 (measured best: PREFETCH_A8_4,
+    PREFETCH_A4_4).
 
     No overflow: a lane adds G / 32 steps of 4 products, each at most 255 * 127, and starts at
     -128 * (G / 8) * 127 at most; G <= 256.
     """
     W = VNNI_LANES
 
-    def codegen(context, builder, sig, args):
-        (da, st, strd, xa, la, sa, sr, sst, xsa, za, asy, zr, ngv, gbv, bitsv, ah) = args
-        gen = _Gen(context, builder, st.type)
-        const, load = gen.const, gen.load
-        v32, v16, vi, vf = _vec(_I8, 32), _vec(_I8, 16), _vec(_I32, W), _vec(_F32, W)
-        dp = _llvm_fn(builder, "llvm.x86.avx512.vpdpbusd.256", vi, [vi, vi, vi])
-        dty, xty, lty, sty, xsty, zty = (sig.args[i] for i in (0, 3, 4, 5, 8, 9))
+    @intrinsic
+    def block(typingctx, data, start, stride, xq, n0, lanes, s, srow, sstride, xs, z, asym, zero, ng, gb, bits,
+              ahead):
+        def codegen(context, builder, sig, args):
+            (da, st, strd, xa, n0v, la, sa, sr, sst, xsa, za, asy, zr, ngv, gbv, bitsv, ah) = args
+            gen = _Gen(context, builder, st.type)
+            const, load = gen.const, gen.load
+            v32, v16, vi, vf = _vec(_I8, 32), _vec(_I8, 16), _vec(_I32, W), _vec(_F32, W)
+            dp = _llvm_fn(builder, "llvm.x86.avx512.vpdpbusd.256", vi, [vi, vi, vi])
+            dty, xty, lty, sty, xsty, zty = (sig.args[i] for i in (0, 3, 5, 6, 9, 10))
 
-        def dot(acc, u8, s8):  # acc += 4-product sums of u8 (unsigned) and s8 (signed), per lane
-            builder.store(builder.call(dp, [builder.load(acc), builder.bitcast(u8, vi), builder.bitcast(s8, vi)]), acc)
+            def dot(acc, u8, s8):  # acc += 4-product sums of u8 (unsigned) and s8 (signed), per lane
+                builder.store(builder.call(dp, [builder.load(acc), builder.bitcast(u8, vi), builder.bitcast(s8, vi)]),
+                              acc)
 
-        sums = [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(4)]  # float32 lanes
-        ints = [cgutils.alloca_once(builder, vi) for _ in range(4)]  # the current group's int32 lanes
-        rows = [builder.add(st, builder.mul(strd, const(r))) for r in range(4)]
-        srows = [builder.mul(builder.add(sr, builder.mul(sst, const(r))), ngv) for r in range(4)]  # s[row, 0]
-        is8 = builder.icmp_unsigned("==", bitsv, ir.Constant(bitsv.type, 8))
-        G = builder.select(is8, gbv, builder.mul(gbv, const(2)))  # values per group
-        c32 = const(32)
-        four_groups = builder.mul(gbv, const(4))
-        with cgutils.for_range(builder, ngv) as group:
-            g = group.index
-            gbase = builder.mul(g, gbv)  # the group's first byte in a row
-            with builder.if_then(builder.icmp_signed(">", ah, const(0))):  # the block's bytes, `ahead` on
-                at = builder.add(builder.add(st, builder.mul(g, four_groups)), ah)
+            R = [(r, c) for c in range(nx) for r in range(4)]  # item 4c + r of the result
+            sums = {rc: cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for rc in R}  # float32 lanes
+            ints = {rc: cgutils.alloca_once(builder, vi) for rc in R}  # the current group's int32 lanes
+            rows = [builder.add(st, builder.mul(strd, const(r))) for r in range(4)]
+            srows = [builder.mul(builder.add(sr, builder.mul(sst, const(r))), ngv) for r in range(4)]  # s[row, 0]
+            is8 = builder.icmp_unsigned("==", bitsv, ir.Constant(bitsv.type, 8))
+            G = builder.select(is8, gbv, builder.mul(gbv, const(2)))  # values per group
+            xn = [builder.add(n0v, const(c)) for c in range(nx)]  # the rows of x
+            xrows = [builder.mul(n, builder.mul(ngv, G)) for n in xn]  # xq[n, 0]
+            lrows = [builder.mul(n, builder.mul(ngv, const(W))) for n in xn]  # lanes[n, 0]
+            xsrows = [builder.mul(n, ngv) for n in xn]  # xs[n, 0]
+            c32 = const(32)
+            four_groups = builder.mul(gbv, const(4))
+            with cgutils.for_range(builder, ngv) as group:
+                g = group.index
+                gbase = builder.mul(g, gbv)  # the group's first byte in a row
+                with builder.if_then(builder.icmp_signed(">", ah, const(0))):  # the block's bytes, `ahead` on
+                    at = builder.add(builder.add(st, builder.mul(g, four_groups)), ah)
+                    with builder.if_else(is8) as (int8, int4):
+                        with int8:
+                            gen.prefetch(gen.data(dty, da), at, four_groups, 3)
+                        with int4:
+                            gen.prefetch(gen.data(dty, da), at, four_groups, 2)
+                for c in range(nx):  # each lane starts at -zero * (its lane sum of x)
+                    L = load(lty, la, builder.add(lrows[c], builder.mul(g, const(W))), vi, 4)
+                    with builder.if_else(asy) as (per_row, shared):
+                        with per_row:
+                            for r in range(4):
+                                zv = builder.zext(load(zty, za, builder.add(srows[r], g), _I8), _I32)
+                                builder.store(builder.mul(L, gen.splat(builder.neg(zv), vi)), ints[r, c])
+                        with shared:
+                            start_lanes = builder.mul(L, gen.splat(builder.neg(builder.trunc(zr, _I32)), vi))
+                            for r in range(4):
+                                builder.store(start_lanes, ints[r, c])
+                xg = [builder.add(xr, builder.mul(g, G)) for xr in xrows]  # the group's first value of x
                 with builder.if_else(is8) as (int8, int4):
-                    with int8:
-                        gen.prefetch(gen.data(dty, da), at, four_groups, 3)
-                    with int4:
-                        gen.prefetch(gen.data(dty, da), at, four_groups, 2)
-            L = load(lty, la, builder.mul(g, const(W)), vi, 4)
-            with builder.if_else(asy) as (per_row, shared):  # each lane starts at -zero * (its lane sum of x)
-                with per_row:
+                    with int8:  # 32 weights per step: w XOR 0x80 = w + 128 as an unsigned byte
+                        flip = ir.Constant(v32, [-128] * 32)
+                        with cgutils.for_range(builder, builder.udiv(gbv, c32)) as step:
+                            o = builder.mul(step.index, c32)
+                            xv = [load(xty, xa, builder.add(xg[c], o), v32) for c in range(nx)]
+                            for r in range(4):
+                                w = builder.xor(load(dty, da, builder.add(builder.add(rows[r], gbase), o), v32), flip)
+                                for c in range(nx):
+                                    dot(ints[r, c], w, xv[c])
+                    with int4:  # 32 bytes (64 weights) per step: low nibbles face x[j], high ones x[j + gb]
+                        with cgutils.for_range(builder, builder.udiv(gbv, c32)) as step:
+                            o = builder.mul(step.index, c32)
+                            xl = [load(xty, xa, builder.add(xg[c], o), v32) for c in range(nx)]
+                            xh = [load(xty, xa, builder.add(builder.add(xg[c], gbv), o), v32) for c in range(nx)]
+                            for r in range(4):
+                                b = load(dty, da, builder.add(builder.add(rows[r], gbase), o), v32)
+                                lo = builder.and_(b, ir.Constant(v32, [15] * 32))
+                                hi = builder.lshr(b, ir.Constant(v32, [4] * 32))
+                                for c in range(nx):
+                                    dot(ints[r, c], lo, xl[c])
+                                    dot(ints[r, c], hi, xh[c])
+                        with builder.if_then(builder.icmp_unsigned("==", gbv, const(16))):  # G = 32: one 16-byte group
+                            xv = [load(xty, xa, xg[c], v32) for c in range(nx)]
+                            for r in range(4):
+                                b = load(dty, da, builder.add(rows[r], gbase), v16)
+                                lo = builder.and_(b, ir.Constant(v16, [15] * 16))
+                                hi = builder.lshr(b, ir.Constant(v16, [4] * 16))  # joined: values 0..31 of the group
+                                joined = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, 32), list(range(32))))
+                                for c in range(nx):
+                                    dot(ints[r, c], joined, xv[c])
+                for c in range(nx):  # float32 lanes += float(int32 lanes) * (s[row, g] * xs[n, g])
+                    sx = load(xsty, xsa, builder.add(xsrows[c], g), _F32, 4)
                     for r in range(4):
-                        zv = builder.zext(load(zty, za, builder.add(srows[r], g), _I8), _I32)
-                        builder.store(builder.mul(L, gen.splat(builder.neg(zv), vi)), ints[r])
-                with shared:
-                    start_lanes = builder.mul(L, gen.splat(builder.neg(builder.trunc(zr, _I32)), vi))
-                    for r in range(4):
-                        builder.store(start_lanes, ints[r])
-            xg = builder.mul(g, G)  # the group's first value of x
-            with builder.if_else(is8) as (int8, int4):
-                with int8:  # 32 weights per step: w XOR 0x80 = w + 128 as an unsigned byte
-                    flip = ir.Constant(v32, [-128] * 32)
-                    with cgutils.for_range(builder, builder.udiv(gbv, c32)) as step:
-                        o = builder.mul(step.index, c32)
-                        xv = load(xty, xa, builder.add(xg, o), v32)
-                        for r in range(4):
-                            w = load(dty, da, builder.add(builder.add(rows[r], gbase), o), v32)
-                            dot(ints[r], builder.xor(w, flip), xv)
-                with int4:  # 32 bytes (64 weights) per step: low nibbles face x[j], high ones x[j + gb]
-                    with cgutils.for_range(builder, builder.udiv(gbv, c32)) as step:
-                        o = builder.mul(step.index, c32)
-                        xl = load(xty, xa, builder.add(xg, o), v32)
-                        xh = load(xty, xa, builder.add(builder.add(xg, gbv), o), v32)
-                        for r in range(4):
-                            b = load(dty, da, builder.add(builder.add(rows[r], gbase), o), v32)
-                            dot(ints[r], builder.and_(b, ir.Constant(v32, [15] * 32)), xl)
-                            dot(ints[r], builder.lshr(b, ir.Constant(v32, [4] * 32)), xh)
-                    with builder.if_then(builder.icmp_unsigned("==", gbv, const(16))):  # G = 32: one 16-byte group
-                        xv = load(xty, xa, xg, v32)
-                        for r in range(4):
-                            b = load(dty, da, builder.add(rows[r], gbase), v16)
-                            lo = builder.and_(b, ir.Constant(v16, [15] * 16))
-                            hi = builder.lshr(b, ir.Constant(v16, [4] * 16))  # joined: values 0..31 of the group
-                            joined = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, 32), list(range(32))))
-                            dot(ints[r], joined, xv)
-            sx = load(xsty, xsa, g, _F32, 4)
-            for r in range(4):  # float32 lanes += float(int32 lanes) * (s[row, g] * xs[g])
-                scale = builder.fmul(load(sty, sa, builder.add(srows[r], g), _F32, 4), sx)
-                f = builder.sitofp(builder.load(ints[r]), vf)
-                builder.store(gen.muladd(f, gen.splat(scale, vf), builder.load(sums[r])), sums[r])
-        return context.make_tuple(builder, sig.return_type, [gen.total(builder.load(a)) for a in sums])
+                        scale = builder.fmul(load(sty, sa, builder.add(srows[r], g), _F32, 4), sx)
+                        f = builder.sitofp(builder.load(ints[r, c]), vf)
+                        builder.store(gen.muladd(f, gen.splat(scale, vf), builder.load(sums[r, c])), sums[r, c])
+            return context.make_tuple(builder, sig.return_type, [gen.total(builder.load(sums[rc])) for rc in R])
 
-    sig = types.UniTuple(types.float32, 4)(data, start, stride, x, lanes, s, srow, sstride, xs, z, asym, zero, ng, gb,
-                                           bits, ahead)
-    return sig, codegen
+        sig = types.UniTuple(types.float32, 4 * nx)(data, start, stride, xq, n0, lanes, s, srow, sstride, xs, z, asym,
+                                                    zero, ng, gb, bits, ahead)
+        return sig, codegen
+
+    return block
+
+
+_a8_rows4x1 = _a8_block(1)  # one row of x (decode)
+_a8_rows4x2 = _a8_block(2)  # two rows of x per pass over the block's weights (batches)
 
 
 @parallel_kernel(fastmath=False)
 def _gemv_a8x4(xq, xs, lanes, data, s, z, asym, y, ahead, bits):
     """int8 (bits 8) or int4 (bits 4) weights x int8 activations on VNNI machines: y[n, o] = sum_g
-    (exact int32 group sum) * s[o, g] * xs[n, g], through _a8_rows4, parallel over blocks of 4 weight rows
-    (the last O mod 4 rows one at a time). The block (4 rows, a few KiB) stays in L1 while the N rows of
-    x pass over it; it is prefetched (`ahead` bytes on) for the first. xq: (N, Kp) int8; lanes: (N, 8 ng)
-    from _quantize_x; z: (O, ng) uint8, or a dummy (1, 1) when not asym. Results do not depend on the
-    thread count (each output is one call, in one order).
+    (exact int32 group sum) * s[o, g] * xs[n, g], parallel over blocks of 4 weight rows (the last O mod 4
+    rows one at a time). The block (4 rows, a few KiB) stays in L1 while the N rows of x pass over it, two
+    at a time (_a8_rows4x2; an odd last one through _a8_rows4x1); it is prefetched (`ahead` bytes on) for
+    the first pass. xq: (N, Kp) int8; lanes: (N, 8 ng) from _quantize_x; z: (O, ng) uint8, or a dummy
+    (1, 1) when not asym. Results do not depend on the thread count, nor on how rows of x are paired: each
+    output is the same sequence of operations in either intrinsic.
     """
+    N = xq.shape[0]
     O, ng = s.shape
     G = xq.shape[1] // ng
     gb = G if bits == 8 else G // 2  # bytes per group
@@ -792,21 +824,27 @@ def _gemv_a8x4(xq, xs, lanes, data, s, z, asym, y, ahead, bits):
     for blk in prange((O + 3) // 4):
         o0 = 4 * blk
         if o0 + 4 <= O:
-            for n in range(xq.shape[0]):
-                y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _a8_rows4(
-                    flat, o0 * Kb, Kb, xq[n], lanes[n], sf, o0, 1, xs[n], zf, asym, zero, ng, gb, bits,
+            for n in range(0, N - 1, 2):
+                t = _a8_rows4x2(flat, o0 * Kb, Kb, xq, n, lanes, sf, o0, 1, xs, zf, asym, zero, ng, gb, bits,
+                                ahead if n == 0 else 0)
+                y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = t[0], t[1], t[2], t[3]
+                y[n + 1, o0], y[n + 1, o0 + 1], y[n + 1, o0 + 2], y[n + 1, o0 + 3] = t[4], t[5], t[6], t[7]
+            if N % 2:
+                n = N - 1
+                y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _a8_rows4x1(
+                    flat, o0 * Kb, Kb, xq, n, lanes, sf, o0, 1, xs, zf, asym, zero, ng, gb, bits,
                     ahead if n == 0 else 0)
         else:
             for o in range(o0, O):
-                for n in range(xq.shape[0]):
-                    y[n, o] = _a8_rows4(flat, o * Kb, 0, xq[n], lanes[n], sf, o, 0, xs[n], zf, asym, zero, ng, gb,
-                                        bits, 0)[0]
+                for n in range(N):
+                    y[n, o] = _a8_rows4x1(flat, o * Kb, 0, xq, n, lanes, sf, o, 0, xs, zf, asym, zero, ng, gb,
+                                          bits, 0)[0]
 
 
 _dot_q8 = _dot_q8_avx2 if AVX2 else _dot_q8_loop
 _dot_q4 = _dot_q4_avx2 if AVX2 else _dot_q4_loop
 PREFETCH_A8 = 2048  # bytes ahead the int8-activation kernels prefetch their weights
-# _a8_rows4's distances, GB/s from memory (8192 x 2048, G 128, 2 threads), first with the per-group-sum kernel
+# _a8_block's distances, GB/s from memory (8192 x 2048, G 128, 2 threads), first with the per-group-sum kernel
 # it replaced, then re-measured with it (third session): int4, into L2: T0 2 KiB 18.7, T1 8 KiB 20.0, 16 KiB
 # 19.7, none 11.5; now T1 4 KiB 20.9-21.2, 8 KiB 20.8-21.6, none 12.9-13.5. int8, into L1: 1 KiB 19.4, 2 KiB
 # 20.3, 4 KiB 21.2, none 15.6; now 4 KiB 22.5-23.0, 8 KiB 17.2-21.8, none 18.1-18.9.
@@ -821,7 +859,7 @@ def _quantize_x(x, G, xq, xs, xsum, lanes):
     xq is int8 (int4 weights) or int16 (int8 weights: widened here once, not in the inner loop); xsum[n, g]
     is the group's sum of xq (int32), which the int4 kernel needs for the zero point, and lanes[n, 8g + l]
     the part of it that lane l of a 256-bit vpdpbusd adds up (the values at p mod 32 in 4l .. 4l + 3 of
-    the group; _a8_rows4 takes the zero points off with it). Parallel over rows.
+    the group; _a8_block takes the zero points off with it). Parallel over rows.
     """
     N, Kp = x.shape
     ng = Kp // G
