@@ -1398,6 +1398,9 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
         L4 = L - L % 4
         K = k_cache[slot, kvh, lo:pos + 1]  # (L, hd)
         V = v_cache[slot, kvh, lo:pos + 1]
+        for r in range(min(16, L)):  # the first keys, which the loop below does not ask for ahead
+            for c in range(0, hd, 16):
+                _prefetch(K[r], c)
         for g in range(G):
             qr = q[n, kvh * G + g]
             sr = scores[task, g]
