@@ -1367,7 +1367,11 @@ def kv_write(k_cache, v_cache, k: np.ndarray, v: np.ndarray, slots, positions) -
     if v.shape != k.shape:
         raise ValueError(f"kv_write: k {k.shape} and v {v.shape} differ")
     slots, positions = _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, "kv_write")
-    _run(_kv_write, 8 * k.size, k_cache, v_cache, k, v, slots, positions)
+    # Each row written is a cold line in another page: the cost is one memory latency per row, not the bytes.
+    # Counted as 2 KiB of work per row (SERIAL_BELOW), so 12 heads go parallel from 8 tokens: per layer,
+    # serial / parallel, after the caches were flushed (stories110M heads, 4th session): 1 token 4 / 10 us,
+    # 4 tokens 14 / 14, 8 tokens 30 / 21, 16 tokens 60 / 35 (before, counted by bytes: serial up to 40 tokens).
+    _run(_kv_write, 2 * N * KVH * 2048, k_cache, v_cache, k, v, slots, positions)
 
 
 @parallel_kernel(fastmath=REDUCE)
