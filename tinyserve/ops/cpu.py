@@ -69,12 +69,18 @@ i32 = np.int32
 
 # A linear layer with at least this many rows (tokens) uses the tiled matrix-matrix kernels; fewer rows
 # use the matrix-vector kernels, which read each weight once per row of x and never unpack a panel.
+# float32 weights:
 GEMM_MIN_ROWS = 4
 # int4 weights cross over later: _gemv_q4's table lookups beat the tiled kernel's panel unpacking up to ~8
 # rows (third session, stories110M shapes, 2 threads, GFLOP/s matrix-vector / tiled: 4 rows 98-114 / 74-80,
 # 8 rows 103-116 / 112-119, 16 rows 111-116 / 148-152; int8 at 4 rows 100-116 / 99-108, 8 rows 111-115 /
 # 139-145).
 GEMM_MIN_ROWS_Q4 = 8
+# int8 weights stay on the matrix-vector kernel up to 31 rows: it takes rows of x four at a time through a
+# register tile (_q8_tile4), which beats the tiled panel kernel up to ~32 rows (fourth session, 2 threads,
+# GFLOP/s tile / panel, stories110M 2048 x 768: 4 rows 158 / 87, 8 rows 166 / 114, 16 rows 178 / 149, 24 rows
+# 183 / 165, 32 rows 169 / 173, 64 rows 167 / 184; Llama-3.2-1B 2048 x 8192 and 8192 x 2048 alike).
+GEMM_MIN_ROWS_Q8 = 32
 # With int8 activations (ACTIVATIONS = "int8") the integer matrix-vector kernels stay faster than the tiled
 # float kernels up to ~32 rows (stories110M shapes, 2 threads, GFLOP/s tiled / integer: 4 rows 84-96 /
 # 147-181, 16 rows 142-168 / 168-202, 32 rows 170-189 / 187-191; int4 alike), so a decode batch of up to 31
@@ -405,19 +411,70 @@ def _q8_rows4(typingctx, q, start, x, s, srow, ng, G, ahead):
     return types.UniTuple(types.float32, 4)(q, start, x, s, srow, ng, G, ahead), codegen
 
 
+@intrinsic
+def _q8_tile4(typingctx, q, start, x, n0, s, srow, ng, G, ahead):
+    """Four int8 weight rows (o = srow .. srow + 3, bytes from q[start], rows Kp = ng * G bytes apart) against
+    four rows of float32 x (n0 .. n0 + 3 of the C-contiguous (N, Kp) x): UniTuple(float32, 16), item 4c + r
+    = sum_k (float(q[o, k]) * s[o, k // G]) * x[n0 + c, k]. s is flat (O * ng).
+
+    A register tile for batches: per step, 16 weights of each row are widened, converted and multiplied by
+    their group's scale (exactly quant.dequantize's value: one rounding), then multiply-added with 16 values
+    of each of the 4 rows of x into 16 float32 lanes per (row, row of x): each weight converted once serves
+    4 rows of x, each value of x loaded once serves 4 weight rows. 16 accumulators, 4 weight vectors, 4 of
+    x and 4 scales fill 28 of the 32 vector registers. Exactly dequantize(W) @ x up to float32 rounding,
+    like _q8_rows4 (which adds per group first and scales the group's sum: cheaper per byte, for one row of
+    x at a time). stories110M and Llama-3.2-1B shapes, 2 threads, GFLOP/s against the tiled panel kernel
+    (docs/performance.md): 4 rows 158-188 / 81-100, 16 rows 163-178 / 133-156, 32 rows 169-205 / 155-182.
+    """
+    V = 16
+
+    def codegen(context, builder, sig, args):
+        qa, st, xa, n0v, sa, sr, ngv, Gv, ah = args
+        gen = _Gen(context, builder, st.type)
+        qty, xty, sty = sig.args[0], sig.args[2], sig.args[4]
+        vb, vf = _vec(_I8, V), _vec(_F32, V)
+        Kp = builder.mul(ngv, Gv)
+        R = [(r, c) for c in range(4) for r in range(4)]  # item 4c + r of the result
+        sums = {rc: cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for rc in R}
+        rows = [builder.add(st, builder.mul(Kp, gen.const(r))) for r in range(4)]
+        xrows = [builder.mul(builder.add(n0v, gen.const(c)), Kp) for c in range(4)]  # x[n0 + c, 0]
+        srows = [builder.mul(builder.add(sr, gen.const(r)), ngv) for r in range(4)]  # s[o, 0]
+        four_groups = builder.mul(Gv, gen.const(4))
+        with cgutils.for_range(builder, ngv) as group:
+            g = group.index
+            gbase = builder.mul(g, Gv)
+            with builder.if_then(builder.icmp_signed(">", ah, gen.const(0))):  # 4 G bytes per group, `ahead` on
+                gen.prefetch(gen.data(qty, qa), builder.add(builder.add(st, builder.mul(g, four_groups)), ah),
+                             four_groups, 3, PREFETCH_FAR)
+            scales = [gen.splat(gen.load(sty, sa, builder.add(srows[r], g), _F32, 4), vf) for r in range(4)]
+            with cgutils.for_range(builder, builder.udiv(Gv, gen.const(V))) as step:
+                o = builder.add(gbase, builder.mul(step.index, gen.const(V)))
+                xv = [gen.load(xty, xa, builder.add(xrows[c], o), vf, 4) for c in range(4)]
+                for r in range(4):
+                    w = builder.sitofp(gen.load(qty, qa, builder.add(rows[r], o), vb), vf)  # exact
+                    w = builder.fmul(w, scales[r])  # the dequantized weight, rounded once
+                    for c in range(4):
+                        builder.store(gen.muladd(w, xv[c], builder.load(sums[r, c])), sums[r, c])
+        return context.make_tuple(builder, sig.return_type, [gen.total(builder.load(sums[rc])) for rc in R])
+
+    return types.UniTuple(types.float32, 16)(q, start, x, n0, s, srow, ng, G, ahead), codegen
+
+
 @parallel_kernel(fastmath=REDUCE)
 def _gemv_q8(x, q, s, y, ahead):
     """int8 weights, few rows: y[n, o] = sum_g s[o, g] * (q[o, group g] . x[n, group g]).
 
-    Parallel over blocks of 4 weight rows (_q8_rows4). The 4 rows of a block go through each group
-    together, so every vector of x loaded from L1 serves 4 rows (the matrix-vector form of register
-    tiling), and the weights `ahead` bytes further on are prefetched. The block (4 rows, a few KiB) stays
-    in L1 while the other rows of x pass over it. x is padded to whole groups (Kp = ng * G columns, zeros
-    past `in`); G is a multiple of 16 (quant.GROUP_SIZES). The last O mod 4 rows take _q8_dot.
+    Parallel over blocks of 4 weight rows. The block (4 rows, a few KiB) stays in L1 while the rows of x
+    pass over it: four at a time through the register tile _q8_tile4 (batches), the last N mod 4 one at a
+    time through _q8_rows4, whose 4 rows go through each group together so that every vector of x loaded
+    from L1 serves 4 rows (the matrix-vector form of register tiling). The weights `ahead` bytes further on
+    are prefetched during the first pass. x is padded to whole groups (Kp = ng * G columns, zeros past
+    `in`); G is a multiple of 16 (quant.GROUP_SIZES). The last O mod 4 rows take _q8_dot.
     """
     N, Kp = x.shape
     O, ng = s.shape
     G = Kp // ng
+    N4 = N - N % 4
     flat, sf = q.reshape(-1), s.reshape(-1)
     for blk in prange((O + 3) // 4):
         o0 = 4 * blk
@@ -426,7 +483,12 @@ def _gemv_q8(x, q, s, y, ahead):
                 for n in range(N):
                     y[n, o] = _q8_dot(q[o], s[o], x[n], G, ng)
             continue
-        for n in range(N):
+        for n in range(0, N4, 4):
+            t = _q8_tile4(flat, o0 * Kp, x, n, sf, o0, ng, G, ahead if n == 0 else 0)
+            for c in range(4):
+                y[n + c, o0], y[n + c, o0 + 1], y[n + c, o0 + 2], y[n + c, o0 + 3] = (
+                    t[4 * c], t[4 * c + 1], t[4 * c + 2], t[4 * c + 3])
+        for n in range(N4, N):
             y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _q8_rows4(flat, o0 * Kp, x[n], sf, o0, ng, G,
                                                                             ahead if n == 0 else 0)
 
@@ -1161,7 +1223,7 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
             raise ValueError(f"cpu.ACTIVATIONS must be 'float32' or 'int8', got {ACTIVATIONS!r}")
         xp = _padded(x2, w.padded_in)
         data, scales = _weight(w.data), _weight(w.scales)
-        gemm = N >= (A8_GEMM_MIN_ROWS if ACTIVATIONS == "int8" else GEMM_MIN_ROWS_Q4 if w.bits == 4 else GEMM_MIN_ROWS)
+        gemm = N >= (A8_GEMM_MIN_ROWS if ACTIVATIONS == "int8" else GEMM_MIN_ROWS_Q4 if w.bits == 4 else GEMM_MIN_ROWS_Q8)
         if w.bits == 8:
             if gemm:
                 _gemm_quant(xp, data, scales, _NO_ZEROS, False, 8, y, panel_rows(w.padded_in))
@@ -1527,7 +1589,7 @@ def _warm_calls() -> None:
     w = rng.standard_normal((8, 64)).astype(np.float32)
     global ACTIVATIONS
     for wt in (w, quantize(w, 8, 32), quantize(w, 4, 32), quantize(w, 4, 32, zero_point=True)):
-        for n in (1, GEMM_MIN_ROWS, GEMM_MIN_ROWS_Q4):
+        for n in (1, GEMM_MIN_ROWS, GEMM_MIN_ROWS_Q4, GEMM_MIN_ROWS_Q8):
             linear(rng.standard_normal((n, 64)).astype(np.float32), wt)
         saved, ACTIVATIONS = ACTIVATIONS, "int8"  # the int8-activation kernels too, whatever the setting
         try:
