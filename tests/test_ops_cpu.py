@@ -64,7 +64,7 @@ FORMATS = [("f32", None, False), ("int8", 8, False), ("int4", 4, False), ("int4-
 
 
 @pytest.mark.parametrize("fmt,bits,zp", FORMATS, ids=[f[0] for f in FORMATS])
-@pytest.mark.parametrize("N", [1, 3, 4, 8, 17, 33])  # both sides of GEMM_MIN_ROWS (4), _Q4 (8) and _Q8 (32)
+@pytest.mark.parametrize("N", [1, 3, 4, 8, 17, 33])  # both sides of GEMM_MIN_ROWS (4) and GEMM_MIN_ROWS_Q8/_Q4 (32)
 @pytest.mark.parametrize("out,k,group", [(5, 32, 32), (37, 100, 32), (19, 200, 64), (33, 389, 128), (16, 300, 256)])
 def test_linear_matches_reference(fmt, bits, zp, N, out, k, group):
     rng = rng_for("linear", fmt, N, out, k, group)
@@ -469,7 +469,7 @@ rng = np.random.default_rng(5)
 worst = 0.0
 for bits, G, zp in ((8, 32, False), (4, 64, False), (4, 128, True)):
     w = quant.quantize(rng.standard_normal((13, 300)).astype(np.float32), bits, G, zp)
-    for N in (1, 3, 6):  # 6: int8's register tile (4 rows of x) and two rows alone
+    for N in (1, 3, 6):  # 6: the register tiles (4 rows of x) and two rows alone
         x = rng.standard_normal((N, 300)).astype(np.float32)
         exact = x.astype(np.float64) @ quant.dequantize(w).T.astype(np.float64)
         terms = np.abs(x).astype(np.float64) @ np.abs(quant.dequantize(w)).T.astype(np.float64)

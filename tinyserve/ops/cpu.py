@@ -71,16 +71,16 @@ i32 = np.int32
 # use the matrix-vector kernels, which read each weight once per row of x and never unpack a panel.
 # float32 weights:
 GEMM_MIN_ROWS = 4
-# int4 weights cross over later: _gemv_q4's table lookups beat the tiled kernel's panel unpacking up to ~8
-# rows (third session, stories110M shapes, 2 threads, GFLOP/s matrix-vector / tiled: 4 rows 98-114 / 74-80,
-# 8 rows 103-116 / 112-119, 16 rows 111-116 / 148-152; int8 at 4 rows 100-116 / 99-108, 8 rows 111-115 /
-# 139-145).
-GEMM_MIN_ROWS_Q4 = 8
-# int8 weights stay on the matrix-vector kernel up to 31 rows: it takes rows of x four at a time through a
-# register tile (_q8_tile4), which beats the tiled panel kernel up to ~32 rows (fourth session, 2 threads,
-# GFLOP/s tile / panel, stories110M 2048 x 768: 4 rows 158 / 87, 8 rows 166 / 114, 16 rows 178 / 149, 24 rows
-# 183 / 165, 32 rows 169 / 173, 64 rows 167 / 184; Llama-3.2-1B 2048 x 8192 and 8192 x 2048 alike).
-GEMM_MIN_ROWS_Q8 = 32
+# Quantized weights stay on the matrix-vector kernels up to 31 rows: they take rows of x four at a time
+# through a register tile (_q8_tile4, _q4_tile4: each weight converted and scaled once for 4 rows of x), which
+# beats the tiled panel kernel up to ~32 rows (fourth session, 2 threads, GFLOP/s tile / panel):
+#   int8, stories110M 2048 x 768: 4 rows 158 / 87, 8 rows 166 / 114, 16 rows 178 / 149, 24 rows 183 / 165,
+#         32 rows 169 / 173, 64 rows 167 / 184 (Llama-3.2-1B 2048 x 8192 and 8192 x 2048 alike);
+#   int4, 2048 x 768: 4 rows 179 / 68, 8 rows 190 / 98, 16 rows 186 / 122, 32 rows 136-192 / 118-151, 64 rows
+#         188 / 170; 8192 x 2048: 4 rows 181 / 62, 16 rows 171 / 122, 32 rows 179-188 / 147-153.
+# (Before the tiles, int4 crossed over at 8 rows and int8 at 4.) Prefill takes the panel kernels: with
+# hundreds of rows, x no longer stays in cache while a block of weights meets all of it.
+GEMM_MIN_ROWS_Q8 = GEMM_MIN_ROWS_Q4 = 32
 # With int8 activations (ACTIVATIONS = "int8") the integer matrix-vector kernels stay faster than the tiled
 # float kernels up to ~32 rows (stories110M shapes, 2 threads, GFLOP/s tiled / integer: 4 rows 84-96 /
 # 147-181, 16 rows 142-168 / 168-202, 32 rows 170-189 / 187-191; int4 alike), so a decode batch of up to 31
@@ -583,6 +583,85 @@ def _q4_rows4(typingctx, p, start, x, xsum, s, z, asym, srow, ng, G, ahead):
     return types.UniTuple(types.float32, 4)(p, start, x, xsum, s, z, asym, srow, ng, G, ahead), codegen
 
 
+@intrinsic
+def _q4_tile4(typingctx, p, start, x, n0, s, z, asym, srow, ng, G, ahead):
+    """Four int4 weight rows (as _q4_rows4's) against four rows of float32 x (n0 .. n0 + 3 of the C-contiguous
+    (N, Kp) x): UniTuple(float32, 16), item 4c + r = sum_k ((n_k - zero) * s[o, k // G]) * x[n0 + c, k], with
+    zero = z[o, g] (asym) or 8.
+
+    The register tile of _q8_tile4 for int4. Per group and row, a 16-entry table holds (i - zero) * scale for
+    the 16 nibble values i (exactly quant.dequantize's values: an exact difference, one rounding); per
+    step, 16 bytes of each row give 16 low and 16 high nibbles, each turned into its dequantized weight by
+    one table lookup (vpermps, which reads the low 4 bits of each index; without AVX-512 a mask, a
+    conversion, a subtraction and a multiply), multiply-added with 16 values of each of the 4 rows of x.
+    Each weight unpacked serves 4 rows of x. stories110M and Llama-3.2-1B shapes, 2 threads, GFLOP/s
+    against the tiled panel kernel: docs/performance.md ("Fourth session").
+    """
+    V = 16
+
+    def codegen(context, builder, sig, args):
+        pa, st, xa, n0v, sa, za, asy, sr, ngv, Gv, ah = args
+        gen = _Gen(context, builder, st.type)
+        pty, xty, sty, zty = (sig.args[i] for i in (0, 2, 4, 5))
+        vb, vf, vi = _vec(_I8, V), _vec(_F32, V), _vec(_I32, V)
+        H = builder.udiv(Gv, gen.const(2))
+        Kb = builder.mul(ngv, H)
+        Kp = builder.mul(ngv, Gv)
+        R = [(r, c) for c in range(4) for r in range(4)]  # item 4c + r of the result
+        sums = {rc: cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for rc in R}
+        tables = [cgutils.alloca_once(builder, vf) for _ in range(4)]
+        zeros = [cgutils.alloca_once(builder, vf) for _ in range(4)]  # without AVX-512: zero and scale, splat
+        scales = [cgutils.alloca_once(builder, vf) for _ in range(4)]
+        zero = cgutils.alloca_once(builder, _F32)
+        rows = [builder.add(st, builder.mul(Kb, gen.const(r))) for r in range(4)]
+        xrows = [builder.mul(builder.add(n0v, gen.const(c)), Kp) for c in range(4)]  # x[n0 + c, 0]
+        srows = [builder.mul(builder.add(sr, gen.const(r)), ngv) for r in range(4)]  # s[o, 0]
+        four_groups = builder.mul(H, gen.const(4))
+        iota = ir.Constant(vf, [float(i) for i in range(16)])
+        if AVX512:
+            perm = _llvm_fn(builder, "llvm.x86.avx512.permvar.sf.512", vf, [vf, vi])
+        with cgutils.for_range(builder, ngv) as group:
+            g = group.index
+            with builder.if_then(builder.icmp_signed(">", ah, gen.const(0))):  # 4 G/2 bytes per group, `ahead` on
+                gen.prefetch(gen.data(pty, pa), builder.add(builder.add(st, builder.mul(g, four_groups)), ah),
+                             four_groups, 3, PREFETCH_FAR)
+            for r in range(4):  # table[i] = (i - zero) * scale: the dequantized value of nibble i
+                builder.store(ir.Constant(_F32, 8.0), zero)
+                with builder.if_then(asy):
+                    builder.store(builder.uitofp(gen.load(zty, za, builder.add(srows[r], g), _I8), _F32), zero)
+                scale = gen.splat(gen.load(sty, sa, builder.add(srows[r], g), _F32, 4), vf)
+                zv = gen.splat(builder.load(zero), vf)
+                if AVX512:
+                    builder.store(builder.fmul(builder.fsub(iota, zv), scale), tables[r])
+                else:
+                    builder.store(zv, zeros[r])
+                    builder.store(scale, scales[r])
+            xg = builder.mul(g, Gv)
+            with cgutils.for_range(builder, builder.udiv(H, gen.const(V))) as step:
+                o = builder.mul(step.index, gen.const(V))
+                xl = [gen.load(xty, xa, builder.add(builder.add(xrows[c], xg), o), vf, 4) for c in range(4)]
+                xh = [gen.load(xty, xa, builder.add(builder.add(builder.add(xrows[c], xg), H), o), vf, 4)
+                      for c in range(4)]
+                for r in range(4):
+                    b = gen.load(pty, pa, builder.add(builder.add(rows[r], builder.mul(g, H)), o), vb)
+                    wide = builder.zext(b, vi)
+                    if AVX512:
+                        table = builder.load(tables[r])
+                        lo = builder.call(perm, [table, wide])
+                        hi = builder.call(perm, [table, builder.lshr(wide, ir.Constant(vi, [4] * V))])
+                    else:  # what the table would hold, computed: (nibble - zero) * scale
+                        zv, sv = builder.load(zeros[r]), builder.load(scales[r])
+                        lo = builder.uitofp(builder.and_(wide, ir.Constant(vi, [15] * V)), vf)
+                        hi = builder.uitofp(builder.lshr(wide, ir.Constant(vi, [4] * V)), vf)
+                        lo, hi = (builder.fmul(builder.fsub(v, zv), sv) for v in (lo, hi))
+                    for c in range(4):
+                        acc = gen.muladd(lo, xl[c], builder.load(sums[r, c]))
+                        builder.store(gen.muladd(hi, xh[c], acc), sums[r, c])
+        return context.make_tuple(builder, sig.return_type, [gen.total(builder.load(sums[rc])) for rc in R])
+
+    return types.UniTuple(types.float32, 16)(p, start, x, n0, s, z, asym, srow, ng, G, ahead), codegen
+
+
 @parallel_kernel(fastmath=REDUCE)
 def _gemv_q4(x, xsum, p, s, z, asym, y, ahead):
     """int4 weights (split halves per group), few rows: y[n, o] = sum_g s[o,g] * (sum_j n_j x_j - zero * xsum[n,g]).
@@ -592,12 +671,15 @@ def _gemv_q4(x, xsum, p, s, z, asym, y, ahead):
     half: two contiguous runs, no shuffling. The zero point (8, or z[o, g] when asym) is not subtracted
     per value: sum (n - zero) x = sum n x - zero * xsum[n, g], with xsum (the group sums of x) computed
     once per call. The 4 rows of a block go through each group together (_q4_rows4), as in _gemv_q8, and
-    the weights `ahead` bytes further on are prefetched. The last O mod 4 rows take _q4_dot.
+    the weights `ahead` bytes further on are prefetched; rows of x four at a time go through the register
+    tile _q4_tile4 (which subtracts the zero point per value, in its table). The last O mod 4 rows take
+    _q4_dot.
     p: (O, Kp/2) uint8, x: (N, Kp) padded with zeros, z: (O, ng) uint8, or a dummy (1, 1) when not asym.
     """
     N, Kp = x.shape
     O, ng = s.shape
     G = Kp // ng
+    N4 = N - N % 4
     flat, sf, zf = p.reshape(-1), s.reshape(-1), z.reshape(-1)
     for blk in prange((O + 3) // 4):
         o0 = 4 * blk
@@ -606,7 +688,12 @@ def _gemv_q4(x, xsum, p, s, z, asym, y, ahead):
                 for n in range(N):
                     y[n, o] = _q4_dot(p[o], s[o], z[o if asym else 0], asym, x[n], xsum[n], G, ng)
             continue
-        for n in range(N):
+        for n in range(0, N4, 4):
+            t = _q4_tile4(flat, o0 * (Kp // 2), x, n, sf, zf, asym, o0, ng, G, ahead if n == 0 else 0)
+            for c in range(4):
+                y[n + c, o0], y[n + c, o0 + 1], y[n + c, o0 + 2], y[n + c, o0 + 3] = (
+                    t[4 * c], t[4 * c + 1], t[4 * c + 2], t[4 * c + 3])
+        for n in range(N4, N):
             y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _q4_rows4(
                 flat, o0 * (Kp // 2), x[n], xsum[n], sf, zf, asym, o0, ng, G, ahead if n == 0 else 0)
 
@@ -1589,7 +1676,7 @@ def _warm_calls() -> None:
     w = rng.standard_normal((8, 64)).astype(np.float32)
     global ACTIVATIONS
     for wt in (w, quantize(w, 8, 32), quantize(w, 4, 32), quantize(w, 4, 32, zero_point=True)):
-        for n in (1, GEMM_MIN_ROWS, GEMM_MIN_ROWS_Q4, GEMM_MIN_ROWS_Q8):
+        for n in (1, GEMM_MIN_ROWS, GEMM_MIN_ROWS_Q8):
             linear(rng.standard_normal((n, 64)).astype(np.float32), wt)
         saved, ACTIVATIONS = ACTIVATIONS, "int8"  # the int8-activation kernels too, whatever the setting
         try:
