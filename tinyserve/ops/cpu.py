@@ -9,11 +9,13 @@ Each op is two pieces:
 
 Linear layers (the time of a step) have two paths:
 
-- few rows (decode): a matrix-vector product per weight row, reading each weight byte once. Memory
-  bandwidth is the ceiling; the kernels stream the weights' own format (float32, int8, packed int4) and
-  never materialize a dequantized matrix. The quantized ones take 4 weight rows at a time through
-  intrinsics that write LLVM vector code (_q8_rows4, _q4_rows4, _a8_block; helpers in _Gen): on this
-  hardware the speed from memory follows the instructions issued per byte (docs/performance.md).
+- few rows (decode, batches of up to 31 for quantized weights): a matrix-vector product per weight row,
+  reading each weight byte once. Memory bandwidth is the ceiling; the kernels stream the weights' own
+  format (float32, int8, packed int4) and never materialize a dequantized matrix. The quantized ones take
+  4 weight rows at a time through intrinsics that write LLVM vector code (_q8_rows4, _q4_rows4, _a8_block;
+  helpers in _Gen): on this hardware the speed from memory follows the instructions issued per byte
+  (docs/performance.md). Batches go four rows of x at a time through register tiles (_q8_tile4,
+  _q4_tile4) that convert each weight once for the four.
 - many rows (prefill, big batches): weight rows are dequantized a panel at a time into a small float32
   buffer that stays in cache, then multiplied with register-tiled 4x4 blocks (4 tokens x 4 weight rows
   share every load). float32 weights use the same tiled kernel without the dequantization (NumPy's BLAS
