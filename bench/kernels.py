@@ -13,7 +13,8 @@ What it measures:
    copy of the weights (enough copies to exceed 256 MiB) so that nothing is served from cache;
 3. prefill GEMM (512 rows of x): GFLOP/s (2 * rows * out * in / time) of each format, and of NumPy's
    float32 BLAS (OpenBLAS) for scale;
-4. few rows (2, 4, 8): matrix-vector vs tiled kernel, which justifies ops/cpu.py's GEMM_MIN_ROWS;
+4. few rows (1 to 64): matrix-vector kernel (register tiles from 4 rows) vs tiled panel kernel, which
+   justifies ops/cpu.py's GEMM_MIN_ROWS_Q8 / GEMM_MIN_ROWS_Q4;
 5. compute speed: the GEMV kernels on one thread with a 256 x 2048 weight that stays in cache, i.e. how
    fast each kernel can consume weights when memory is not the limit (steadier on a shared machine);
    always with both activation modes of the quantized kernels ("int8 a8": x quantized to int8, the
@@ -141,8 +142,8 @@ def bench_few_rows(rng, reps, out=2048, k=2048):
     rows = []
     for fmt in ("int8", "int4"):
         w = make_weight(fmt, out, k, rng)
-        xs = np.zeros((8, w.padded_in), np.float32)
-        for n in (1, 2, 4, 8):
+        xs = np.zeros((64, w.padded_in), np.float32)
+        for n in (1, 2, 4, 8, 16, 32, 64):
             x = rng.standard_normal((n, k), dtype=np.float32)
             y = np.empty((n, out), np.float32)
             if fmt == "int8":
