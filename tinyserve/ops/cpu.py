@@ -248,6 +248,14 @@ class _Gen:
             if far:
                 self.prefetch_line(self.b.gep(p, [self.const(far)]), 2)
 
+    def prefetch_ahead(self, aty, arr, start, g, group_bytes, ahead, locality, far=0):
+        """A block of weight rows' bytes of group g (group_bytes of them from byte start + g * group_bytes of the
+        int8 array arr), `ahead` bytes on, with prefetch(); nothing when ahead is 0 (the later passes)."""
+        b = self.b
+        with b.if_then(b.icmp_signed(">", ahead, self.const(0))):
+            at = b.add(b.add(start, b.mul(g, group_bytes)), ahead)
+            self.prefetch(self.data(aty, arr), at, group_bytes, locality, far)
+
     def prefetch_line(self, ptr, locality):
         """llvm.prefetch of the cache line at ptr (read; locality 3 = all levels, 2 = L2 and out; data)."""
         i8p = _I8.as_pointer()
@@ -394,9 +402,7 @@ def _q8_rows4(typingctx, q, start, x, s, srow, ng, G, ahead):
         with cgutils.for_range(builder, ngv) as group:
             g = group.index
             gbase = builder.mul(g, Gv)
-            with builder.if_then(builder.icmp_signed(">", ah, gen.const(0))):  # 4 G bytes per group, `ahead` on
-                gen.prefetch(gen.data(qty, qa), builder.add(builder.add(st, builder.mul(g, four_groups)), ah),
-                             four_groups, 3, PREFETCH_FAR)
+            gen.prefetch_ahead(qty, qa, st, g, four_groups, ah, 3, PREFETCH_FAR)  # 4 G bytes per group
             for r in range(4):
                 builder.store(ir.Constant(vf, None), part[r])
             with cgutils.for_range(builder, builder.udiv(Gv, gen.const(V))) as step:
@@ -445,9 +451,7 @@ def _q8_tile4(typingctx, q, start, x, n0, s, srow, ng, G, ahead):
         with cgutils.for_range(builder, ngv) as group:
             g = group.index
             gbase = builder.mul(g, Gv)
-            with builder.if_then(builder.icmp_signed(">", ah, gen.const(0))):  # 4 G bytes per group, `ahead` on
-                gen.prefetch(gen.data(qty, qa), builder.add(builder.add(st, builder.mul(g, four_groups)), ah),
-                             four_groups, 3, PREFETCH_FAR)
+            gen.prefetch_ahead(qty, qa, st, g, four_groups, ah, 3, PREFETCH_FAR)  # 4 G bytes per group
             scales = [gen.splat(gen.load(sty, sa, builder.add(srows[r], g), _F32, 4), vf) for r in range(4)]
             with cgutils.for_range(builder, builder.udiv(Gv, gen.const(V))) as step:
                 o = builder.add(gbase, builder.mul(step.index, gen.const(V)))
@@ -551,9 +555,7 @@ def _q4_rows4(typingctx, p, start, x, xsum, s, z, asym, srow, ng, G, ahead):
             table = ir.Constant(vf, [float(i) for i in range(16)])
         with cgutils.for_range(builder, ngv) as group:
             g = group.index
-            with builder.if_then(builder.icmp_signed(">", ah, gen.const(0))):  # 4 G/2 bytes per group, `ahead` on
-                gen.prefetch(gen.data(pty, pa), builder.add(builder.add(st, builder.mul(g, four_groups)), ah),
-                             four_groups, 3, PREFETCH_FAR)
+            gen.prefetch_ahead(pty, pa, st, g, four_groups, ah, 3, PREFETCH_FAR)  # 4 G/2 bytes per group
             c = gen.load(xsty, xsa, g, _F32, 4)
             for r in range(4):
                 builder.store(ir.Constant(_F32, 8.0), zero)
@@ -624,9 +626,7 @@ def _q4_tile4(typingctx, p, start, x, n0, s, z, asym, srow, ng, G, ahead):
             perm = _llvm_fn(builder, "llvm.x86.avx512.permvar.sf.512", vf, [vf, vi])
         with cgutils.for_range(builder, ngv) as group:
             g = group.index
-            with builder.if_then(builder.icmp_signed(">", ah, gen.const(0))):  # 4 G/2 bytes per group, `ahead` on
-                gen.prefetch(gen.data(pty, pa), builder.add(builder.add(st, builder.mul(g, four_groups)), ah),
-                             four_groups, 3, PREFETCH_FAR)
+            gen.prefetch_ahead(pty, pa, st, g, four_groups, ah, 3, PREFETCH_FAR)  # 4 G/2 bytes per group
             for r in range(4):  # table[i] = (i - zero) * scale: the dequantized value of nibble i
                 builder.store(ir.Constant(_F32, 8.0), zero)
                 with builder.if_then(asy):
@@ -886,13 +886,11 @@ def _a8_block(nx):
             with cgutils.for_range(builder, ngv) as group:
                 g = group.index
                 gbase = builder.mul(g, gbv)  # the group's first byte in a row
-                with builder.if_then(builder.icmp_signed(">", ah, const(0))):  # the block's bytes, `ahead` on
-                    at = builder.add(builder.add(st, builder.mul(g, four_groups)), ah)
-                    with builder.if_else(is8) as (int8, int4):
-                        with int8:
-                            gen.prefetch(gen.data(dty, da), at, four_groups, 3)
-                        with int4:
-                            gen.prefetch(gen.data(dty, da), at, four_groups, 2)
+                with builder.if_else(is8) as (int8, int4):  # the block's bytes, `ahead` on
+                    with int8:
+                        gen.prefetch_ahead(dty, da, st, g, four_groups, ah, 3)
+                    with int4:
+                        gen.prefetch_ahead(dty, da, st, g, four_groups, ah, 2)
                 for c in range(nx):  # each lane starts at -zero * (its lane sum of x)
                     L = load(lty, la, builder.add(lrows[c], builder.mul(g, const(W))), vi, 4)
                     with builder.if_else(asy) as (per_row, shared):
