@@ -142,7 +142,6 @@ def bench_few_rows(rng, reps, out=2048, k=2048):
     rows = []
     for fmt in ("int8", "int4"):
         w = make_weight(fmt, out, k, rng)
-        xs = np.zeros((64, w.padded_in), np.float32)
         for n in (1, 2, 4, 8, 16, 32, 64):
             x = rng.standard_normal((n, k), dtype=np.float32)
             y = np.empty((n, out), np.float32)
@@ -150,8 +149,7 @@ def bench_few_rows(rng, reps, out=2048, k=2048):
                 tv = time_calls(cpu._gemv_q8, [(x, cpu._weight(w.data), cpu._weight(w.scales), y, cpu.PREFETCH_Q8)], reps)
                 tg = time_calls(cpu._gemm_quant, [(x, cpu._weight(w.data), cpu._weight(w.scales), cpu._NO_ZEROS, False, 8, y, 64)], reps)
             else:
-                xsum = np.ascontiguousarray(xs[:n, : w.n_groups])
-                tv = time_calls(cpu._gemv_q4, [(x, xsum, cpu._weight(w.data), cpu._weight(w.scales), cpu._NO_ZEROS, False, y, cpu.PREFETCH_Q4)], reps)
+                tv = time_calls(cpu._gemv_q4, [(x, cpu._weight(w.data), cpu._weight(w.scales), cpu._NO_ZEROS, False, y, cpu.PREFETCH_Q4)], reps)
                 tg = time_calls(cpu._gemm_quant, [(x, cpu._weight(w.data), cpu._weight(w.scales), cpu._NO_ZEROS, False, 4, y, 64)], reps)
             rows.append((fmt, n, tv * 1e3, tg * 1e3))
     return rows
