@@ -81,7 +81,8 @@ GEMM_MIN_ROWS = 4
 #   int4, 2048 x 768: 4 rows 179 / 68, 8 rows 190 / 98, 16 rows 186 / 122, 32 rows 136-192 / 118-151, 64 rows
 #         188 / 170; 8192 x 2048: 4 rows 181 / 62, 16 rows 171 / 122, 32 rows 179-188 / 147-153.
 # (Before the tiles, int4 crossed over at 8 rows and int8 at 4.) Prefill takes the panel kernels: with
-# hundreds of rows, x no longer stays in cache while a block of weights meets all of it.
+# hundreds of rows, x no longer stays in cache while a block of weights meets all of it. That is with
+# AVX-512; on CPUs without it the tiles cross over at 8 rows (see where AVX512 is set below).
 GEMM_MIN_ROWS_Q8 = GEMM_MIN_ROWS_Q4 = 32
 # With int8 activations (ACTIVATIONS = "int8") the integer matrix-vector kernels stay faster than the tiled
 # float kernels up to ~32 rows (stories110M shapes, 2 threads, GFLOP/s tiled / integer: 4 rows 84-96 /
@@ -185,6 +186,12 @@ AVX2 = _host_has("avx2")
 AVX512 = _host_has("avx512f")
 FMA = _host_has("fma")
 VNNI = AVX2 and _host_has("avx512vnni", "avx512vl")
+if not AVX512:
+    # The register tiles' 16 accumulators of 16 float32 lanes fill AVX-512's 32 registers; with 16 256-bit
+    # registers they spill. Compiled for Haswell (AVX2, FMA; NUMBA_CPU_NAME=haswell with its features, run on
+    # the Sapphire Rapids machine), 2048 x 768, GFLOP/s tile / panel: int8 4 rows 70 / 59, 8 rows 75 / 74,
+    # 16 rows 72 / 84; int4 4 rows 65 / 61, 8 rows 66 / 82, 16 rows 67 / 97.
+    GEMM_MIN_ROWS_Q8 = GEMM_MIN_ROWS_Q4 = 8
 
 
 # LLVM IR for the explicit-vector kernels (intrinsics): types and helpers.
