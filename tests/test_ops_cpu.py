@@ -112,14 +112,14 @@ def test_results_do_not_depend_on_thread_count(monkeypatch):
 
     monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
     rng = rng_for("threads")
-    x = rng.standard_normal((9, 200)).astype(np.float32)
+    x = rng.standard_normal((33, 200)).astype(np.float32)
     ws = [_weights(rng, 50, 200)] + [quant.quantize(_weights(rng, 50, 200), b, 64, z) for b, z in ((8, False), (4, True))]
     kc = rng.standard_normal((2, 2, 40, 16)).astype(np.float32)
     q = rng.standard_normal((9, 4, 16)).astype(np.float32)
     slots, pos = np.array([0] * 8 + [1]), np.array(list(range(20, 28)) + [5])
 
     def run():
-        out = [cpu.linear(x[:n], w) for w in ws for n in (1, 9)]
+        out = [cpu.linear(x[:n], w) for w in ws for n in (1, 9, 33)]  # matrix-vector, register tiles, panels
         out += [cpu.rmsnorm(x, x[0], 1e-5), cpu.swiglu(x, x), cpu.attention(q, kc, kc, slots, pos, 6)]
         return out
 
