@@ -109,8 +109,9 @@ def test_timer_counts_are_exact(stories_dir):
     timer.per_step = {}
     llm.generate("Once upon a time", max_new_tokens=1, temperature=0.0)
     per = timer.per_step
-    # one forward step: per layer 7 linears, 2 norms, 2 ropes, 1 cache write, 1 attention, 1 swiglu, 2 adds
-    assert per[("linear", "qkv")] == 3 * L and per[("linear", "attention")] == L and per[("linear", "mlp")] == 3 * L
+    # one forward step: per layer 4 linears (q, k and v stacked; o; gate and up stacked; down), 2 norms,
+    # 2 ropes, 1 cache write, 1 attention, 1 swiglu, 2 adds
+    assert per[("linear", "qkv")] == L and per[("linear", "attention")] == L and per[("linear", "mlp")] == 2 * L
     assert per[("linear", "logits")] == 1
     assert per[("rmsnorm", "qkv")] == L and per[("rmsnorm", "mlp")] == L and per[("rmsnorm", "logits")] == 1
     assert per[("rope", "qkv")] == 2 * L and per[("kv_write", "qkv")] == L and per[("attention", "attention")] == L
@@ -120,14 +121,14 @@ def test_timer_counts_are_exact(stories_dir):
     # bytes of linear calls = the weights' own bytes + activations in and out
     w = llm.weights
     weight_bytes = sum(getattr(layer, n).nbytes for layer in w.layers
-                       for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+                       for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
     weight_bytes += w.lm_head.nbytes
     n_prompt = len(llm.encode_prompt("Once upon a time"))
     D, F = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    act = n_prompt * 4 * L * ((D + q) + 2 * (D + kv) + (q + D) + 2 * (D + F) + (F + D)) + 1 * 4 * (D + cfg.vocab_size)
+    act = n_prompt * 4 * L * ((D + q + 2 * kv) + (q + D) + (D + 2 * F) + (F + D)) + 1 * 4 * (D + cfg.vocab_size)
     assert rep["ops"]["linear"]["bytes"] == weight_bytes + act
-    assert rep["ops"]["linear"]["calls"] == 7 * L + 1
+    assert rep["ops"]["linear"]["calls"] == 4 * L + 1
     assert rep["phases"]["prefill"]["calls"] == 1 and "decode" not in rep["phases"]
     assert len(rep["requests"]) == 1 and rep["requests"][0]["generated_tokens"] == 1
     assert "op" in timer.report().table()
@@ -157,7 +158,7 @@ def test_timer_steps_after_the_first_count_like_it(stories_dir):
             assert (fast[section][k]["calls"], fast[section][k]["bytes"], fast[section][k]["flops"]) == \
                 (v["calls"], v["bytes"], v["flops"]), (section, k)
     L = llm.config.num_hidden_layers
-    assert fast["ops"]["linear"]["calls"] == steps * (7 * L + 1)
+    assert fast["ops"]["linear"]["calls"] == steps * (4 * L + 1)
     # a step that fails half-way leaves no half-counted step behind
     timer = Timer()
     llm.timer, llm._timed_ops = timer, None
@@ -168,7 +169,7 @@ def test_timer_steps_after_the_first_count_like_it(stories_dir):
         llm.forward([5], [99], [0], cache, phase="decode")  # a position outside the cache: kv_write raises
     llm.forward([5], [1], [0], cache, phase="decode")
     llm.timer = None
-    assert timer.report().as_dict()["ops"]["linear"]["calls"] == 3 * (7 * L + 1)
+    assert timer.report().as_dict()["ops"]["linear"]["calls"] == 3 * (4 * L + 1)
     assert fast["ops"]["attention"]["calls"] == steps * L
     assert fast["ops"]["linear"]["seconds"] > 0
     # a call's time runs from the end of the call before it: the calls of a step add up to (most of) the step

@@ -495,3 +495,54 @@ def test_portable_kernels_on_a_cpu_without_avx(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     # float32 rounding of ~75-300 terms (sums of |x w|): far below 1e-5 of them
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+@pytest.mark.parametrize("fmt,bits,zp", FORMATS, ids=[f[0] for f in FORMATS])
+@pytest.mark.parametrize("N", [1, 5, 33])
+def test_stacked_linear_equals_its_parts(fmt, bits, zp, N):
+    """ops.Stacked (model.stack_projections): one product over the stacked matrix gives, for each part, exactly
+    what the part alone gives on the cpu backend (each output is the same dot product, on the same kernel
+    path), as contiguous arrays. The reference backend's BLAS blocks a product by its shape, so there the
+    parts agree up to float32 rounding."""
+    from tinyserve.model import LayerWeights, layer_matrix, stack_projections
+    from tinyserve.ops import Stacked
+
+    rng = rng_for("stacked", fmt, N)
+    k = 200
+    mats = [_weights(rng, o, k) for o in (24, 8, 8)]
+    if bits is not None:
+        mats = [quant.quantize(m, bits, 64, zp) for m in mats]
+    biases = [rng.standard_normal(m.shape[0]).astype(np.float32) for m in mats]
+    d = np.ones(k, np.float32)
+    layer = LayerWeights(d, *mats, o_proj=mats[0], post_attention_layernorm=d, gate_proj=mats[1], up_proj=mats[2],
+                         down_proj=mats[0], q_bias=biases[0], k_bias=None, v_bias=biases[2])
+    stacked = stack_projections(layer)
+    assert isinstance(stacked.qkv_proj, Stacked) and stacked.q_proj is None and stacked.qkv_proj.parts == (24, 8, 8)
+    for n, m in zip(("q_proj", "k_proj", "v_proj"), mats):  # the parts are still there, as views
+        got = layer_matrix(stacked, n)
+        np.testing.assert_array_equal(got if bits is None else got.data, m if bits is None else m.data)
+    x = rng.standard_normal((N, k)).astype(np.float32)
+    for ops in (cpu, reference):
+        parts = ops.linear(x, ops.upload(stacked.qkv_proj), stacked.qkv_bias)
+        want = [ops.linear(x, m, b) for m, b in zip(mats, (biases[0], None, biases[2]))]
+        assert len(parts) == 3
+        for got, w, m in zip(parts, want, mats):
+            assert got.flags.c_contiguous
+            if ops is cpu:
+                np.testing.assert_array_equal(got, w)
+            else:
+                tol = 2 * (k + 2) * EPS * (np.abs(x) @ _magnitude(m).T) + 1e-30
+                assert np.all(np.abs(got - w) <= tol)
+
+
+def test_stacking_keeps_different_formats_apart():
+    """A GGUF file may hold q, k and v in different formats: those stay separate matrices."""
+    from tinyserve.model import LayerWeights, stack_projections
+
+    rng = rng_for("stack formats")
+    q8 = quant.quantize(_weights(rng, 16, 64), 8, 32)
+    q4 = quant.quantize(_weights(rng, 16, 64), 4, 32)
+    d = np.ones(64, np.float32)
+    layer = stack_projections(LayerWeights(d, q8, q4, q8, q8, d, q4, q4, q8))
+    assert layer.qkv_proj is None and layer.q_proj is q8  # int8 and int4 mixed: apart
+    assert layer.gate_up_proj is not None and layer.gate_proj is None  # both int4: stacked

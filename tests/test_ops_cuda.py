@@ -191,6 +191,7 @@ def kernel_signatures(C):
         ("add", C._add_kernel, (f1, f1, f1)),
         ("swiglu", C._swiglu_kernel, (f1, f1, f1)),
         ("add_bias", C._add_bias_kernel, (f2, f1)),
+        ("columns", C._columns_kernel, (f2, i64, f2)),
         ("rope", C._rope_kernel, (f3, i1, f1, f3)),
         ("kv_write", C._kv_write_kernel, (f4, f4, f3, f3, i1, i1)),
         ("rmsnorm", C._rmsnorm_kernel, (f2, f1, f32, f2)),

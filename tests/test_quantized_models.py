@@ -24,7 +24,7 @@ def test_quantized_checkpoint_equals_quantizing_at_load(stories_dir, tmp_path, b
     assert r.returncode == 0, r.stderr
     written = tinyserve.load(out, backend="numpy")
     at_load = tinyserve.load(stories_dir, backend="numpy", quant=f"int{bits}", group_size=group, zero_point=zp)
-    assert isinstance(written.weights.layers[0].q_proj, QuantizedTensor)
+    assert isinstance(written.weights.layers[0].o_proj, QuantizedTensor)
     assert isinstance(written.weights.lm_head, QuantizedTensor)  # the tied head is quantized too
     assert isinstance(written.weights.embed_tokens, np.ndarray)  # the embedding lookup stays float
     ids = [1, 403, 407, 261, 378, 432, 383, 286]

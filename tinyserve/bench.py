@@ -82,17 +82,23 @@ def weight_bytes_per_step(w: Weights) -> int:
 
     total = _nbytes(w.lm_head) + _nbytes(w.norm) + w.embed_tokens.shape[1] * 4
     for layer in w.layers:
-        for n in LINEAR_NAMES:
-            total += _nbytes(getattr(layer, n))
+        for m in _linear_weights(layer):
+            total += _nbytes(m)
         total += _nbytes(layer.input_layernorm) + _nbytes(layer.post_attention_layernorm)
     return total
+
+
+def _linear_weights(layer: LayerWeights) -> list:
+    """A layer's matrices as the forward pass reads them: separate, or stacked (model.stack_projections)."""
+    names = LINEAR_NAMES + ("qkv_proj", "gate_up_proj")
+    return [getattr(layer, n) for n in names if getattr(layer, n) is not None]
 
 
 def linear_flops_per_token(w: Weights) -> int:
     total = 2 * int(np.prod(w.lm_head.shape))
     for layer in w.layers:
-        for n in LINEAR_NAMES:
-            total += 2 * int(np.prod(getattr(layer, n).shape))
+        for m in _linear_weights(layer):
+            total += 2 * int(np.prod(m.shape))
     return total
 
 

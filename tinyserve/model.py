@@ -19,6 +19,9 @@ Shape legend
 One step of many sequences is one flat batch of N tokens: token n carries its sequence's cache slot
 `slots[n]` and its position `positions[n]`. Prefill (a prompt of T tokens: N = T) and decode (one token
 per running sequence) are the same call, so every matrix product reads each weight once per step.
+
+Loaded weights hold each layer's q, k and v projections stacked into one matrix, and gate and up into
+another (stack_projections): one matrix product per group, one output per projection.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig, rope_inv_freq
+from .ops import Stacked
+from .quant import QuantizedTensor
 
 
 @dataclass
@@ -49,6 +54,12 @@ class LayerWeights:
     gate_bias: np.ndarray | None = None  # Llama with mlp_bias
     up_bias: np.ndarray | None = None
     down_bias: np.ndarray | None = None
+    # q, k and v stacked into one matrix, and gate and up (stack_projections, when a model is loaded): the
+    # forward pass reads each group in one pass. The separate fields are then None.
+    qkv_proj: object = None  # ops.Stacked of (H*hd + 2*KVH*hd, D)
+    qkv_bias: np.ndarray | None = None
+    gate_up_proj: object = None  # ops.Stacked of (2*F, D)
+    gate_up_bias: np.ndarray | None = None
 
 
 @dataclass
@@ -109,14 +120,14 @@ def load_weights(ckpt: Checkpoint, cfg: ModelConfig, read_linear=None, progress=
         if cfg.mlp_bias:
             for n in ("gate", "up", "down"):
                 biases[f"{n}_bias"] = ckpt.get(hf_name(i, f"{n}_proj")[: -len("weight")] + "bias", (shapes[f"{n}_proj"][0],))
-        layers.append(
+        layers.append(stack_projections(  # stacked now, so the separate matrices are never all held at once
             LayerWeights(
                 input_layernorm=ckpt.get(f"model.layers.{i}.input_layernorm.weight", (D,)),
                 post_attention_layernorm=ckpt.get(f"model.layers.{i}.post_attention_layernorm.weight", (D,)),
                 **lin,
                 **biases,
             )
-        )
+        ))
         if progress is not None:
             progress(i + 1, cfg.num_hidden_layers)
     embed = ckpt.get("model.embed_tokens.weight", (V, D))
@@ -136,13 +147,73 @@ def load_weights(ckpt: Checkpoint, cfg: ModelConfig, read_linear=None, progress=
     )
 
 
+def _stack(mats: list):
+    """The matrices one under the other (all float32 arrays, or all quantized tensors of one format), or None
+    when their formats differ."""
+    if all(isinstance(m, np.ndarray) for m in mats):
+        return np.concatenate(mats)
+    if all(isinstance(m, QuantizedTensor) for m in mats):
+        first = mats[0]
+        if any((m.bits, m.group_size, m.shape[1], m.zeros is None) !=
+               (first.bits, first.group_size, first.shape[1], first.zeros is None) for m in mats):
+            return None
+        zeros = None if first.zeros is None else np.concatenate([m.zeros for m in mats])
+        return QuantizedTensor(first.bits, first.group_size, (sum(m.shape[0] for m in mats), first.shape[1]),
+                               np.concatenate([m.data for m in mats]), np.concatenate([m.scales for m in mats]),
+                               zeros)
+    return None
+
+
+def stack_projections(layer: LayerWeights) -> LayerWeights:
+    """The layer with q, k and v stacked into one matrix (qkv_proj) and gate and up into another
+    (gate_up_proj), so that each group is one matrix product: fewer, larger calls, each output the same dot
+    product (bit for bit on the cpu backend; NumPy's BLAS may round a differently shaped product
+    differently). Weights of different formats (possible in a GGUF file) stay apart."""
+    fields = dict(vars(layer))
+    for stacked, names in (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up"))):
+        mats = [fields[f"{n}_proj"] for n in names]
+        weight = _stack(mats)
+        if weight is None:
+            continue
+        biases = [fields[f"{n}_bias"] for n in names]
+        if any(b is not None for b in biases):
+            biases = [np.zeros(m.shape[0], np.float32) if b is None else b for m, b in zip(mats, biases)]
+            fields[f"{stacked}_bias"] = np.concatenate(biases).astype(np.float32)
+        fields[f"{stacked}_proj"] = Stacked(weight, [m.shape[0] for m in mats])
+        for n in names:
+            fields[f"{n}_proj"] = fields[f"{n}_bias"] = None
+    return LayerWeights(**fields)
+
+
+def layer_matrix(layer: LayerWeights, name: str):
+    """A layer's linear weight by its checkpoint name ("q_proj", ...), held apart or stacked: for a stacked one,
+    its rows of the stacked matrix (a view) when that is a host array or quantized tensor; None when it is in
+    a backend's own device form."""
+    m = getattr(layer, name)
+    if m is not None or name not in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        return m
+    group, names = ("qkv", ("q", "k", "v")) if name[0] in "qkv" else ("gate_up", ("gate", "up"))
+    stacked = getattr(layer, f"{group}_proj")
+    i = names.index(name[: -len("_proj")])
+    a = sum(stacked.parts[:i])
+    b = a + stacked.parts[i]
+    w = stacked.weight
+    if isinstance(w, np.ndarray):
+        return w[a:b]
+    if isinstance(w, QuantizedTensor):
+        return QuantizedTensor(w.bits, w.group_size, (b - a, w.shape[1]), w.data[a:b], w.scales[a:b],
+                               None if w.zeros is None else w.zeros[a:b])
+    return None
+
+
 def upload_weights(w: Weights, ops) -> Weights:
-    """The same weights, placed where the backend computes (a no-op on the CPU backends)."""
+    """The same weights, placed where the backend computes (no copy on the CPU backends), with each layer's
+    projections of one input stacked (stack_projections)."""
 
     def up(a):
         return None if a is None else ops.upload(a)
 
-    layers = [LayerWeights(**{k: up(v) for k, v in vars(layer).items()}) for layer in w.layers]
+    layers = [LayerWeights(**{k: up(v) for k, v in vars(stack_projections(layer)).items()}) for layer in w.layers]
     lm_head = up(w.lm_head) if w.lm_head is not w.embed_tokens else None
     embed = up(w.embed_tokens)
     return Weights(
@@ -153,6 +224,15 @@ def upload_weights(w: Weights, ops) -> Weights:
         inv_freq=up(w.inv_freq),
         extra=w.extra,
     )
+
+
+def project(ops, h, layer: LayerWeights, stacked: str, names: tuple) -> tuple:
+    """The projections of h by a group of weights: one product over the stacked matrix when the layer has it
+    (stack_projections), else one product per weight."""
+    weight = getattr(layer, f"{stacked}_proj")
+    if weight is not None:
+        return ops.linear(h, weight, getattr(layer, f"{stacked}_bias"))
+    return tuple(ops.linear(h, getattr(layer, f"{n}_proj"), getattr(layer, f"{n}_bias")) for n in names)
 
 
 def forward(w: Weights, cfg: ModelConfig, ops, token_ids, positions, slots, cache, rows=None, tap=None):
@@ -175,9 +255,10 @@ def forward(w: Weights, cfg: ModelConfig, ops, token_ids, positions, slots, cach
     for i, layer in enumerate(w.layers):
         # --- attention block: x + o_proj(attention(rope(q), rope(k), v))
         h = ops.rmsnorm(x, layer.input_layernorm, eps)  # (N, D)
-        q = ops.linear(h, layer.q_proj, layer.q_bias).reshape(N, H, hd)  # (N, D) -> (N, H, hd)
-        k = ops.linear(h, layer.k_proj, layer.k_bias).reshape(N, KVH, hd)  # (N, D) -> (N, KVH, hd)
-        v = ops.linear(h, layer.v_proj, layer.v_bias).reshape(N, KVH, hd)  # (N, D) -> (N, KVH, hd)
+        q, k, v = project(ops, h, layer, "qkv", ("q", "k", "v"))  # (N, D) -> (N, H*hd), (N, KVH*hd) x 2
+        q = q.reshape(N, H, hd)  # (N, H*hd) -> (N, H, hd): one row of hd values per head
+        k = k.reshape(N, KVH, hd)
+        v = v.reshape(N, KVH, hd)
         q = ops.rope(q, positions, w.inv_freq)  # (N, H, hd) rotated by position
         k = ops.rope(k, positions, w.inv_freq)  # (N, KVH, hd)
         ops.kv_write(cache.k[i], cache.v[i], k, v, slots, positions)  # cache[slot, :, pos] = k, v
@@ -191,8 +272,7 @@ def forward(w: Weights, cfg: ModelConfig, ops, token_ids, positions, slots, cach
 
         # --- MLP block (SwiGLU): x + down(silu(gate(h)) * up(h))
         h = ops.rmsnorm(x, layer.post_attention_layernorm, eps)  # (N, D)
-        g = ops.linear(h, layer.gate_proj, layer.gate_bias)  # (N, F)
-        u = ops.linear(h, layer.up_proj, layer.up_bias)  # (N, F)
+        g, u = project(ops, h, layer, "gate_up", ("gate", "up"))  # (N, D) -> (N, F), (N, F)
         m = ops.linear(ops.swiglu(g, u), layer.down_proj, layer.down_bias)  # (N, F) -> (N, D)
         if tap:
             tap("mlp_out", i, m)

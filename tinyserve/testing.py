@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .errors import TinyserveError
-from .ops import OP_NAMES
+from .ops import OP_NAMES, Stacked, split_columns
 from .ops import reference as ref
 from .tolerances import op_limits
 
@@ -51,12 +51,17 @@ class SwappedOps:
 
         ops = SwappedOps(tinyserve.ops.get_ops("numpy"), linear=my_linear)
         llm.ops = ops                      # LLM.forward passes self.ops to model.forward
+
+    A replaced linear is given plain matrices only: the model's stacked weights (ops.Stacked: q, k and v; gate
+    and up) reach it as their stacked matrix, and its output is split here, as a backend's linear does.
     """
 
     def __init__(self, base, **overrides):
         unknown = sorted(set(overrides) - set(OP_NAMES))
         if unknown:
             raise TinyserveError(f"unknown op name(s) {', '.join(unknown)} (ops are: {', '.join(OP_NAMES)})")
+        if "linear" in overrides:
+            overrides["linear"] = _unstacking(overrides["linear"], base)
         self._base = base
         self._overrides = dict(overrides)
 
@@ -69,6 +74,18 @@ class SwappedOps:
     def tracking_tap(self, num_layers: int, tap=None):
         """A tap for model.forward that keeps current_layer() up to date (and forwards to `tap`)."""
         return layer_tracking_tap(num_layers, tap)
+
+
+def _unstacking(linear, base):
+    """linear(x, w, bias) that takes ops.Stacked weights too: the stacked matrix, then its columns split."""
+
+    def call(x, w, bias=None):
+        if isinstance(w, Stacked):
+            y = linear(x, w.weight, bias)
+            return tuple(base.upload(p) for p in split_columns(base.download(y), w.parts))
+        return linear(x, w, bias)
+
+    return call
 
 
 def layer_tracking_tap(num_layers: int, tap=None):

@@ -313,11 +313,13 @@ def weight_roles(weights) -> dict:
     for layer in weights.layers:
         roles[("rmsnorm", id(layer.input_layernorm))] = "qkv"
         roles[("rmsnorm", id(layer.post_attention_layernorm))] = "mlp"
-        for n in ("q_proj", "k_proj", "v_proj"):
-            roles[("linear", id(getattr(layer, n)))] = "qkv"
+        for n in ("q_proj", "k_proj", "v_proj", "qkv_proj"):  # separate, or stacked (model.stack_projections)
+            if getattr(layer, n) is not None:
+                roles[("linear", id(getattr(layer, n)))] = "qkv"
         roles[("linear", id(layer.o_proj))] = "attention"
-        for n in ("gate_proj", "up_proj", "down_proj"):
-            roles[("linear", id(getattr(layer, n)))] = "mlp"
+        for n in ("gate_proj", "up_proj", "gate_up_proj", "down_proj"):
+            if getattr(layer, n) is not None:
+                roles[("linear", id(getattr(layer, n)))] = "mlp"
     return roles
 
 

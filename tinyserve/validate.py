@@ -453,7 +453,7 @@ def _held_quantized(llm):
     """The engine's own first quantized matrix, when the backend keeps weights as host QuantizedTensors."""
     from .quant import QuantizedTensor
 
-    w = llm.weights.layers[0].q_proj if llm.weights.layers else None
+    w = llm.weights.layers[0].o_proj if llm.weights.layers else None
     return w if isinstance(w, QuantizedTensor) else None
 
 
@@ -476,7 +476,7 @@ def dequantized_linears(llm, group_size=128, zero_point=False) -> dict:
     fmt = _fmt_of(llm.quant)
     if fmt == "float32":
         return {}
-    from .model import LINEAR_NAMES, hf_name, linear_shapes
+    from .model import LINEAR_NAMES, hf_name, layer_matrix, linear_shapes
     from .quant import QuantizedTensor, dequantize, make_read_linear
 
     cfg, ckpt = llm.config, llm.ckpt
@@ -495,7 +495,7 @@ def dequantized_linears(llm, group_size=128, zero_point=False) -> dict:
     out = {}
     for i, layer in enumerate(llm.weights.layers):
         for n in LINEAR_NAMES:
-            out[hf_name(i, n)] = value(getattr(layer, n), hf_name(i, n), shapes[n])
+            out[hf_name(i, n)] = value(layer_matrix(layer, n), hf_name(i, n), shapes[n])
     head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     out["lm_head.weight"] = value(llm.weights.lm_head, head, (cfg.vocab_size, cfg.hidden_size))
     return out

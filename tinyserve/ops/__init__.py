@@ -9,12 +9,50 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
+
 from ..errors import TinyserveError
+
+class Stacked:
+    """Linear weights that take the same input, stacked along their outputs (q, k and v; gate and up), so that
+    one matrix product reads them all in one pass.
+
+    weight: the stacked (sum(parts), in) matrix, float32 or quantized, in the backend's form; parts: the
+    number of outputs of each. `ops.linear(x, stacked, bias)` returns a tuple with one C-contiguous
+    (N, parts[i]) output per part (bias: the parts' biases stacked the same way, or None).
+    model.stack_projections makes them when weights are loaded.
+    """
+
+    def __init__(self, weight, parts):
+        if sum(parts) != weight.shape[0]:
+            raise ValueError(f"Stacked: parts {parts} do not add up to the weight's {weight.shape[0]} rows")
+        self.weight, self.parts = weight, tuple(int(p) for p in parts)
+
+    @property
+    def shape(self):
+        return self.weight.shape
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.weight.nbytes)
+
+    def __repr__(self) -> str:
+        return f"Stacked({self.weight!r}, parts={self.parts})"
+
+
+def split_columns(y, parts) -> tuple:
+    """(N, sum(parts)) host array -> one C-contiguous (N, p) array per part (no copy when N == 1)."""
+    out, at = [], 0
+    for p in parts:
+        out.append(np.ascontiguousarray(y[:, at:at + p]))
+        at += p
+    return tuple(out)
+
 
 OP_NAMES = (
     "take_rows",  # x[idx]: the embedding lookup, and picking the rows that need logits
     "rmsnorm",
-    "linear",  # x @ W.T (+ b); W float32 or a quantized tensor
+    "linear",  # x @ W.T (+ b); W float32, a quantized tensor, or Stacked (then one output per part)
     "rope",
     "kv_write",
     "attention",

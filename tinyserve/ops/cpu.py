@@ -58,6 +58,7 @@ from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
 from ..quant import QuantizedTensor  # noqa: E402
+from . import Stacked, split_columns  # noqa: E402
 
 # Reassociation (and FMA contraction) lets LLVM split a float sum into vector lanes. Results then depend on
 # the vector width of the machine, never on the number of threads. Not "nsz" (ignore the sign of zero),
@@ -147,6 +148,8 @@ def parallel_kernel(fastmath=False):
 def upload(a):
     """Weights are used where they are (no copy); float32 weights and quantized tensors become read-only
     views, the form every kernel takes them in (see _weight), so no call has to make the view again."""
+    if isinstance(a, Stacked):
+        return Stacked(upload(a.weight), a.parts)
     if isinstance(a, np.ndarray) and a.dtype == np.float32:
         return _weight(a)
     if isinstance(a, QuantizedTensor):
@@ -1314,7 +1317,10 @@ def _padded(x: np.ndarray, kp: int) -> np.ndarray:
 
 
 def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
-    """y = x @ W.T + bias. (..., in), W (out, in) float32 or QuantizedTensor -> (..., out) float32."""
+    """y = x @ W.T + bias. (..., in), W (out, in) float32 or QuantizedTensor -> (..., out) float32.
+    W stacked (ops.Stacked): one product over the stacked matrix, split into one output per part."""
+    if isinstance(w, Stacked):
+        return split_columns(linear(x, w.weight, bias), w.parts)
     x = np.asarray(x)
     out_f, in_f = w.shape
     if x.shape[-1] != in_f:

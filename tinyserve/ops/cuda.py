@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import TinyserveError
 from ..quant import QuantFormat
+from . import Stacked
 
 # ------------------------------------------------------------------------------------ is CUDA there?
 try:
@@ -187,6 +188,8 @@ def upload(a):
     """
     if a is None or isinstance(a, CudaQuantized) or _is_device(a):
         return a
+    if isinstance(a, Stacked):
+        return Stacked(upload(a.weight), a.parts)
     if hasattr(a, "bits") and hasattr(a, "scales"):  # tinyserve.quant.QuantizedTensor
         data = np.ascontiguousarray(a.data)
         words = data.view(np.uint32)  # rows are whole groups of >= 32 values: a whole number of words
@@ -932,12 +935,38 @@ def _token_tile(N: int) -> int:
     return 1 if N <= 1 else 2 if N <= 2 else 4
 
 
+@cuda.jit
+def _columns_kernel(y, start, out):
+    """out[n, j] = y[n, start + j]: one part of a stacked product, into its own contiguous array."""
+    N, M = out.shape
+    for i in range(cuda.grid(1), N * M, cuda.gridsize(1)):
+        out[i // M, i % M] = y[i // M, start + i % M]
+
+
+def _split_columns(y, parts) -> tuple:
+    """(N, sum(parts)) device array -> one C-contiguous (N, p) device array per part (a view when N == 1)."""
+    out, at = [], 0
+    for p in parts:
+        if y.shape[0] == 1:
+            part = y[:, at:at + p]  # one row: its columns are contiguous already
+        else:
+            part = cuda.device_array((y.shape[0], p), np.float32)
+            if y.shape[0] * p:
+                _columns_kernel[_grid(y.shape[0] * p, LAUNCH.threads), LAUNCH.threads](y, at, part)
+        out.append(part)
+        at += p
+    return tuple(out)
+
+
 def linear(x, w, bias=None):
     """y = x @ W.T + bias: (N, in), W (out, in) float32 or quantized -> (N, out).
 
     N <= 4 runs the GEMV kernels (decode), larger N the tiled GEMM (prefill). A QuantizedTensor that was
-    not uploaded is uploaded here (once per call: upload weights beforehand).
+    not uploaded is uploaded here (once per call: upload weights beforehand). W stacked (ops.Stacked): one
+    product over the stacked matrix, its columns split into one output per part.
     """
+    if isinstance(w, Stacked):
+        return _split_columns(linear(x, upload(w.weight), bias), w.parts)
     x = _dev(x, "linear x", np.float32, 2)
     if not isinstance(w, CudaQuantized) and hasattr(w, "bits"):
         w = upload(w)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import Stacked, split_columns
+
 
 # ----------------------------------------------------------------------------------------------- arrays
 def upload(a):
@@ -49,8 +51,11 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
     """y = x @ W.T + bias. (N, in), W (out, in) -> (N, out).
 
     W is a float32 array or a quantized tensor (tinyserve.quant); a quantized W means exactly
-    dequantize(W), so the spec of the quantized matmul is the float one.
+    dequantize(W), so the spec of the quantized matmul is the float one. W may also be several weights
+    stacked (ops.Stacked): then the result is one (N, part) array per part, the product's columns split.
     """
+    if isinstance(w, Stacked):
+        return split_columns(linear(x, w.weight, bias), w.parts)
     if not isinstance(w, np.ndarray):
         from ..quant import dequantize
 
