@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import TinyserveError
 
+
 class Stacked:
     """Linear weights that take the same input, stacked along their outputs (q, k and v; gate and up), so that
     one matrix product reads them all in one pass.
