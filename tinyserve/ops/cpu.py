@@ -691,10 +691,10 @@ def _gemv_q4(x, p, s, z, asym, y, ahead):
     multiplies the low nibbles with the first half of the group's x and the high nibbles with the second
     half: two contiguous runs, no shuffling. The zero point (8, or z[o, g] when asym) is not subtracted
     per value: sum (n - zero) x = sum n x - zero * xsum[n, g], with xsum (the group sums of x) computed
-    once per call, here on the calling thread (in NumPy it cost more than a small layer's kernel: 1.4 us). The 4 rows of a block go through each group together (_q4_rows4), as in _gemv_q8, and
-    the weights `ahead` bytes further on are prefetched; rows of x four at a time go through the register
-    tile _q4_tile4 (which subtracts the zero point per value, in its table). The last O mod 4 rows take
-    _q4_dot.
+    once per call, here on the calling thread (in NumPy it cost more than a small layer's kernel: 1.4 us).
+    The 4 rows of a block go through each group together (_q4_rows4), as in _gemv_q8, and the weights
+    `ahead` bytes further on are prefetched; rows of x four at a time go through the register tile
+    _q4_tile4 (which subtracts the zero point per value, in its table). The last O mod 4 rows take _q4_dot.
     p: (O, Kp/2) uint8, x: (N, Kp) padded with zeros, z: (O, ng) uint8, or a dummy (1, 1) when not asym.
     """
     N, Kp = x.shape
