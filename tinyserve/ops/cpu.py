@@ -233,6 +233,15 @@ class _Gen:
         ptr = self.b.gep(self.data(aty, arr), [idx])
         return self.b.load(self.b.bitcast(ptr, ety.as_pointer()), align=align)
 
+    def block_rows(self, start, stride, srow, ng, sstride=None):
+        """The 4 weight rows of a block: where row r starts in the data, start + r * stride, and in the flat
+        (O * ng) scales and zero points, (srow + r * sstride) * ng (sstride 1 unless given; a stride of 0
+        repeats one row, for the last rows of a matrix)."""
+        b, r4 = self.b, [self.const(r) for r in range(4)]
+        rows = [b.add(start, b.mul(stride, r)) for r in r4]
+        srows = [b.mul(b.add(srow, r if sstride is None else b.mul(sstride, r)), ng) for r in r4]
+        return rows, srows
+
     def splat(self, v, vty):
         """A vector of type vty with every lane v."""
         u = self.b.insert_element(ir.Constant(vty, None), v, ir.Constant(_I32, 0))
@@ -415,8 +424,7 @@ def _q8_rows4(typingctx, q, start, x, s, srow, ng, G, ahead):
         Kp = builder.mul(ngv, Gv)
         sums = [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(4)]
         part = [cgutils.alloca_once(builder, vf) for _ in range(4)]
-        rows = [builder.add(st, builder.mul(Kp, gen.const(r))) for r in range(4)]
-        srows = [builder.mul(builder.add(sr, gen.const(r)), ngv) for r in range(4)]  # s[o, 0]
+        rows, srows = gen.block_rows(st, Kp, sr, ngv)
         four_groups = builder.mul(Gv, gen.const(4))
         with cgutils.for_range(builder, ngv) as group:
             g = group.index
@@ -463,9 +471,8 @@ def _q8_tile4(typingctx, q, start, x, n0, s, srow, ng, G, ahead):
         Kp = builder.mul(ngv, Gv)
         R = [(r, c) for c in range(4) for r in range(4)]  # item 4c + r of the result
         sums = {rc: cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for rc in R}
-        rows = [builder.add(st, builder.mul(Kp, gen.const(r))) for r in range(4)]
+        rows, srows = gen.block_rows(st, Kp, sr, ngv)
         xrows = [builder.mul(builder.add(n0v, gen.const(c)), Kp) for c in range(4)]  # x[n0 + c, 0]
-        srows = [builder.mul(builder.add(sr, gen.const(r)), ngv) for r in range(4)]  # s[o, 0]
         four_groups = builder.mul(Gv, gen.const(4))
         with cgutils.for_range(builder, ngv) as group:
             g = group.index
@@ -565,8 +572,7 @@ def _q4_rows4(typingctx, p, start, x, xsum, s, z, asym, srow, ng, G, ahead):
         sums = [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(4)]
         part = [cgutils.alloca_once(builder, vf) for _ in range(4)]
         zero = cgutils.alloca_once(builder, _F32)
-        rows = [builder.add(st, builder.mul(Kb, gen.const(r))) for r in range(4)]
-        srows = [builder.mul(builder.add(sr, gen.const(r)), ngv) for r in range(4)]  # s[o, 0]
+        rows, srows = gen.block_rows(st, Kb, sr, ngv)
         four_groups = builder.mul(H, gen.const(4))
         m15, s4 = ir.Constant(vb, [15] * V), ir.Constant(vb, [4] * V)
         if AVX512:  # vpermps: lane i of the result = table[index i mod 16], here the nibble's value as a float
@@ -636,9 +642,8 @@ def _q4_tile4(typingctx, p, start, x, n0, s, z, asym, srow, ng, G, ahead):
         zeros = [cgutils.alloca_once(builder, vf) for _ in range(4)]  # without AVX-512: zero and scale, splat
         scales = [cgutils.alloca_once(builder, vf) for _ in range(4)]
         zero = cgutils.alloca_once(builder, _F32)
-        rows = [builder.add(st, builder.mul(Kb, gen.const(r))) for r in range(4)]
+        rows, srows = gen.block_rows(st, Kb, sr, ngv)
         xrows = [builder.mul(builder.add(n0v, gen.const(c)), Kp) for c in range(4)]  # x[n0 + c, 0]
-        srows = [builder.mul(builder.add(sr, gen.const(r)), ngv) for r in range(4)]  # s[o, 0]
         four_groups = builder.mul(H, gen.const(4))
         iota = ir.Constant(vf, [float(i) for i in range(16)])
         if AVX512:
@@ -896,8 +901,7 @@ def _a8_block(nx):
             R = [(r, c) for c in range(nx) for r in range(4)]  # item 4c + r of the result
             sums = {rc: cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for rc in R}  # float32 lanes
             ints = {rc: cgutils.alloca_once(builder, vi) for rc in R}  # the current group's int32 lanes
-            rows = [builder.add(st, builder.mul(strd, const(r))) for r in range(4)]
-            srows = [builder.mul(builder.add(sr, builder.mul(sst, const(r))), ngv) for r in range(4)]  # s[row, 0]
+            rows, srows = gen.block_rows(st, strd, sr, ngv, sst)
             is8 = builder.icmp_unsigned("==", bitsv, ir.Constant(bitsv.type, 8))
             G = builder.select(is8, gbv, builder.mul(gbv, const(2)))  # values per group
             xn = [builder.add(n0v, const(c)) for c in range(nx)]  # the rows of x
