@@ -966,7 +966,7 @@ def linear(x, w, bias=None):
     product over the stacked matrix, its columns split into one output per part.
     """
     if isinstance(w, Stacked):
-        return _split_columns(linear(x, upload(w.weight), bias), w.parts)
+        return _split_columns(linear(x, w.weight, bias), w.parts)
     x = _dev(x, "linear x", np.float32, 2)
     if not isinstance(w, CudaQuantized) and hasattr(w, "bits"):
         w = upload(w)
