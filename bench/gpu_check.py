@@ -7,6 +7,11 @@
 Sections (each runs in its own try/except: a failure is printed and recorded, the rest goes on):
   ops        every CUDA op against the NumPy reference on real sizes (Llama-3.2-1B shapes), errors vs the
              tolerances in tinyserve/tolerances.py
+  engine     whole models through the engine on the GPU: logits of random Llama and Qwen2 configs (float32,
+             int8, int4, int4 with zero points; prefill of two sequences, then batched decode steps) against
+             the numpy backend; `validate --backend cuda` on the shipped model against transformers; greedy
+             text of the shipped model and (--stories DIR) stories260K's 200 expected tokens, through the
+             API and `python -m tinyserve generate --backend cuda`
   bandwidth  device-to-device copy of a 1 GiB buffer, timed with CUDA events: the bandwidth the GEMV
              figures are a fraction of (copy bandwidth = bytes read + bytes written, per second)
   launch     host-side cost of one op call (Python wrapper + allocation + launch), which bounds small models
@@ -37,8 +42,11 @@ REPO = Path(__file__).resolve().parents[1]
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--out", help="write the results as JSON to this path")
 ap.add_argument("--dry-run", action="store_true", help="Numba's CUDA simulator, tiny shapes (no GPU needed)")
-ap.add_argument("--only", default="", help="comma-separated sections: ops,bandwidth,launch,gemv,sweep,model,torch")
+ap.add_argument("--only", default="",
+                help="comma-separated sections: ops,engine,bandwidth,launch,gemv,sweep,model,torch")
 ap.add_argument("--budget", type=float, default=270.0, help="seconds; optional parts are skipped past it")
+ap.add_argument("--stories", help="stories260K converted to a Hugging Face directory (tinyserve convert llama2c); "
+                "its greedy 200 tokens must equal expected_greedy200_ids.json beside it or in its parent")
 args = ap.parse_args()
 if args.dry_run:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before numba is imported
@@ -56,8 +64,16 @@ def elapsed() -> float:
     return time.perf_counter() - T0
 
 
-def finish(code: int = 0):
+def save() -> None:
+    """Write what is known so far (after every section: a run cut short still leaves its figures)."""
     RESULTS["seconds"] = round(elapsed(), 1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(RESULTS, indent=1, default=float))
+
+
+def finish(code: int = 0):
+    save()
     print("\n" + "=" * 78)
     print(f"gpu_check summary ({RESULTS.get('device', '?')}; {elapsed():.0f} s)")
     for what, fig in SUMMARY:
@@ -65,8 +81,6 @@ def finish(code: int = 0):
     if RESULTS["errors"]:
         print(f"  sections with errors: {', '.join(RESULTS['errors'])}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(RESULTS, indent=1, default=float))
         print(f"  results written to {args.out}")
     sys.exit(code)
 
@@ -85,7 +99,7 @@ from tinyserve.config import config_from_dict, rope_inv_freq  # noqa: E402
 from tinyserve.kv_cache import KVCache  # noqa: E402
 from tinyserve.model import LayerWeights, Weights, forward, linear_shapes, upload_weights  # noqa: E402
 from tinyserve.quant import QuantizedTensor, quantize  # noqa: E402
-from tinyserve.tolerances import op_limits  # noqa: E402
+from tinyserve.tolerances import model_limits, op_limits  # noqa: E402
 
 SIM = C.SIMULATOR
 try:
@@ -125,6 +139,7 @@ def section(name):
             RESULTS["errors"][name] = f"{type(e).__name__}: {e}"
             print(f"[{name}] FAILED: {type(e).__name__}: {e}")
         print(f"[{name}] {time.perf_counter() - t:.1f} s")
+        save()
         return fn
 
     return deco
@@ -229,6 +244,147 @@ def check_ops():
             check(f"linear {label} {M}x{K} N={n}", "linear", down(C.linear(up(x), dw)), ref.linear(x, w), fmt)
     bad = [r["case"] for r in rows if not r["ok"]]
     SUMMARY.append(("ops vs reference", f"{len(rows) - len(bad)}/{len(rows)} within tolerance"
+                    + (f" (FAILED: {', '.join(bad)})" if bad else "")))
+    return rows
+
+
+# ========================================================================================= engine
+MID_LLAMA = dict(LLAMA_1B, hidden_size=512, intermediate_size=1376, num_hidden_layers=3, num_attention_heads=8,
+                 num_key_value_heads=1, head_dim=64, vocab_size=3001, max_position_embeddings=2048)
+MID_QWEN = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=384, intermediate_size=1024,
+                num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, vocab_size=2000,
+                max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+                bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+
+
+def engine_pair(cd, quant, bias=False):
+    """The numpy and cuda LLMs of one random config, the same host weights."""
+    from tinyserve.bench import random_weights
+    from tinyserve.engine import LLM
+
+    cfg = config_from_dict(cd)
+    transform = None
+    if quant:
+        bits, group, zp = quant
+
+        def transform(w):
+            return quantize(w, bits, group, zp)
+
+    w = random_weights(cfg, seed=1, transform=transform)
+    if bias:  # Qwen2: q, k and v have biases (stacked with their matrices on load)
+        shapes = linear_shapes(cfg)
+        for layer in w.layers:
+            for n in ("q", "k", "v"):
+                setattr(layer, f"{n}_bias", f32(shapes[f"{n}_proj"][0], scale=0.1))
+    label = "none" if not quant else f"int{quant[0]}"
+    return cfg, LLM.from_weights(cfg, w, backend="numpy", quant=label), LLM.from_weights(cfg, w, backend="cuda",
+                                                                                          quant=label)
+
+
+def engine_logits(cfg, llm, lens=(23, 17), steps=4):
+    """Logits of a two-sequence prefill (every row) and `steps` batched decode steps, fixed tokens."""
+    r = np.random.default_rng(5)
+    cache = llm.new_cache(len(lens), sum(lens) + steps + 1)
+    ids = np.concatenate([r.integers(3, cfg.vocab_size, n) for n in lens])
+    pos = np.concatenate([np.arange(n) for n in lens])
+    slots = np.concatenate([np.full(n, i) for i, n in enumerate(lens)])
+    out = [llm.forward(ids, pos, slots, cache)]
+    for t in range(steps):
+        tok = r.integers(3, cfg.vocab_size, len(lens))
+        out.append(llm.forward(tok, np.array(lens) + t, np.arange(len(lens)), cache, phase="decode"))
+    return np.concatenate(out)
+
+
+@section("engine")
+def check_engine():
+    import subprocess
+
+    import tinyserve
+    from tinyserve.tolerances import passes
+    from tinyserve.validate import logits_figures
+
+    lim = model_limits("float32")  # the same dequantized weights on both backends: float32 limits for all
+    rows = []
+
+    def verdict(case, ok, detail):
+        rows.append(dict(case=case, ok=bool(ok), **detail))
+        print(f"  {'ok  ' if ok else 'FAIL'} {case:<46s} " + "  ".join(
+            f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in detail.items()))
+
+    cases = [("llama 512 GQA 8", MID_LLAMA, None, False), ("llama 512 int8 g128", MID_LLAMA, (8, 128, False), False),
+             ("llama 512 int4 g128", MID_LLAMA, (4, 128, False), False),
+             ("llama 512 int4 g64 zero point", MID_LLAMA, (4, 64, True), False),
+             ("qwen2 384 biases", MID_QWEN, None, True), ("qwen2 384 int4 g32 biases", MID_QWEN, (4, 32, False), True)]
+    if SIM:
+        cases = [(c, dict(cd, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                          head_dim=16, vocab_size=70), (q[0], 32, q[2]) if q else None, b) for c, cd, q, b in cases[::3]]
+    for case, cd, quant, bias in cases:
+        cfg, ref_llm, gpu_llm = engine_pair(cd, quant, bias)
+        lens, steps = ((5, 3), 2) if SIM else ((23, 17), 4)
+        fig = logits_figures(engine_logits(cfg, gpu_llm, lens, steps), engine_logits(cfg, ref_llm, lens, steps))
+        ok = all(passes(m, fig[m], lim[f"logits_{m}"]) for m in ("nmse", "max_rel", "kl_mean", "kl_max", "top1"))
+        verdict(f"logits {case}", ok, {m: fig[m] for m in ("nmse", "max_rel", "kl_max", "top1", "positions")})
+        del ref_llm, gpu_llm
+
+    shipped = REPO / "weights" / "tinystories"
+    prompts = ["Once", "The", "Lily"] if SIM else ["Once upon a time", "The little dog",
+                                                  "Lily and Tom went to the park. They"]
+    n_new = 2 if SIM else 60
+    want = tinyserve.load(shipped, backend="numpy").generate(prompts, max_new_tokens=n_new, temperature=0.0)
+    gpu = tinyserve.load(shipped, backend="cuda")
+    t = time.perf_counter()
+    got = gpu.generate(prompts, max_new_tokens=n_new, temperature=0.0, max_batch=2)  # continuous batching
+    secs = time.perf_counter() - t
+    verdict("shipped model greedy, 3 prompts, max_batch 2", [g.token_ids for g in got] == [w.token_ids for w in want],
+            dict(tokens=sum(len(g.token_ids) for g in got), tok_s=sum(len(g.token_ids) for g in got) / secs))
+    t = time.perf_counter()
+    one = gpu.generate(prompts[0], max_new_tokens=n_new, temperature=0.0)[0]
+    secs = time.perf_counter() - t
+    verdict("shipped model greedy, batch 1", one.token_ids == want[0].token_ids,
+            dict(tok_s=len(one.token_ids) / secs))
+    if not SIM:
+        cmd = [sys.executable, "-m", "tinyserve", "generate", "--backend", "cuda", "--prompt", prompts[0],
+               "--max-new-tokens", str(n_new), "--temperature", "0", "--json", "--profile"]
+        t = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        wall = time.perf_counter() - t
+        try:
+            obj = json.loads(p.stdout)
+            same = obj["token_ids"] == want[0].token_ids
+            phases = {k: v["seconds"] for k, v in obj["profile"]["phases"].items()}
+        except (ValueError, KeyError, TypeError):
+            obj, same, phases = {}, False, {}
+            print(f"  CLI exit {p.returncode}; stderr: {p.stderr[-2000:]}")
+        verdict("CLI generate --backend cuda --profile", p.returncode == 0 and same,
+                dict(exit=p.returncode, wall_s=wall, **{f"{k}_s": float(v) for k, v in phases.items()}))
+        RESULTS["cli_profile"] = obj["profile"] if same else p.stderr[-4000:]
+    if args.stories:
+        sdir = Path(args.stories)
+        ids_file = next((f for f in (sdir / "expected_greedy200_ids.json", sdir.parent / "expected_greedy200_ids.json")
+                         if f.is_file()), None)
+        llm = tinyserve.load(sdir, backend="cuda")
+        n = 200 if not SIM else 3
+        t = time.perf_counter()
+        out = llm.generate("", max_new_tokens=n, temperature=0.0)[0]
+        secs = time.perf_counter() - t
+        expected = json.loads(ids_file.read_text())[:n] if ids_file else \
+            tinyserve.load(sdir, backend="numpy").generate("", max_new_tokens=n, temperature=0.0)[0].token_ids
+        verdict(f"stories260K greedy {n} tokens (expected ids)", out.token_ids == expected,
+                dict(tok_s=n / secs, compile_s=llm.compile_seconds))
+    if not SIM:
+        try:
+            from tinyserve.validate import validate
+
+            for quant in (None, "int4"):
+                rep = validate(shipped, backend="cuda", quant=quant)
+                d = rep.to_dict()
+                verdict(f"validate --backend cuda vs transformers, {quant or 'float32'}", rep.passed,
+                        {k: v for k, v in (d.get("logits") or {}).items() if isinstance(v, float)})
+        except Exception as e:  # noqa: BLE001  (transformers missing, or another version's internals)
+            traceback.print_exc()
+            verdict("validate --backend cuda vs transformers", False, dict(error=f"{type(e).__name__}: {e}"))
+    bad = [r["case"] for r in rows if not r["ok"]]
+    SUMMARY.append(("engine on the GPU vs numpy / transformers", f"{len(rows) - len(bad)}/{len(rows)} agree"
                     + (f" (FAILED: {', '.join(bad)})" if bad else "")))
     return rows
 
