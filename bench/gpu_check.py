@@ -15,6 +15,7 @@ Sections (each runs in its own try/except: a failure is printed and recorded, th
   bandwidth  device-to-device copy of a 1 GiB buffer, timed with CUDA events: the bandwidth the GEMV
              figures are a fraction of (copy bandwidth = bytes read + bytes written, per second)
   launch     host-side cost of one op call (Python wrapper + allocation + launch), which bounds small models
+  hostprof   where that host time goes: cProfile of repeated add and int4 linear calls, top functions
   gemv       linear() on the weight shapes of Llama-3.2-1B and -3.1-8B, float32 / int8 / int4 / int4-asym,
              at N = 1 (decode) and N = 16 (batch 16: the GEMM path): weight GB/s and % of copy bandwidth
   sweep      the GEMV kernel shapes (rows per warp R, words per lane U, warps per block) for int8 and int4:
@@ -22,6 +23,8 @@ Sections (each runs in its own try/except: a failure is printed and recorded, th
   model      whole-model decode of Llama-3.2-1B shapes (random weights built in memory, tied embeddings) at
              batch 1 and 16, float32 / int8 / int4: ms per step, tokens/s, weight GB/s; prefill tokens/s;
              then Llama-3.1-8B shapes if time allows
+  graphs     decode steps through the engine replayed as CUDA graphs (ops/cuda.py StepGraphs) against the
+             same steps op by op: identical logits, ms per step of each, Llama-3.2-1B shapes, batch 1 and 16
   torch      the same decode with transformers' LlamaForCausalLM, bf16, eager attention, random weights
              (skipped without torch + CUDA)
 A short table comes last; --out writes every figure as JSON. --only SECTION[,SECTION] runs some sections.
@@ -43,7 +46,7 @@ ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--out", help="write the results as JSON to this path")
 ap.add_argument("--dry-run", action="store_true", help="Numba's CUDA simulator, tiny shapes (no GPU needed)")
 ap.add_argument("--only", default="",
-                help="comma-separated sections: ops,engine,bandwidth,launch,gemv,sweep,model,torch")
+                help="comma-separated sections: ops,engine,bandwidth,launch,hostprof,gemv,sweep,model,graphs,torch")
 ap.add_argument("--budget", type=float, default=270.0, help="seconds; optional parts are skipped past it")
 ap.add_argument("--stories", help="stories260K converted to a Hugging Face directory (tinyserve convert llama2c); "
                 "its greedy 200 tokens must equal expected_greedy200_ids.json beside it or in its parent")
@@ -433,6 +436,40 @@ def check_launch():
     return dict(op_call_us=host * 1e6, alloc_us=alloc * 1e6)
 
 
+@section("hostprof")
+def check_hostprof():
+    """Where the host time of an op call goes: cProfile over repeated calls, the top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    a = C.zeros((16,))
+    K = 64 if SIM else 2048
+    x = C.upload(f32(1, K))
+    w = C.upload(random_qt((40 if SIM else 2048, K), 4, 32 if SIM else 128))
+    C.add(a, a)
+    C.linear(x, w)
+    cuda.synchronize()
+    reps = 10 if SIM else 300
+    out = {}
+    for name, fn in (("add", lambda: C.add(a, a)), ("linear int4 N=1", lambda: C.linear(x, w))):
+        prof = cProfile.Profile()
+        t = time.perf_counter()
+        prof.enable()
+        for _ in range(reps):
+            fn()
+        prof.disable()
+        per_call = (time.perf_counter() - t) / reps
+        cuda.synchronize()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+        text = buf.getvalue()
+        print(f"  {name}: {per_call * 1e6:.1f} us per call under the profiler\n" +
+              "\n".join("    " + line for line in text.splitlines()[6:32]))
+        out[name] = dict(us_per_call_profiled=per_call * 1e6, stats=text)
+    return out
+
+
 # =========================================================================================== gemv
 def weight_bytes(w) -> int:
     return int(w.nbytes)
@@ -523,8 +560,10 @@ def build_weights(cfg, fmt):
         lm_head = embed if cfg.tie_word_embeddings else f32(V, D, scale=0.02)
     else:
         lm_head = random_qt((V, D), 8 if fmt == "int8" else 4, g)
-    return Weights(embed_tokens=embed, layers=layers, norm=np.ones(D, np.float32), lm_head=lm_head,
-                   inv_freq=rope_inv_freq(cfg))
+    w = Weights(embed_tokens=embed, layers=layers, norm=np.ones(D, np.float32), lm_head=lm_head,
+                inv_freq=rope_inv_freq(cfg))
+    build_weights.last_bytes = decode_bytes(w)
+    return w
 
 
 def decode_bytes(w) -> int:
@@ -604,6 +643,61 @@ def check_model():
     return out
 
 
+GRAPH_RESULTS = {}
+
+
+@section("graphs")
+def check_graphs():
+    """Decode steps through the engine (LLM.forward), op by op and replayed as CUDA graphs: same logits, and
+    the time per step of each, Llama-3.2-1B shapes, batch 1 and 16."""
+    from tinyserve.engine import LLM
+
+    cd = TINY if SIM else LLAMA_1B
+    cfg = config_from_dict(cd)
+    prompt, steps = (3, 3) if SIM else (64, 20)
+    out = {}
+    for fmt in ("float32", "int8", "int4"):
+        host = build_weights(cfg, fmt)
+        llm = LLM.from_weights(cfg, host, backend="cuda", quant=None if fmt == "float32" else fmt)
+        del host
+        rows = []
+        for B in ((1, 2) if SIM else (1, 16)):
+            cache = llm.new_cache(B, prompt + 2 * steps + 8)
+            r = np.random.default_rng(B)
+            ids = r.integers(3, cfg.vocab_size, B * prompt)
+            llm.forward(ids, np.tile(np.arange(prompt), B), np.repeat(np.arange(B), prompt), cache)
+            slots = np.arange(B)
+            plain_t, graph_t, same = [], [], True
+            for s in range(steps):
+                tok = r.integers(3, cfg.vocab_size, B)
+                pos = np.full(B, prompt + s)
+                t = time.perf_counter()
+                g = llm.forward(tok, pos, slots, cache, phase="decode")  # step 1 plain, 2 records, then replays
+                graph_t.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                p = llm.forward(tok, pos, slots, cache, phase="prefill")  # the same step op by op (the same
+                plain_t.append(time.perf_counter() - t)  # K and V written again at the same place)
+                same = same and bool(np.array_equal(g, p))
+            recorded = sorted(getattr(cache, "step_graphs").steps) if hasattr(cache, "step_graphs") else []
+            tg, tp = float(np.median(graph_t[2:])), float(np.median(plain_t[2:]))
+            nbytes = build_weights.last_bytes
+            row = dict(batch=B, graph_step_s=tg, plain_step_s=tp, speedup=tp / tg, identical=same,
+                       recorded=recorded, graphs_on=C.GRAPHS, tok_s=B / tg)
+            if nbytes:
+                row.update(weight_bytes=nbytes, weight_GBps=nbytes / tg / 1e9)
+            rows.append(row)
+            print(f"  1B {fmt:<8s} B={B:<3d} graph {tg * 1e3:8.3f} ms/step  op by op {tp * 1e3:8.3f} ms/step  "
+                  f"x{tp / tg:5.1f}  {B / tg:9.1f} tok/s  " + (f"{frac(nbytes / tg)} of copy  " if nbytes else "")
+                  + f"logits identical: {same}  recorded sizes {recorded}")
+            SUMMARY.append((f"1B {fmt} decode B={B}, CUDA graph", f"{tg * 1e3:.3f} ms/step, {B / tg:.0f} tok/s "
+                            f"(op by op {tp * 1e3:.2f} ms), identical: {same}"))
+            del cache
+        out[fmt] = rows
+        del llm
+    GRAPH_RESULTS.update(out)
+    return out
+
+
 # ========================================================================================== torch
 @section("torch")
 def check_torch():
@@ -650,6 +744,10 @@ def check_torch():
             res.append(dict(batch=B, step_s=step, tok_s=B / step))
             print(f"  torch {mname} bf16 eager B={B}: {step * 1e3:.2f} ms/step, {B / step:.0f} tok/s")
             SUMMARY.append((f"torch {mname} bf16 eager decode B={B}", f"{step * 1e3:.2f} ms/step, {B / step:.0f} tok/s"))
+            mine = [r for r in GRAPH_RESULTS.get("int4", []) if r["batch"] == B] if mname == "1B" else []
+            if mine:
+                SUMMARY.append((f"  -> tinyserve int4 (CUDA graph) vs torch bf16, {mname} B={B}",
+                                f"{step / mine[0]['graph_step_s']:.2f}x (target >= 2x at B=1)"))
             ours = MODEL_RESULTS.get(f"{mname} int4")
             if isinstance(ours, list):
                 mine = [r for r in ours if r["batch"] == B]

@@ -160,19 +160,30 @@ def _worker_ops() -> list[dict]:
 
 
 def _worker_generate(model_dir: str) -> dict:
-    """Greedy generation of 3 tokens of stories260K on the simulator and on the NumPy backend.
+    """Greedy generation of 4 tokens of stories260K on the simulator and on the NumPy backend.
 
-    The prompt "Once" is 2 tokens with BOS: one prefill step of N = 2, then two decode steps of N = 1 (the
+    The prompt "Once" is 2 tokens with BOS: one prefill step of N = 2, then three decode steps of N = 1 (the
     simulator's cost grows with tokens x weights, so this is as short as a real generation gets).
     """
     import tinyserve
+    from tinyserve.ops import cuda as C
 
     res = {}
     for backend in ("numpy", "cuda"):
         llm = tinyserve.load(model_dir, backend=backend)
-        out = llm.generate("Once", max_new_tokens=3, temperature=0.0, context=8)[0]
+        out = llm.generate("Once", max_new_tokens=4, temperature=0.0, context=8)[0]
         res[backend] = out.token_ids
         res[backend + "_text"] = out.text
+    # decode steps: the first of one token runs plainly, the second records the step (on the simulator:
+    # keeps its input buffers, and replays by running it on them), the third replays
+    res["recorded_sizes"] = sorted(llm.last_generator.cache.step_graphs.steps)
+
+    def fail(*args):
+        raise RuntimeError("no graphs here")
+
+    C._RecordedStep = fail  # a recording that fails switches graphs off and steps run plainly
+    res["cuda_after_failure"] = llm.generate("Once", max_new_tokens=4, temperature=0.0, context=8)[0].token_ids
+    res["graphs_after_failure"] = C.GRAPHS
     return res
 
 
@@ -297,8 +308,10 @@ def test_cuda_backend_defines_every_name():
 
 def test_greedy_generation_on_the_simulator_matches_numpy(stories_dir):
     res = _run_worker("generate", str(stories_dir))
-    assert res["cuda"] == res["numpy"] and len(res["numpy"]) == 3
-    assert res["cuda_text"] == " upon a time"
+    assert res["cuda"] == res["numpy"] and len(res["numpy"]) == 4
+    assert res["recorded_sizes"] == [1]  # decode steps of one token went through StepGraphs
+    assert res["cuda_after_failure"] == res["numpy"] and res["graphs_after_failure"] is False
+    assert res["cuda_text"] == " upon a time,"  # stories260K's expected greedy text begins so
 
 
 def test_no_gpu_is_one_clear_line(stories_dir):

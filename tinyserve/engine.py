@@ -171,6 +171,15 @@ class LLM:
         """
         ids = np.asarray(token_ids, np.int64)
         positions, slots = np.asarray(positions, np.int64), np.asarray(slots, np.int64)
+        step_graphs = getattr(self.ops, "StepGraphs", None)
+        if (step_graphs is not None and phase == "decode" and tap is None and self.timer is None
+                and (rows is None or np.array_equal(rows, np.arange(ids.size)))):  # rows: all of them
+            # a backend that replays decode steps as recorded graphs (cuda): one per cache and step size
+            graphs = getattr(cache, "step_graphs", None)
+            if graphs is None:
+                graphs = cache.step_graphs = step_graphs()
+            return graphs.run((ids, positions, slots),
+                              lambda i, p, s: forward(self.weights, self.config, self.ops, i, p, s, cache))
         ops = self.ops
         if self.timer is not None:
             t0 = time.perf_counter()  # the phase holds the step's op calls (timer.TimedOps times each one)

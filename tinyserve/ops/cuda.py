@@ -30,6 +30,7 @@ code paths run, only narrower.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -38,6 +39,13 @@ import numpy as np
 from ..errors import TinyserveError
 from ..quant import QuantFormat
 from . import Stacked
+
+# numba-cuda (0.30.4, the newest at the time of writing) registers its CUDA version of np.row_stack, which NumPy
+# 2.5 removed (a deprecated alias of np.vstack since NumPy 2.0), without checking NumPy's version as it does for
+# the other removed names; the first kernel compile then fails with "module 'numpy' has no attribute
+# 'row_stack'". Seen on an H200 machine with NumPy 2.5.2 (docs/cuda.md, Results). The alias restores it.
+if not hasattr(np, "row_stack"):
+    np.row_stack = np.vstack
 
 # ------------------------------------------------------------------------------------ is CUDA there?
 try:
@@ -61,6 +69,11 @@ if not SIMULATOR:
         )
 
 from numba import float32, int32, uint32  # noqa: E402  (after the checks: these imports cannot fail then)
+
+# numba-cuda warns on every launch of fewer than 128 blocks. Small grids are chosen on purpose here (a
+# row block per (token, head) in attention, one block per row in rmsnorm), and the warning's cost is paid
+# per launch, so it is off.
+_numba_config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
 
 if SIMULATOR:
 
@@ -243,6 +256,37 @@ def _grid(n: int, threads: int) -> int:
     return max(1, min(_cdiv(n, threads), LAUNCH.max_blocks))
 
 
+# Where kernels are launched and how outputs are allocated: the default stream and plain allocations, except
+# while a decode step is being recorded as a CUDA graph (StepGraphs, at the end of this file): then launches
+# go to the graph builder's stream and every allocation is kept alive with the graph.
+_recording = None  # the cuda.core GraphBuilder while a step is recorded
+_recorded_arrays = None  # the arrays allocated while recording
+_default_stream = None
+
+
+def _stream():
+    """The stream of the next launch (one cached object: numba would make a new one per launch from 0)."""
+    global _default_stream
+    if _recording is not None:
+        return _recording
+    if _default_stream is None:
+        if SIMULATOR:
+            _default_stream = 0
+        else:
+            from cuda.core import Stream
+
+            _default_stream = Stream.from_handle(0)  # the legacy default stream, as numba's launches use
+    return _default_stream
+
+
+def _alloc(shape, dtype=np.float32):
+    """An uninitialized device array for an op's output."""
+    a = cuda.device_array(shape, dtype)
+    if _recorded_arrays is not None:
+        _recorded_arrays.append(a)
+    return a
+
+
 # --------------------------------------------------------------------------------- elementwise kernels
 @cuda.jit
 def _fill_kernel(out, value):
@@ -254,11 +298,11 @@ def _fill_kernel(out, value):
 def zeros(shape, dtype=np.float32):
     """A device array of zeros (filled by a kernel: no host buffer, no copy)."""
     shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
-    out = cuda.device_array(shape, dtype=np.dtype(dtype))
+    out = _alloc(shape, dtype=np.dtype(dtype))
     n = int(np.prod(shape))
     if n:
         flat = _flat(out)
-        _fill_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads](flat, flat.dtype.type(0))
+        _fill_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads, _stream()](flat, flat.dtype.type(0))
     return out
 
 
@@ -277,10 +321,10 @@ def take_rows(x, idx):
     """x[idx]: (R, C), (N,) -> (N, C) float32. The embedding lookup, and picking the rows for logits."""
     x = _dev(x, "take_rows x", np.float32, 2)
     idx = _index(idx, "take_rows idx")
-    out = cuda.device_array((idx.shape[0], x.shape[1]), np.float32)
+    out = _alloc((idx.shape[0], x.shape[1]), np.float32)
     n = out.shape[0] * out.shape[1]
     if n:
-        _take_rows_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads](x, idx, out)
+        _take_rows_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads, _stream()](x, idx, out)
     return out
 
 
@@ -295,10 +339,10 @@ def _elementwise(kernel, op: str, names: tuple[str, str], a, b):
     a, b = _dev(a, f"{op} {names[0]}", np.float32), _dev(b, f"{op} {names[1]}", np.float32)
     if tuple(a.shape) != tuple(b.shape):
         raise TinyserveError(f"cuda ops: {op} needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
-    out = cuda.device_array(a.shape, np.float32)
+    out = _alloc(a.shape, np.float32)
     n = int(np.prod(a.shape))
     if n:
-        kernel[_grid(n, LAUNCH.threads), LAUNCH.threads](_flat(a), _flat(b), _flat(out))
+        kernel[_grid(n, LAUNCH.threads), LAUNCH.threads, _stream()](_flat(a), _flat(b), _flat(out))
     return out
 
 
@@ -365,10 +409,10 @@ def rope(x, positions, inv_freq):
             f"cuda ops: rope shapes do not fit: x {tuple(x.shape)}, positions {tuple(positions.shape)}, "
             f"inv_freq {tuple(inv_freq.shape)}"
         )
-    out = cuda.device_array(x.shape, np.float32)
+    out = _alloc(x.shape, np.float32)
     n = N * nh * (hd // 2)
     if n:
-        _rope_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads](x, positions, inv_freq, out)
+        _rope_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads, _stream()](x, positions, inv_freq, out)
     return out
 
 
@@ -407,7 +451,7 @@ def kv_write(k_cache, v_cache, k, v, slots, positions) -> None:
         )
     n = N * KVH * hd
     if n:
-        _kv_write_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads](k_cache, v_cache, k, v, slots, positions)
+        _kv_write_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads, _stream()](k_cache, v_cache, k, v, slots, positions)
 
 
 # ------------------------------------------------------------------------------------------ rmsnorm
@@ -449,10 +493,10 @@ def rmsnorm(x, weight, eps):
     N, D = x.shape
     if weight.shape[0] != D:
         raise TinyserveError(f"cuda ops: rmsnorm weight has {weight.shape[0]} values for rows of {D}")
-    out = cuda.device_array((N, D), np.float32)
+    out = _alloc((N, D), np.float32)
     if N and D:
         threads = min(_NORM_THREADS, 1 << max(0, (D - 1).bit_length()))  # a power of two, <= D rounded up
-        _rmsnorm_kernel[max(1, min(N, LAUNCH.max_blocks)), threads](x, weight, np.float32(eps), out)
+        _rmsnorm_kernel[max(1, min(N, LAUNCH.max_blocks)), threads, _stream()](x, weight, np.float32(eps), out)
     return out
 
 
@@ -557,11 +601,11 @@ def attention(q, k_cache, v_cache, slots, positions, window: int = 0):
     threads = max(hd, chunk)
     if not SIMULATOR:
         threads = _cdiv(threads, 32) * 32  # whole warps
-    out = cuda.device_array((N, H, hd), np.float32)
+    out = _alloc((N, H, hd), np.float32)
     if N:
         scale = np.float32(1.0 / np.sqrt(hd))
         grid = max(1, min(N * H, LAUNCH.max_blocks))
-        _attention_kernel[grid, threads](q, k_cache, v_cache, slots, positions, int(window), scale, chunk, out)
+        _attention_kernel[grid, threads, _stream()](q, k_cache, v_cache, slots, positions, int(window), scale, chunk, out)
     return out
 
 
@@ -804,7 +848,7 @@ def _gemv(x, w, y, R=None, U=None, teams=None) -> bool:
     R, U = R or R0, U or U0
     grid, block = _gemv_launch(M, R, teams)
     if not isinstance(w, CudaQuantized):
-        _gemv_f32(NT, R, U)[grid, block](x, w, y, N, max(1, LAUNCH.gemv_smem // NT))
+        _gemv_f32(NT, R, U)[grid, block, _stream()](x, w, y, N, max(1, LAUNCH.gemv_smem // NT))
         return True
     G = w.group_size
     epw = 32 // w.bits  # values per word
@@ -813,7 +857,7 @@ def _gemv(x, w, y, R=None, U=None, teams=None) -> bool:
     if chunk == 0:
         return False
     zeros_arg = w.zeros if w.zeros is not None else _dummy(np.uint8)
-    _gemv_q(w.bits, NT, R, w.zeros is not None, U)[grid, block](
+    _gemv_q(w.bits, NT, R, w.zeros is not None, U)[grid, block, _stream()](
         x, w.words, w.scales, zeros_arg, y, N, K, G.bit_length() - 1, chunk)
     return True
 
@@ -950,9 +994,9 @@ def _split_columns(y, parts) -> tuple:
         if y.shape[0] == 1:
             part = y[:, at:at + p]  # one row: its columns are contiguous already
         else:
-            part = cuda.device_array((y.shape[0], p), np.float32)
+            part = _alloc((y.shape[0], p), np.float32)
             if y.shape[0] * p:
-                _columns_kernel[_grid(y.shape[0] * p, LAUNCH.threads), LAUNCH.threads](y, at, part)
+                _columns_kernel[_grid(y.shape[0] * p, LAUNCH.threads), LAUNCH.threads, _stream()](y, at, part)
         out.append(part)
         at += p
     return tuple(out)
@@ -977,18 +1021,18 @@ def linear(x, w, bias=None):
     M, Kw = (int(s) for s in w.shape)
     if Kw != K:
         raise TinyserveError(f"cuda ops: linear x has {K} columns, the weight {tuple(w.shape)} wants {Kw}")
-    y = cuda.device_array((N, M), np.float32)
+    y = _alloc((N, M), np.float32)
     if N == 0 or M == 0:
         return y
     if K == 0:
-        _fill_kernel[_grid(N * M, LAUNCH.threads), LAUNCH.threads](_flat(y), np.float32(0))
+        _fill_kernel[_grid(N * M, LAUNCH.threads), LAUNCH.threads, _stream()](_flat(y), np.float32(0))
     elif not (N <= GEMV_MAX_TOKENS and _gemv(x, w, y)):
         _gemm_launch(x, w, y)
     if bias is not None:
         bias = _dev(bias, "linear bias", np.float32, 1)
         if bias.shape[0] != M:
             raise TinyserveError(f"cuda ops: linear bias has {bias.shape[0]} values for {M} outputs")
-        _add_bias_kernel[_grid(N * M, LAUNCH.threads), LAUNCH.threads](y, bias)
+        _add_bias_kernel[_grid(N * M, LAUNCH.threads), LAUNCH.threads, _stream()](y, bias)
     return y
 
 
@@ -1001,9 +1045,9 @@ def _gemm_launch(x, w, y) -> None:
     if isinstance(w, CudaQuantized):
         zeros_arg = w.zeros if w.zeros is not None else _dummy(np.uint8)
         lg = w.group_size.bit_length() - 1  # G is a power of two (32..256)
-        _gemm(w.bits, w.zeros is not None)[grid, (T, T)](x, w.words, w.scales, zeros_arg, y, N, M, K, lg)
+        _gemm(w.bits, w.zeros is not None)[grid, (T, T), _stream()](x, w.words, w.scales, zeros_arg, y, N, M, K, lg)
     else:
-        _gemm(32, False)[grid, (T, T)](x, w, _dummy(np.float32), _dummy(np.uint8), y, N, M, K, 0)
+        _gemm(32, False)[grid, (T, T), _stream()](x, w, _dummy(np.float32), _dummy(np.uint8), y, N, M, K, 0)
 
 
 # ------------------------------------------------------------------------------------------- warm-up
@@ -1044,3 +1088,83 @@ def _warm(weights=None) -> None:
         for bits, g, z in sorted(formats):
             linear(zeros((n, g)), upload(quantize(np.ones((8, g), np.float32), bits, g, z)))
     cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------- CUDA graphs
+# A decode step is ~13 op calls per layer, each a Python wrapper plus a numba launch (~100-180 us of host time
+# each, measured on an H200: docs/cuda.md), so without more a step of a 1B model costs ~35 ms of Python
+# while its kernels need well under a millisecond. A CUDA graph records the step's launches once and replays
+# them with one call. What a replay needs: the same shapes (so a graph per number of tokens), the same
+# arrays (the step's inputs are copied into buffers the graph reads; every array allocated while recording
+# is kept with the graph; the KV cache is the same object), and nothing that changes per step outside
+# device memory (positions and slots are read by the kernels from device arrays, so they may change).
+
+GRAPHS = os.environ.get("TINYSERVE_CUDA_GRAPHS", "1") != "0"  # TINYSERVE_CUDA_GRAPHS=0: launch op by op
+
+
+class _RecordedStep:
+    """One decode step of N tokens: input buffers, the recorded graph, its output array."""
+
+    def __init__(self, host_inputs, step):
+        global _recording, _recorded_arrays
+        self.inputs = [cuda.to_device(np.ascontiguousarray(a)) for a in host_inputs]
+        self.step, self.graph, self.out, self.arrays = step, None, None, []
+        if SIMULATOR:  # no graphs in the simulator: replay() runs the step on the same buffers
+            return
+        from cuda.core import Device
+
+        dev = Device()
+        dev.set_current()
+        builder = dev.create_graph_builder()
+        cuda.synchronize()
+        with cuda.defer_cleanup():  # no frees while recording
+            builder.begin_building("relaxed")
+            _recording, _recorded_arrays = builder, self.arrays
+            try:
+                self.out = step(*self.inputs)
+            finally:
+                _recording, _recorded_arrays = None, None
+                builder.end_building()
+            self.graph = builder.complete()
+        self.stream = _stream()
+
+    def replay(self, host_inputs) -> np.ndarray:
+        for buf, a in zip(self.inputs, host_inputs):
+            buf.copy_to_device(np.ascontiguousarray(a))
+        if self.graph is None:
+            return download(self.step(*self.inputs))
+        self.graph.launch(self.stream)
+        self.stream.sync()
+        return self.out.copy_to_host()
+
+
+class StepGraphs:
+    """Decode steps replayed as CUDA graphs, one per number of tokens, for one KV cache.
+
+    run(host_inputs, step): step(*device_inputs) -> device output is the forward pass. The first step of a
+    size runs plainly (it compiles the kernels it needs), the second records the graph and replays it, every
+    later one only replays. If recording fails, graphs are switched off for the process (one line on
+    stderr) and steps run plainly.
+    """
+
+    def __init__(self):
+        self.steps: dict = {}
+        self.seen: set = set()
+
+    def run(self, host_inputs, step) -> np.ndarray:
+        global GRAPHS
+        n = len(host_inputs[0])
+        rec = self.steps.get(n)
+        if rec is None and GRAPHS and n in self.seen:
+            try:
+                rec = self.steps[n] = _RecordedStep(host_inputs, step)
+            except Exception as e:  # noqa: BLE001  (a driver or numba-cuda without what this needs)
+                GRAPHS = False
+                import sys
+
+                print(f"note: CUDA graphs are off ({type(e).__name__}: {e}); steps launch op by op",
+                      file=sys.stderr)
+        if rec is not None:
+            return rec.replay(host_inputs)
+        self.seen.add(n)
+        return download(step(*(upload(np.ascontiguousarray(a)) for a in host_inputs)))
