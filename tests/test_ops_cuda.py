@@ -116,13 +116,14 @@ def _worker_ops() -> list[dict]:
         got = down(C.attention(up(q), dkc, dvc, up(slots), up(pos), window))
         check(case, "attention", got, ref.attention(q, kc, vc, slots, pos, window))
 
-    # linear, float32: GEMV for N = 1, 2, 3 (token tiles 1, 2, 4) and the tiled GEMM for N = 6;
+    # linear, float32: GEMV for N = 1, 2, 3 (token tiles 1, 2, 4), GEMV passes over 4 + 2 rows for N = 6, and
+    # the tiled GEMM for N = 17;
     # K = 150 is two chunks of the GEMV's shared x buffer; 37 rows are more row blocks than blocks (so a block
     # reuses its staged x) and not a multiple of any tile
     M, K = 37, 150
     w, bias = f32(M, K), f32(M)
     dw = up(w)
-    for n in (1, 2, 3, 6):
+    for n in (1, 2, 3, 6, 17):
         x = f32(n, K)
         check(f"linear f32 N={n}", "linear", down(C.linear(up(x), dw)), ref.linear(x, w))
     x = f32(2, K)
@@ -130,7 +131,7 @@ def _worker_ops() -> list[dict]:
 
     # linear, quantized: int8, int4, int4 with zero points; K = 100 pads the last group
     for bits, gs, zp, K, ns in [(8, 32, False, 100, (1, 3, 6)), (4, 32, False, 100, (1, 2, 3, 6)),
-                                (4, 64, True, 100, (1, 6)), (4, 32, False, 160, (1,)), (8, 32, False, 200, (1,))]:
+                                (4, 64, True, 100, (1, 6, 17)), (4, 32, False, 160, (1,)), (8, 32, False, 200, (1,))]:
         qt = quantize(f32(M, K), bits, gs, zp)
         dq = up(qt)
         fmt = f"int{bits}"

@@ -148,10 +148,14 @@ SIM_LAUNCH = Launch(threads=8, team=4, gemv_teams=2, gemv_smem=128, gemm_threads
                     attn_chunk=4, attn_smem=64, max_blocks=3)
 LAUNCH = SIM_LAUNCH if SIMULATOR else GPU_LAUNCH
 
-GEMV_MAX_TOKENS = 4  # linear with N <= this many tokens uses the GEMV kernels, more the tiled GEMM
+GEMV_MAX_TOKENS = 4  # linear with N <= this many tokens uses the GEMV kernels once (one tile of tokens)
+# up to this many, the GEMV kernels once per 4 tokens; more: the tiled GEMM. On an H200 the GEMM wasted most
+# of its 64-row token tiles on a 16-sequence decode step: 50 ms per step of the 1B model (docs/cuda.md).
+GEMV_CHUNK_MAX_TOKENS = 16
 # GEMV shape per token tile NT: (R rows per warp, U words per lane and row per step). R * NT accumulators per
-# lane; U * R loads in flight per lane. First guesses, to be tuned on a GPU (bench/gpu_check.py sweeps them).
-GEMV_SHAPE = {1: (4, 2), 2: (4, 2), 4: (2, 2)}
+# lane; U * R loads in flight per lane. NT = 1: the best of bench/gpu_check.py's sweep on an H200 for int8
+# and int4 (R = 8, U = 1: +10-23% over R = 4, U = 2); NT = 2, 4: first guesses, not swept yet.
+GEMV_SHAPE = {1: (8, 1), 2: (4, 2), 4: (2, 2)}
 MAGIC = 8388608.0  # 2**23: float32 with bits 0x4B000000 | n is exactly 2**23 + n for 0 <= n < 2**23
 
 
@@ -862,6 +866,16 @@ def _gemv(x, w, y, R=None, U=None, teams=None) -> bool:
     return True
 
 
+def _gemv_chunks(x, w, y) -> bool:
+    """y = x @ W.T for a few more tokens than one GEMV tile: the GEMV once per 4 rows of x (row views, no
+    copies). Each pass reads the weights again, which for up to 16 tokens still beats the GEMM's tiles."""
+    N = x.shape[0]
+    for c in range(0, N, GEMV_MAX_TOKENS):
+        if not _gemv(x[c:c + GEMV_MAX_TOKENS], w, y[c:c + GEMV_MAX_TOKENS]):
+            return False  # (only the first can fail: smaller tiles fit the shared buffer if 4 rows do)
+    return True
+
+
 # ------------------------------------------------------------------------------------- linear: GEMM
 # Prefill and batches: N > 4 tokens. Now each weight is used N times, so the kernel must reuse what it
 # loads: a block computes a TN x TM tile of y (tokens x output rows) and walks K in steps of TK, copying an
@@ -1005,7 +1019,8 @@ def _split_columns(y, parts) -> tuple:
 def linear(x, w, bias=None):
     """y = x @ W.T + bias: (N, in), W (out, in) float32 or quantized -> (N, out).
 
-    N <= 4 runs the GEMV kernels (decode), larger N the tiled GEMM (prefill). A QuantizedTensor that was
+    N <= 4 runs the GEMV kernels (decode), up to 16 the GEMV once per 4 tokens (batched decode), larger N
+    the tiled GEMM (prefill). A QuantizedTensor that was
     not uploaded is uploaded here (once per call: upload weights beforehand). W stacked (ops.Stacked): one
     product over the stacked matrix, its columns split into one output per part.
     """
@@ -1026,7 +1041,10 @@ def linear(x, w, bias=None):
         return y
     if K == 0:
         _fill_kernel[_grid(N * M, LAUNCH.threads), LAUNCH.threads, _stream()](_flat(y), np.float32(0))
-    elif not (N <= GEMV_MAX_TOKENS and _gemv(x, w, y)):
+    elif N <= GEMV_MAX_TOKENS:
+        if not _gemv(x, w, y):
+            _gemm_launch(x, w, y)
+    elif not (N <= GEMV_CHUNK_MAX_TOKENS and _gemv_chunks(x, w, y)):
         _gemm_launch(x, w, y)
     if bias is not None:
         bias = _dev(bias, "linear bias", np.float32, 1)
@@ -1083,7 +1101,7 @@ def _warm(weights=None) -> None:
         for v in mats + [getattr(weights, "lm_head", None)]:
             if isinstance(v, CudaQuantized):
                 formats.add((v.bits, v.group_size, v.zeros is not None))
-    for n in (1, 2, 3, 8):  # token tiles 1, 2, 4 of the GEMV, and the GEMM
+    for n in (1, 2, 3, 6, 17):  # token tiles 1, 2, 4 of the GEMV, GEMV passes over 4 + 2 rows, the GEMM
         linear(zeros((n, 64)), zeros((8, 64)), zeros(8))
         for bits, g, z in sorted(formats):
             linear(zeros((n, g)), upload(quantize(np.ones((8, g), np.float32), bits, g, z)))
