@@ -153,9 +153,10 @@ GEMV_MAX_TOKENS = 4  # linear with N <= this many tokens uses the GEMV kernels o
 # of its 64-row token tiles on a 16-sequence decode step: 50 ms per step of the 1B model (docs/cuda.md).
 GEMV_CHUNK_MAX_TOKENS = 16
 # GEMV shape per token tile NT: (R rows per warp, U words per lane and row per step). R * NT accumulators per
-# lane; U * R loads in flight per lane. NT = 1: the best of bench/gpu_check.py's sweep on an H200 for int8
-# and int4 (R = 8, U = 1: +10-23% over R = 4, U = 2); NT = 2, 4: first guesses, not swept yet.
-GEMV_SHAPE = {1: (8, 1), 2: (4, 2), 4: (2, 2)}
+# lane; U * R loads in flight per lane. On an H200, R = 8, U = 1 read the 1B lm_head and gate/up matrices
+# 10-23% faster than R = 4, U = 2 (bench/gpu_check.py's sweep), but the whole 1B decode step was 8-20% slower
+# with it: the small matrices (k/v: 512 rows) then have too few warps to fill 132 SMs. Kept at (4, 2).
+GEMV_SHAPE = {1: (4, 2), 2: (4, 2), 4: (2, 2)}
 MAGIC = 8388608.0  # 2**23: float32 with bits 0x4B000000 | n is exactly 2**23 + n for 0 <= n < 2**23
 
 
