@@ -178,6 +178,11 @@ def _worker_generate(model_dir: str) -> dict:
     # decode steps: the first of one token runs plainly, the second records the step (on the simulator:
     # keeps its input buffers, and replays by running it on them), the third replays
     res["recorded_sizes"] = sorted(llm.last_generator.cache.step_graphs.steps)
+    # tinyserve bench on the cuda backend: its bandwidth comes from the GPU's read kernel, not the CPU's
+    from tinyserve.bench import run_bench
+
+    res["bench"] = run_bench(shape="stories260K", backends=("cuda",), quants=("none",), batches=(1,),
+                             prompt_tokens=2, gen_tokens=3, repetitions=1, progress=False)
 
     def fail(*args):
         raise RuntimeError("no graphs here")
@@ -208,6 +213,7 @@ def kernel_signatures(C):
         ("kv_write", C._kv_write_kernel, (f4, f4, f3, f3, i1, i1)),
         ("rmsnorm", C._rmsnorm_kernel, (f2, f1, f32, f2)),
         ("attention", C._attention_kernel, (f3, f4, f4, i1, i1, i64, f32, i64, f3)),
+        ("read", C._read_kernel, (f1, f1)),
     ]
     for nt_, (r, u) in C.GEMV_SHAPE.items():
         sigs.append((f"gemv_f32_nt{nt_}", C._gemv_f32(nt_, r, u), (f2, f2, f2, i64, i64)))
@@ -312,6 +318,10 @@ def test_greedy_generation_on_the_simulator_matches_numpy(stories_dir):
     assert res["cuda"] == res["numpy"] and len(res["numpy"]) == 4
     assert res["recorded_sizes"] == [1]  # decode steps of one token went through StepGraphs
     assert res["cuda_after_failure"] == res["numpy"] and res["graphs_after_failure"] is False
+    bench = res["bench"]
+    assert list(bench["bandwidth_by_backend"]) == ["cuda"] and min(bench["bandwidth_by_backend"]["cuda"]) > 0
+    (r,) = bench["results"]
+    assert r["backend"] == "cuda" and r["decode_tok_s"] > 0 and r["bandwidth_gb_s"] == max(bench["bandwidth_gb_s"])
     assert res["cuda_text"] == " upon a time,"  # stories260K's expected greedy text begins so
 
 

@@ -148,6 +148,15 @@ def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
     return a.nbytes / best
 
 
+def backend_bandwidth(backend: str) -> float:
+    """Read bandwidth of the memory a backend's weights live in, bytes/s: the GPU's for a backend that
+    measures its own (cuda: ops.measure_bandwidth), this machine's RAM (measure_bandwidth) otherwise."""
+    from .ops import get_ops
+
+    own = getattr(get_ops(backend), "measure_bandwidth", None)
+    return own() if own is not None else measure_bandwidth()
+
+
 # ---------------------------------------------------------------------------------------------- runs
 @dataclass
 class BenchResult:
@@ -264,21 +273,23 @@ def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batch
         if bar:
             bar(done[0], total, label)
 
-    bw_before = measure_bandwidth()
+    bandwidth = {b: [backend_bandwidth(b)] for b in dict.fromkeys(backends)}  # before the runs
     results = []
     for backend, quant in combos:
         name, llm = load_for_bench(model, shape, backend, quant, group_size)
         for b in batches:
-            results.append(run_config(llm, name, b, prompt_tokens, gen_tokens, repetitions, bw_before,
+            results.append(run_config(llm, name, b, prompt_tokens, gen_tokens, repetitions, bandwidth[backend][0],
                                       progress=lambda: tick(f"{backend}/{quant}/b{b}")))
         del llm
-    bw_after = measure_bandwidth()
-    bw = max(bw_before, bw_after)
-    for r in results:  # floor against the best bandwidth seen in this run
+    for b, bw in bandwidth.items():  # and after
+        bw.append(backend_bandwidth(b))
+    for r in results:  # floor against the best bandwidth seen in this run, for the memory the weights are in
+        bw = max(bandwidth[r.backend])
         r.floor_fraction *= (r.bandwidth_gb_s * 1e9) / bw
         r.bandwidth_gb_s = bw / 1e9
     return {
-        "bandwidth_gb_s": [bw_before / 1e9, bw_after / 1e9],
+        "bandwidth_gb_s": [x / 1e9 for x in bandwidth[backends[0]]],  # the first backend's, before / after
+        "bandwidth_by_backend": {b: [x / 1e9 for x in bw] for b, bw in bandwidth.items()},
         "threads": _threads(),
         "results": [r.as_dict() for r in results],
     }
@@ -294,9 +305,11 @@ def _threads() -> int:
 
 
 def markdown_table(report: dict) -> str:
-    bw = report["bandwidth_gb_s"]
+    by = report.get("bandwidth_by_backend") or {"": report["bandwidth_gb_s"]}
+    where = ", ".join(f"{(b + ' ') if len(by) > 1 or b == 'cuda' else ''}{bw[0]:.1f} / {bw[1]:.1f} GB/s"
+                      for b, bw in by.items())
     lines = [
-        f"read bandwidth (measured before / after): {bw[0]:.1f} / {bw[1]:.1f} GB/s, {report['threads']} threads",
+        f"read bandwidth (measured before / after): {where}, {report['threads']} CPU threads",
         "",
         "| model | backend | quant | batch | prefill tok/s | decode tok/s | weight MB/token | floor fraction | "
         "prefill GFLOP/s | decode GFLOP/s |",

@@ -152,6 +152,8 @@ def cmd_bench(args) -> int:
     for q in quants:
         if q not in ("none", "int8", "int4"):
             raise TinyserveError(f"--quant: unknown quantization {q!r} (none, int8, int4)")
+    if args.plot and backends[0] == "cuda":
+        raise TinyserveError("--plot draws the CPU's ceilings (RAM bandwidth, BLAS GFLOP/s): use it with a CPU backend")
     batches = _csv(args.batch, "batch", int)
     if any(b <= 0 for b in batches):
         raise TinyserveError("--batch sizes must be positive")

@@ -1109,6 +1109,56 @@ def _warm(weights=None) -> None:
     cuda.synchronize()
 
 
+# ------------------------------------------------------------------------------------ read bandwidth
+@cuda.jit
+def _read_kernel(a, out):
+    """out[i] = the sum of thread i's grid-stride share of a: every element read once (4 loads in flight
+    per thread), and a result the compiler cannot drop."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n = a.shape[0]
+    s = float32(0)
+    j = i
+    while j + 3 * step < n:
+        s += a[j] + a[j + step] + a[j + 2 * step] + a[j + 3 * step]
+        j += 4 * step
+    while j < n:
+        s += a[j]
+        j += step
+    if i < out.shape[0]:
+        out[i] = s
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """The GPU's read bandwidth in bytes/s: the fastest of `repeats` passes of a kernel that reads a buffer
+    of `nbytes` (far larger than the L2 cache) once, timed with CUDA events. `tinyserve bench --backend cuda`
+    divides the weight bytes of a step by it (the CPU backends use the machine's RAM bandwidth)."""
+    import time
+
+    if SIMULATOR:  # the simulator runs threads as Python: a token buffer, timed on the host
+        nbytes = min(nbytes, 4096)
+    a = zeros((max(1, nbytes // 4),))
+    threads = LAUNCH.threads
+    grid = max(1, min(8 * _sm_count(), LAUNCH.max_blocks))
+    out = _alloc((grid * threads,))
+    _read_kernel[grid, threads, _stream()](a, out)  # compiles; the buffer was just written: now it is "cold"
+    cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        if SIMULATOR:
+            t = time.perf_counter()
+            _read_kernel[grid, threads, _stream()](a, out)
+            best = min(best, time.perf_counter() - t)
+            continue
+        start, end = cuda.event(), cuda.event()
+        start.record()
+        _read_kernel[grid, threads, _stream()](a, out)
+        end.record()
+        end.synchronize()
+        best = min(best, cuda.event_elapsed_time(start, end) / 1000.0)
+    return a.shape[0] * 4 / best
+
+
 # ------------------------------------------------------------------------------------- CUDA graphs
 # A decode step is ~13 op calls per layer, each a Python wrapper plus a numba launch (~100-180 us of host time
 # each, measured on an H200: docs/cuda.md), so without more a step of a 1B model costs ~35 ms of Python
