@@ -144,3 +144,10 @@ def test_convert_bad_inputs_leave_nothing(tmp_path):
 
 def test_unknown_backend(stories_dir):
     assert_user_error(run("generate", "--model", stories_dir, "--backend", "tpu"), "backend")
+
+
+def test_bench_plot_with_the_cuda_backend_is_refused_before_any_run(tmp_path):
+    """The roofline plot draws the CPU's ceilings; with --backend cuda it is refused at once (no GPU needed)."""
+    r = run("bench", "--shape", "stories260K", "--backend", "cuda", "--plot", tmp_path / "p.png")
+    assert_user_error(r, "--plot", "CPU backend")
+    assert not (tmp_path / "p.png").exists()
