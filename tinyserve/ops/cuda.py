@@ -610,7 +610,8 @@ def attention(q, k_cache, v_cache, slots, positions, window: int = 0):
     if N:
         scale = np.float32(1.0 / np.sqrt(hd))
         grid = max(1, min(N * H, LAUNCH.max_blocks))
-        _attention_kernel[grid, threads, _stream()](q, k_cache, v_cache, slots, positions, int(window), scale, chunk, out)
+        _attention_kernel[grid, threads, _stream()](q, k_cache, v_cache, slots, positions, int(window), scale, chunk,
+                                                    out)
     return out
 
 
@@ -878,7 +879,7 @@ def _gemv_chunks(x, w, y) -> bool:
 
 
 # ------------------------------------------------------------------------------------- linear: GEMM
-# Prefill and batches: N > 4 tokens. Now each weight is used N times, so the kernel must reuse what it
+# Prefill: N > 16 tokens. Now each weight is used N times, so the kernel must reuse what it
 # loads: a block computes a TN x TM tile of y (tokens x output rows) and walks K in steps of TK, copying an
 # x tile (TN x TK) and a W tile (TM x TK, dequantized on the way: exactly dequantize(W)'s float32 values)
 # into shared memory; each thread then computes 4 x 4 outputs from registers (8 shared loads per 16 FMAs).
@@ -1021,9 +1022,9 @@ def linear(x, w, bias=None):
     """y = x @ W.T + bias: (N, in), W (out, in) float32 or quantized -> (N, out).
 
     N <= 4 runs the GEMV kernels (decode), up to 16 the GEMV once per 4 tokens (batched decode), larger N
-    the tiled GEMM (prefill). A QuantizedTensor that was
-    not uploaded is uploaded here (once per call: upload weights beforehand). W stacked (ops.Stacked): one
-    product over the stacked matrix, its columns split into one output per part.
+    the tiled GEMM (prefill). A QuantizedTensor that was not uploaded is uploaded here (once per call: upload
+    weights beforehand). W stacked (ops.Stacked): one product over the stacked matrix, its columns split into
+    one output per part.
     """
     if isinstance(w, Stacked):
         return _split_columns(linear(x, w.weight, bias), w.parts)
