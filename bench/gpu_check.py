@@ -17,7 +17,7 @@ Sections (each runs in its own try/except: a failure is printed and recorded, th
   launch     host-side cost of one op call (Python wrapper + allocation + launch), which bounds small models
   hostprof   where that host time goes: cProfile of repeated add and int4 linear calls, top functions
   gemv       linear() on the weight shapes of Llama-3.2-1B and -3.1-8B, float32 / int8 / int4 / int4-asym,
-             at N = 1 (decode) and N = 16 (batch 16: the GEMM path): weight GB/s and % of copy bandwidth
+             at N = 1 (decode) and N = 16 (batch 16: four GEMV passes): weight GB/s and % of copy bandwidth
   sweep      the GEMV kernel shapes (rows per warp R, words per lane U, warps per block) for int8 and int4:
              which would be the better default on this GPU
   model      whole-model decode of Llama-3.2-1B shapes (random weights built in memory, tied embeddings) at
