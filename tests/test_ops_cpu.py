@@ -411,11 +411,11 @@ def test_int8_activations_do_not_depend_on_thread_count(monkeypatch):
     monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
     monkeypatch.setattr(cpu, "ACTIVATIONS", "int8")
     rng = rng_for("int8act threads")
-    x = rng.standard_normal((3, 300)).astype(np.float32)
+    x = rng.standard_normal((17, 300)).astype(np.float32)
     ws = [quant.quantize(_weights(rng, 50, 300), b, g, z) for b, g, z in ((8, 64, False), (4, 32, False), (4, 128, True))]
 
-    def run():
-        return [cpu.linear(x[:n], w) for w in ws for n in (1, 3)]
+    def run():  # 17 rows of int8 weights: the AMX kernel where the CPU has it
+        return [cpu.linear(x[:n], w) for w in ws for n in (1, 3, 17)]
 
     one, many = with_threads(1, run), with_threads(MANY_THREADS, run)
     monkeypatch.setattr(cpu, "SERIAL_BELOW", 2**62)  # the serial twins: the same results
@@ -423,6 +423,33 @@ def test_int8_activations_do_not_depend_on_thread_count(monkeypatch):
     for a, b, c in zip(one, many, serial):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.skipif(not cpu.AMX, reason="no AMX int8 tiles on this CPU (or TINYSERVE_AMX=0)")
+@pytest.mark.parametrize("N", [8, 16, 17, 31])
+@pytest.mark.parametrize("out,k,group", [(37, 100, 32), (19, 200, 64), (33, 389, 128), (16, 300, 256), (50, 768, 128)])
+def test_amx_kernel_matches_the_vnni_kernel(monkeypatch, N, out, k, group):
+    """The AMX tiles (int8 weights, int8 activations, 8-31 rows) against the VNNI kernel on the same int8 x:
+    the same exact integer group sums, scaled and added in another order (float32 rounding only)."""
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "int8")
+    rng = rng_for("amx", N, out, k, group)
+    w = quant.quantize(_weights(rng, out, k), 8, group)
+    x = (rng.standard_normal((N, k)) * np.exp(rng.standard_normal(k))).astype(np.float32)
+    amx = cpu.linear(x, w)
+    monkeypatch.setattr(cpu, "AMX", False)
+    vnni = cpu.linear(x, w)
+    assert np.max(np.abs(amx - vnni)) <= 8 * (w.n_groups + 2) * EPS * np.max(np.abs(vnni)), np.max(np.abs(amx - vnni))
+
+
+def test_amx_env_variable():
+    import os
+    import subprocess
+    import sys
+
+    code = "from tinyserve.ops import cpu; print(cpu.AMX)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TINYSERVE_AMX": "0"},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
 
 
 def test_activations_setting_is_checked(monkeypatch):

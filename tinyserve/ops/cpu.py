@@ -26,7 +26,8 @@ another order), so results match ops/reference.py to float32 rounding (tests/tes
 tolerances and why). The one exception is an option, off by default: ACTIVATIONS = "int8" (or
 TINYSERVE_INT8_ACTIVATIONS=1) rounds x to int8 per group in the few-row path of quantized layers (decode,
 batches below A8_GEMM_MIN_ROWS) and uses integer dot products (faster; bounded error, see _gemv_q8a,
-_gemv_a8x4 and quant.linear_int8_activations). Kernels allow reassociation and FMA contraction so that LLVM
+_gemv_a8x4 and quant.linear_int8_activations); on CPUs with AMX, batches of 8 or more rows of int8 weights
+then run on its tiles (_gemm_a8_amx). Kernels allow reassociation and FMA contraction so that LLVM
 can vectorize their sums; nothing else is relaxed (no approximate reciprocals or functions, NaN and inf as in
 NumPy; see REDUCE).
 
@@ -37,6 +38,7 @@ runtime group sizes, GOMP_SPINCOUNT).
 
 from __future__ import annotations
 
+import functools
 import os
 
 # How long libgomp's worker threads spin, waiting for the next parallel region, before they sleep. The
@@ -1139,6 +1141,172 @@ def _linear_int8_activations(xp, w, y, data, scales, z, asym):
         _run(_gemv_q4a, work, xq, xs, xsum, data, scales, z, asym, y, PREFETCH_A8)
 
 
+# ---------------------------------------------------------------- int8 activations on AMX tiles
+# Sapphire Rapids and later have AMX: eight tile registers of up to 16 rows x 64 bytes and tdpbssd, which
+# multiplies a 16 x 64 int8 tile by a 64 x 16 one into 16 x 16 int32 sums (16K multiply-adds) in one
+# instruction. With int8 activations, a batch of up to 16 rows of x is such a tile: y.T = W . x.T per group,
+# A = 16 weight rows x 64 bytes of a group (loaded as they are stored), B = x.T in the "VNNI" layout tdpbssd
+# wants (row r holds, for each token t, its 4 values 4r..4r+3: _amx_x repacks x once per call), C the group's
+# exact integer sums, which the kernel then scales: acc += float(C) * (s[o, g] * xs[t, g]), as _gemv_q8a
+# does. Numba has no AMX: the intrinsics are inline assembly (llvmlite needs its assembly parser for that),
+# and Linux hands the tile registers to a process only after it asks (arch_prctl ARCH_REQ_XCOMP_PERM).
+# Used for int8 weights with ACTIVATIONS = "int8", AMX_MIN_ROWS <= N < A8_GEMM_MIN_ROWS; TINYSERVE_AMX=0
+# switches it off. Measured in docs/performance.md ("AMX").
+AMX_MIN_ROWS = 8  # 4 rows: 0.95x the VNNI kernel streaming a model's matrices; 8 rows 1.22x, 12 rows 1.36x, 16 rows 1.27x
+
+
+def _amx_setup() -> bool:
+    """Whether AMX int8 tiles can be used here: the CPU has them, Linux grants them to this process, and
+    llvmlite can assemble the instructions."""
+    if os.environ.get("TINYSERVE_AMX", "") == "0" or not _host_has("amx-int8", "amx-tile"):
+        return False
+    try:
+        import ctypes
+
+        from llvmlite import binding as ll
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18  # x86-64 Linux: syscall number, op, feature
+        if libc.syscall(arch_prctl, req_xcomp_perm, xtiledata) != 0:
+            return False
+        ll.initialize_native_asmparser()
+        return True
+    except Exception:  # not Linux, no libc: no tiles
+        return False
+
+
+AMX = _amx_setup()
+_I64 = ir.IntType(64)
+
+
+def _amx_ptr(context, builder, ty, array, offset):
+    """i8* to element `offset` of a (contiguous) Numba array."""
+    data = context.make_array(ty)(context, builder, array).data
+    item = context.get_abi_sizeof(context.get_data_type(ty.dtype))
+    at = builder.add(builder.ptrtoint(data, _I64), builder.mul(offset, ir.Constant(_I64, item)))
+    return builder.inttoptr(at, ir.IntType(8).as_pointer())
+
+
+def _amx_asm(builder, text, args, constraints):
+    fnty = ir.FunctionType(ir.VoidType(), [a.type for a in args])
+    builder.call(ir.InlineAsm(fnty, text, constraints + ",~{memory}", side_effect=True), args)
+
+
+@intrinsic
+def _tile_config(typingctx, cfg):
+    """Load the tile shapes (cfg: the 64-byte tile configuration, _amx_config)."""
+
+    def codegen(context, builder, sig, args):
+        _amx_asm(builder, "ldtilecfg ($0)", [_amx_ptr(context, builder, sig.args[0], args[0], ir.Constant(_I64, 0))],
+                 "r")
+        return context.get_dummy_value()
+
+    return types.void(cfg), codegen
+
+
+@intrinsic
+def _tile_zero(typingctx):
+    """Zero the sums tile tmm0."""
+
+    def codegen(context, builder, sig, args):
+        builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "tilezero %tmm0", "~{memory}",
+                                  side_effect=True), [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@intrinsic
+def _tile_dot(typingctx, w, woff, wstride, xv, xoff, xstride):
+    """tmm0 += tmm1 . tmm2 (tdpbssd) after loading tmm1 from w at woff (rows wstride bytes apart) and tmm2
+    from xv at xoff (rows xstride bytes apart)."""
+
+    def codegen(context, builder, sig, args):
+        pw = _amx_ptr(context, builder, sig.args[0], args[0], args[1])
+        px = _amx_ptr(context, builder, sig.args[3], args[3], args[4])
+        _amx_asm(builder, "tileloadd ($0,$1,1), %tmm1\n\ttileloadd ($2,$3,1), %tmm2\n\ttdpbssd %tmm2, %tmm1, %tmm0",
+                 [pw, args[2], px, args[5]], "r,r,r,r")
+        return context.get_dummy_value()
+
+    return types.void(w, woff, wstride, xv, xoff, xstride), codegen
+
+
+@intrinsic
+def _tile_store(typingctx, c, cstride):
+    """Store the sums tile tmm0 to c (rows cstride bytes apart)."""
+
+    def codegen(context, builder, sig, args):
+        _amx_asm(builder, "tilestored %tmm0, ($0,$1,1)",
+                 [_amx_ptr(context, builder, sig.args[0], args[0], ir.Constant(_I64, 0)), args[1]], "r,r")
+        return context.get_dummy_value()
+
+    return types.void(c, cstride), codegen
+
+
+@functools.lru_cache(maxsize=None)
+def _amx_config(rows: int, T: int, kc: int) -> np.ndarray:
+    """The 64-byte tile configuration (palette 1): tmm0 sums rows x T int32, tmm1 weights rows x kc bytes,
+    tmm2 x.T (kc / 4) x 4T bytes."""
+    cfg = np.zeros(64, np.uint8)
+    cfg[0] = 1
+    for t, (r, colsb) in enumerate(((rows, 4 * T), (rows, kc), (kc // 4, 4 * T))):
+        cfg[16 + 2 * t], cfg[17 + 2 * t], cfg[48 + t] = colsb & 0xFF, colsb >> 8, r
+    return cfg
+
+
+PREFETCH_AMX = 8192  # bytes ahead in the run of 16 weight rows a tile block reads (2-16 KiB measured: 8-16 best)
+
+
+@parallel_kernel(fastmath=True)
+def _gemm_a8_amx(data, s, xv, xsT, G, cfg, cfg_tail, y, ahead):
+    """y[t, o] = sum_g s[o, g] * xsT[g, t] * (sum over the group of data[o, j] * xq[t, j]) for T <= 16 rows of
+    x given as xv (Kp / 4, T, 4) int8 (x.T in tdpbssd's layout) and xsT (ng, T) their scales; data (M, Kp)
+    int8. Blocks of 16 weight rows in parallel; per group one tile of sums, scaled into 16 x T floats."""
+    M, Kp = data.shape
+    T = xv.shape[1]
+    ng = Kp // G
+    kc = min(G, 64)
+    flat, xflat = data.reshape(-1), xv.reshape(-1)
+    for b in prange((M + 15) // 16):
+        r0 = b * 16
+        rows = min(16, M - r0)
+        c = np.empty(16 * T, np.int32)
+        acc = np.zeros((16, T), np.float32)
+        _tile_config(cfg if rows == 16 else cfg_tail)
+        for g in range(ng):
+            _tile_zero()
+            for k0 in range(g * G, (g + 1) * G, kc):
+                if ahead:  # the block's 16 rows are one contiguous run of 16 * Kp bytes, read 16 * kc at a
+                    for line in range(0, 16 * kc, 64):  # time: ask for the lines `ahead` bytes on in that run
+                        _prefetch(flat, r0 * Kp + 16 * k0 + ahead + line)
+                _tile_dot(flat, r0 * Kp + k0, Kp, xflat, k0 * T, 4 * T)
+            _tile_store(c, 4 * T)
+            for i in range(rows):
+                si = s[r0 + i, g]
+                for t in range(T):  # contiguous in c, xsT and acc: one vector
+                    acc[i, t] += f32(c[i * T + t]) * (si * xsT[g, t])
+        for i in range(rows):
+            for t in range(T):
+                y[t, r0 + i] = acc[i, t]
+
+
+def _linear_a8_amx(xp, w, y, data, scales):
+    """The int8-activation product of int8 weights on AMX tiles, 16 rows of x at a time."""
+    N, Kp = xp.shape
+    G, ng, M = w.group_size, w.n_groups, w.shape[0]
+    xq = np.empty((N, Kp), np.int8)
+    xs = np.empty((N, ng), np.float32)
+    xsum = np.empty((N, ng), np.int32)
+    lanes = np.empty((N, ng * VNNI_LANES), np.int32)
+    _run(_quantize_x, N * M * Kp, xp, G, xq, xs, xsum, lanes)  # bit for bit the VNNI path's x
+    kc = min(G, 64)
+    for t0 in range(0, N, 16):
+        T = min(16, N - t0)
+        xv = np.ascontiguousarray(xq[t0:t0 + T].reshape(T, Kp // 4, 4).transpose(1, 0, 2))  # (Kp/4, T, 4)
+        _run(_gemm_a8_amx, T * M * Kp, data, scales, xv, np.ascontiguousarray(xs[t0:t0 + T].T), G,
+             _amx_config(16, T, kc), _amx_config(M % 16 or 16, T, kc), y[t0:t0 + T], PREFETCH_AMX)
+
+
 # =========================================================================== linear: matrix-matrix kernels
 @njit(cache=True, fastmath=REDUCE, inline="always")
 def _tile4x4(X, wb, Y, n0, r0, o0, K):
@@ -1344,6 +1512,8 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
         if w.bits == 8:
             if gemm:
                 _gemm_quant(xp, data, scales, _NO_ZEROS, False, 8, y, panel_rows(w.padded_in))
+            elif ACTIVATIONS == "int8" and AMX and N >= AMX_MIN_ROWS:
+                _linear_a8_amx(xp, w, y, data, scales)
             elif ACTIVATIONS == "int8":
                 _linear_int8_activations(xp, w, y, data, scales, _NO_ZEROS, False)
             else:
@@ -1709,7 +1879,8 @@ def _warm_calls() -> None:
             linear(rng.standard_normal((n, 64)).astype(np.float32), wt)
         saved, ACTIVATIONS = ACTIVATIONS, "int8"  # the int8-activation kernels too, whatever the setting
         try:
-            linear(rng.standard_normal((1, 64)).astype(np.float32), wt)
+            for n in (1, AMX_MIN_ROWS):  # (int8 weights from AMX_MIN_ROWS rows: the AMX kernel, if any)
+                linear(rng.standard_normal((n, 64)).astype(np.float32), wt)
         finally:
             ACTIVATIONS = saved
     x = rng.standard_normal((2, 8)).astype(np.float32)
