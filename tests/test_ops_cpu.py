@@ -441,6 +441,22 @@ def test_amx_kernel_matches_the_vnni_kernel(monkeypatch, N, out, k, group):
     assert np.max(np.abs(amx - vnni)) <= 8 * (w.n_groups + 2) * EPS * np.max(np.abs(vnni)), np.max(np.abs(amx - vnni))
 
 
+@pytest.mark.parametrize("N,k,group", [(1, 32, 32), (5, 100, 32), (16, 384, 128), (3, 512, 256)])
+def test_amx_x_is_quantize_x_in_the_tile_layout(N, k, group):
+    """_amx_x quantizes x exactly as _quantize_x does (the VNNI path's x), only laid out for tdpbssd."""
+    rng = rng_for("amx_x", N, k, group)
+    kp = -(-k // group) * group
+    xp = np.zeros((N, kp), np.float32)
+    xp[:, :k] = rng.standard_normal((N, k)) * np.exp(rng.standard_normal(k))
+    xp[0, :group] = 0  # an all-zero group: scale 0, values 0
+    xq, xs, _, _ = _quantize_x(xp, group)
+    xv = np.empty((kp // 4, N, 4), np.int8)
+    xsT = np.empty((kp // group, N), np.float32)
+    cpu._amx_x(xp, 0, group, xv, xsT)
+    np.testing.assert_array_equal(xv.transpose(1, 0, 2).reshape(N, kp), xq)
+    np.testing.assert_array_equal(xsT.T, xs)
+
+
 def test_amx_env_variable():
     import os
     import subprocess

@@ -1290,21 +1290,45 @@ def _gemm_a8_amx(data, s, xv, xsT, G, cfg, cfg_tail, y, ahead):
                 y[t, r0 + i] = acc[i, t]
 
 
+@parallel_kernel(fastmath=False)
+def _amx_x(xp, t0, G, xv, xsT):
+    """Rows t0 .. t0 + T of x (padded to whole groups) quantized as _quantize_x does, bit for bit, written
+    straight into the tile layout: xv[k // 4, t, k % 4] = xq[t0 + t, k] (x.T as tdpbssd reads it), and the
+    scales transposed, xsT[g, t]. Parallel over rows of x."""
+    Kp = xp.shape[1]
+    T = xv.shape[1]
+    for t in prange(T):
+        q = np.empty(G, np.int8)
+        for g in range(Kp // G):
+            xg = xp[t0 + t, g * G:(g + 1) * G]
+            m = f32(0)
+            for j in range(G):
+                m = max(m, abs(xg[j]))
+            sc = m / f32(127)
+            xsT[g, t] = sc
+            if sc > 0:
+                for j in range(G):  # contiguous: vectorizes
+                    q[j] = np.int8(min(max(np.rint(xg[j] / sc), f32(-127)), f32(127)))
+            else:
+                q[:] = 0
+            k4 = g * G // 4
+            for i in range(G // 4):
+                for b in range(4):
+                    xv[k4 + i, t, b] = q[4 * i + b]
+
+
 def _linear_a8_amx(xp, w, y, data, scales):
     """The int8-activation product of int8 weights on AMX tiles, 16 rows of x at a time."""
     N, Kp = xp.shape
     G, ng, M = w.group_size, w.n_groups, w.shape[0]
-    xq = np.empty((N, Kp), np.int8)
-    xs = np.empty((N, ng), np.float32)
-    xsum = np.empty((N, ng), np.int32)
-    lanes = np.empty((N, ng * VNNI_LANES), np.int32)
-    _run(_quantize_x, N * M * Kp, xp, G, xq, xs, xsum, lanes)  # bit for bit the VNNI path's x
     kc = min(G, 64)
     for t0 in range(0, N, 16):
         T = min(16, N - t0)
-        xv = np.ascontiguousarray(xq[t0:t0 + T].reshape(T, Kp // 4, 4).transpose(1, 0, 2))  # (Kp/4, T, 4)
-        _run(_gemm_a8_amx, T * M * Kp, data, scales, xv, np.ascontiguousarray(xs[t0:t0 + T].T), G,
-             _amx_config(16, T, kc), _amx_config(M % 16 or 16, T, kc), y[t0:t0 + T], PREFETCH_AMX)
+        xv = np.empty((Kp // 4, T, 4), np.int8)
+        xsT = np.empty((ng, T), np.float32)
+        _run(_amx_x, T * M * Kp, xp, t0, G, xv, xsT)  # (parallel when the product is: work = its weights)
+        _run(_gemm_a8_amx, T * M * Kp, data, scales, xv, xsT, G, _amx_config(16, T, kc),
+             _amx_config(M % 16 or 16, T, kc), y[t0:t0 + T], PREFETCH_AMX)
 
 
 # =========================================================================== linear: matrix-matrix kernels
