@@ -1257,7 +1257,7 @@ def _amx_config(rows: int, T: int, kc: int) -> np.ndarray:
 PREFETCH_AMX = 8192  # bytes ahead in the run of 16 weight rows a tile block reads (2-16 KiB measured: 8-16 best)
 
 
-@parallel_kernel(fastmath=True)
+@parallel_kernel(fastmath=False)  # no FMA contraction: the parallel and serial builds must round alike
 def _gemm_a8_amx(data, s, xv, xsT, G, cfg, cfg_tail, y, ahead):
     """y[t, o] = sum_g s[o, g] * xsT[g, t] * (sum over the group of data[o, j] * xq[t, j]) for T <= 16 rows of
     x given as xv (Kp / 4, T, 4) int8 (x.T in tdpbssd's layout) and xsT (ng, T) their scales; data (M, Kp)
