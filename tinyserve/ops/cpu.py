@@ -1151,8 +1151,10 @@ def _linear_int8_activations(xp, w, y, data, scales, z, asym):
 # does. Numba has no AMX: the intrinsics are inline assembly (llvmlite needs its assembly parser for that),
 # and Linux hands the tile registers to a process only after it asks (arch_prctl ARCH_REQ_XCOMP_PERM).
 # Used for int8 weights with ACTIVATIONS = "int8", AMX_MIN_ROWS <= N < A8_GEMM_MIN_ROWS; TINYSERVE_AMX=0
-# switches it off. Measured in docs/performance.md ("AMX").
-AMX_MIN_ROWS = 8  # 4 rows: 0.95x the VNNI kernel streaming a model's matrices; 8 rows 1.22x, 12 rows 1.36x, 16 rows 1.27x
+# switches it off. Measured in docs/performance.md ("Fifth session: AMX tiles for int8 activations").
+# From 8 rows: streaming a model's matrices, 4 rows ran at 0.95x the VNNI kernel, 8 rows 1.22x, 12 rows 1.36x,
+# 16 rows 1.27x.
+AMX_MIN_ROWS = 8
 
 
 def _amx_setup() -> bool:
