@@ -147,6 +147,11 @@ def load_weights(ckpt: Checkpoint, cfg: ModelConfig, read_linear=None, progress=
     )
 
 
+# The projections that read the same input, stacked when weights are loaded: group -> its projections
+# (LayerWeights has "<group>_proj" and "<group>_bias" for the stacked form, "<name>_proj" for each part).
+STACKS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+
+
 def _stack(mats: list):
     """The matrices one under the other (all float32 arrays, or all quantized tensors of one format), or None
     when their formats differ."""
@@ -170,7 +175,7 @@ def stack_projections(layer: LayerWeights) -> LayerWeights:
     product (bit for bit on the cpu backend; NumPy's BLAS may round a differently shaped product
     differently). Weights of different formats (possible in a GGUF file) stay apart."""
     fields = dict(vars(layer))
-    for stacked, names in (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up"))):
+    for stacked, names in STACKS.items():
         mats = [fields[f"{n}_proj"] for n in names]
         weight = _stack(mats)
         if weight is None:
@@ -190,11 +195,12 @@ def layer_matrix(layer: LayerWeights, name: str):
     its rows of the stacked matrix (a view) when that is a host array or quantized tensor; None when it is in
     a backend's own device form."""
     m = getattr(layer, name)
-    if m is not None or name not in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+    part = name[: -len("_proj")]
+    group = next((g for g, names in STACKS.items() if part in names), None)
+    if m is not None or group is None:
         return m
-    group, names = ("qkv", ("q", "k", "v")) if name[0] in "qkv" else ("gate_up", ("gate", "up"))
     stacked = getattr(layer, f"{group}_proj")
-    i = names.index(name[: -len("_proj")])
+    i = STACKS[group].index(part)
     a = sum(stacked.parts[:i])
     b = a + stacked.parts[i]
     w = stacked.weight
@@ -226,13 +232,13 @@ def upload_weights(w: Weights, ops) -> Weights:
     )
 
 
-def project(ops, h, layer: LayerWeights, stacked: str, names: tuple) -> tuple:
-    """The projections of h by a group of weights: one product over the stacked matrix when the layer has it
-    (stack_projections), else one product per weight."""
-    weight = getattr(layer, f"{stacked}_proj")
+def project(ops, h, layer: LayerWeights, group: str) -> tuple:
+    """The projections of h by a group of weights (STACKS): one product over the stacked matrix when the
+    layer has it (stack_projections), else one product per weight."""
+    weight = getattr(layer, f"{group}_proj")
     if weight is not None:
-        return ops.linear(h, weight, getattr(layer, f"{stacked}_bias"))
-    return tuple(ops.linear(h, getattr(layer, f"{n}_proj"), getattr(layer, f"{n}_bias")) for n in names)
+        return ops.linear(h, weight, getattr(layer, f"{group}_bias"))
+    return tuple(ops.linear(h, getattr(layer, f"{n}_proj"), getattr(layer, f"{n}_bias")) for n in STACKS[group])
 
 
 def forward(w: Weights, cfg: ModelConfig, ops, token_ids, positions, slots, cache, rows=None, tap=None):
@@ -255,7 +261,7 @@ def forward(w: Weights, cfg: ModelConfig, ops, token_ids, positions, slots, cach
     for i, layer in enumerate(w.layers):
         # --- attention block: x + o_proj(attention(rope(q), rope(k), v))
         h = ops.rmsnorm(x, layer.input_layernorm, eps)  # (N, D)
-        q, k, v = project(ops, h, layer, "qkv", ("q", "k", "v"))  # (N, D) -> (N, H*hd), (N, KVH*hd) x 2
+        q, k, v = project(ops, h, layer, "qkv")  # (N, D) -> (N, H*hd), (N, KVH*hd) x 2
         q = q.reshape(N, H, hd)  # (N, H*hd) -> (N, H, hd): one row of hd values per head
         k = k.reshape(N, KVH, hd)
         v = v.reshape(N, KVH, hd)
@@ -272,7 +278,7 @@ def forward(w: Weights, cfg: ModelConfig, ops, token_ids, positions, slots, cach
 
         # --- MLP block (SwiGLU): x + down(silu(gate(h)) * up(h))
         h = ops.rmsnorm(x, layer.post_attention_layernorm, eps)  # (N, D)
-        g, u = project(ops, h, layer, "gate_up", ("gate", "up"))  # (N, D) -> (N, F), (N, F)
+        g, u = project(ops, h, layer, "gate_up")  # (N, D) -> (N, F), (N, F)
         m = ops.linear(ops.swiglu(g, u), layer.down_proj, layer.down_bias)  # (N, F) -> (N, D)
         if tap:
             tap("mlp_out", i, m)
