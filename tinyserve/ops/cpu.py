@@ -338,6 +338,15 @@ def _dot(a, b, K):
     return acc
 
 
+@njit(cache=True, inline="always")
+def _put_block(y, n, o0, t, nx):
+    """y[n + c, o0 + r] = t[4c + r] for c < nx, r < 4: a block intrinsic's results (4 weight rows against
+    nx rows of x) into the output."""
+    for c in range(nx):
+        y[n + c, o0], y[n + c, o0 + 1], y[n + c, o0 + 2], y[n + c, o0 + 3] = (
+            t[4 * c], t[4 * c + 1], t[4 * c + 2], t[4 * c + 3])
+
+
 @njit(cache=True, fastmath=REDUCE, inline="always")
 def _sum(a, K):
     """The sum of the first K values of a (float32)."""
@@ -519,9 +528,7 @@ def _gemv_q8(x, q, s, y, ahead):
             continue
         for n in range(0, N4, 4):
             t = _q8_tile4(flat, o0 * Kp, x, n, sf, o0, ng, G, ahead if n == 0 else 0)
-            for c in range(4):
-                y[n + c, o0], y[n + c, o0 + 1], y[n + c, o0 + 2], y[n + c, o0 + 3] = (
-                    t[4 * c], t[4 * c + 1], t[4 * c + 2], t[4 * c + 3])
+            _put_block(y, n, o0, t, 4)
         for n in range(N4, N):
             y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _q8_rows4(flat, o0 * Kp, x[n], sf, o0, ng, G,
                                                                             ahead if n == 0 else 0)
@@ -722,9 +729,7 @@ def _gemv_q4(x, p, s, z, asym, y, ahead):
             continue
         for n in range(0, N4, 4):
             t = _q4_tile4(flat, o0 * (Kp // 2), x, n, sf, zf, asym, o0, ng, G, ahead if n == 0 else 0)
-            for c in range(4):
-                y[n + c, o0], y[n + c, o0 + 1], y[n + c, o0 + 2], y[n + c, o0 + 3] = (
-                    t[4 * c], t[4 * c + 1], t[4 * c + 2], t[4 * c + 3])
+            _put_block(y, n, o0, t, 4)
         for n in range(N4, N):
             y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _q4_rows4(
                 flat, o0 * (Kp // 2), x[n], xsum[n], sf, zf, asym, o0, ng, G, ahead if n == 0 else 0)
@@ -1005,8 +1010,7 @@ def _gemv_a8x4(xq, xs, lanes, data, s, z, asym, y, ahead, bits):
             for n in range(0, N - 1, 2):
                 t = _a8_rows4x2(flat, o0 * Kb, Kb, xq, n, lanes, sf, o0, 1, xs, zf, asym, zero, ng, gb, bits,
                                 ahead if n == 0 else 0)
-                y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = t[0], t[1], t[2], t[3]
-                y[n + 1, o0], y[n + 1, o0 + 1], y[n + 1, o0 + 2], y[n + 1, o0 + 3] = t[4], t[5], t[6], t[7]
+                _put_block(y, n, o0, t, 2)
             if N % 2:
                 n = N - 1
                 y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _a8_rows4x1(
@@ -1030,6 +1034,21 @@ PREFETCH_A4_4 = 8192
 PREFETCH_A8_4 = 4096
 
 
+@njit(cache=True, fastmath=False, inline="always")
+def _x_scale(xg, G):
+    """The int8 step of a group of x: max|x| / 127 (float32)."""
+    m = f32(0)
+    for j in range(G):
+        m = max(m, abs(xg[j]))
+    return m / f32(127)
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _x_int8(v, s):
+    """A value of x on its group's int8 grid: rint(v / s) clipped to +-127 (s > 0)."""
+    return i32(min(max(np.rint(v / s), f32(-127)), f32(127)))
+
+
 @parallel_kernel(fastmath=False)
 def _quantize_x(x, G, xq, xs, xsum, lanes):
     """quant.quantize_activations for rows of x already padded to whole groups, bit for bit: per group,
@@ -1044,10 +1063,7 @@ def _quantize_x(x, G, xq, xs, xsum, lanes):
     for n in prange(N):
         for g in range(ng):
             xg = x[n, g * G:(g + 1) * G]
-            m = f32(0)
-            for j in range(G):
-                m = max(m, abs(xg[j]))
-            s = m / f32(127)
+            s = _x_scale(xg, G)
             xs[n, g] = s
             t = i32(0)
             for l in range(VNNI_LANES):
@@ -1055,7 +1071,7 @@ def _quantize_x(x, G, xq, xs, xsum, lanes):
             for j in range(G):
                 v = i32(0)
                 if s > 0:
-                    v = i32(min(max(np.rint(xg[j] / s), f32(-127)), f32(127)))
+                    v = _x_int8(xg[j], s)
                 xq[n, g * G + j] = v
                 t += v
                 lanes[n, g * VNNI_LANES + (j % 32) // 4] += v
@@ -1182,16 +1198,17 @@ _I64 = ir.IntType(64)
 
 
 def _amx_ptr(context, builder, ty, array, offset):
-    """i8* to element `offset` of a (contiguous) Numba array."""
-    data = context.make_array(ty)(context, builder, array).data
-    item = context.get_abi_sizeof(context.get_data_type(ty.dtype))
-    at = builder.add(builder.ptrtoint(data, _I64), builder.mul(offset, ir.Constant(_I64, item)))
-    return builder.inttoptr(at, ir.IntType(8).as_pointer())
+    """i8* to element `offset` of a 1-D Numba array."""
+    data = _Gen(context, builder, offset.type).data(ty, array)
+    return builder.bitcast(builder.gep(data, [offset]), _I8.as_pointer())
 
 
-def _amx_asm(builder, text, args, constraints):
+def _amx_asm(builder, text, args=(), constraints=""):
+    """Inline assembly `text` with operands args ($0, $1, ... in registers: constraints "r,r,..."), which may
+    read and write memory."""
     fnty = ir.FunctionType(ir.VoidType(), [a.type for a in args])
-    builder.call(ir.InlineAsm(fnty, text, constraints + ",~{memory}", side_effect=True), args)
+    clobbers = ",".join(c for c in (constraints, "~{memory}") if c)
+    builder.call(ir.InlineAsm(fnty, text, clobbers, side_effect=True), list(args))
 
 
 @intrinsic
@@ -1211,8 +1228,7 @@ def _tile_zero(typingctx):
     """Zero the sums tile tmm0."""
 
     def codegen(context, builder, sig, args):
-        builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "tilezero %tmm0", "~{memory}",
-                                  side_effect=True), [])
+        _amx_asm(builder, "tilezero %tmm0")
         return context.get_dummy_value()
 
     return types.void(), codegen
@@ -1294,23 +1310,20 @@ def _gemm_a8_amx(data, s, xv, xsT, G, cfg, cfg_tail, y, ahead):
 
 @parallel_kernel(fastmath=False)
 def _amx_x(xp, t0, G, xv, xsT):
-    """Rows t0 .. t0 + T of x (padded to whole groups) quantized as _quantize_x does, bit for bit, written
-    straight into the tile layout: xv[k // 4, t, k % 4] = xq[t0 + t, k] (x.T as tdpbssd reads it), and the
-    scales transposed, xsT[g, t]. Parallel over rows of x."""
+    """Rows t0 .. t0 + T of x (padded to whole groups) quantized as _quantize_x does (the same _x_scale and
+    _x_int8: bit for bit its values), written straight into the tile layout: xv[k // 4, t, k % 4] =
+    xq[t0 + t, k] (x.T as tdpbssd reads it), and the scales transposed, xsT[g, t]. Parallel over rows of x."""
     Kp = xp.shape[1]
     T = xv.shape[1]
     for t in prange(T):
         q = np.empty(G, np.int8)
         for g in range(Kp // G):
             xg = xp[t0 + t, g * G:(g + 1) * G]
-            m = f32(0)
-            for j in range(G):
-                m = max(m, abs(xg[j]))
-            sc = m / f32(127)
+            sc = _x_scale(xg, G)
             xsT[g, t] = sc
             if sc > 0:
                 for j in range(G):  # contiguous: vectorizes
-                    q[j] = np.int8(min(max(np.rint(xg[j] / sc), f32(-127)), f32(127)))
+                    q[j] = _x_int8(xg[j], sc)
             else:
                 q[:] = 0
             k4 = g * G // 4
