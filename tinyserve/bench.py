@@ -305,9 +305,9 @@ def _threads() -> int:
 
 
 def markdown_table(report: dict) -> str:
-    by = report.get("bandwidth_by_backend") or {"": report["bandwidth_gb_s"]}
-    where = ", ".join(f"{(b + ' ') if len(by) > 1 or b == 'cuda' else ''}{bw[0]:.1f} / {bw[1]:.1f} GB/s"
-                      for b, bw in by.items())
+    by = report["bandwidth_by_backend"]  # named where it is not only this machine's RAM (cpu, numpy)
+    named = len(by) > 1 or "cuda" in by
+    where = ", ".join(f"{b + ' ' if named else ''}{bw[0]:.1f} / {bw[1]:.1f} GB/s" for b, bw in by.items())
     lines = [
         f"read bandwidth (measured before / after): {where}, {report['threads']} CPU threads",
         "",
