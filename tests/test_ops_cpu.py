@@ -251,15 +251,20 @@ def _linear_int8act(x, w):
         cpu.ACTIVATIONS = saved
 
 
+needs_pack = pytest.mark.skipif(not cpu.PACK, reason="no AVX-512 VNNI here (or TINYSERVE_PACK=0): weights stay row-major")
+FORMS = ["rows", pytest.param("packed", marks=needs_pack)]  # QuantizedTensor as it is, or cpu.PackedWeights
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("fmt,bits,zp", Q_FORMATS, ids=[f[0] for f in Q_FORMATS])
 @pytest.mark.parametrize("N", [1, 2, 3, 17])  # 17: a decode batch below cpu.A8_GEMM_MIN_ROWS
 @pytest.mark.parametrize("out,k,group", [(5, 32, 32), (37, 100, 32), (19, 200, 64), (33, 389, 128), (16, 300, 256),
                                          (9, 1000, 256)])
-def test_linear_int8_activations_within_bound(fmt, bits, zp, N, out, k, group):
+def test_linear_int8_activations_within_bound(form, fmt, bits, zp, N, out, k, group):
     rng = rng_for("int8act", fmt, N, out, k, group)
     w = quant.quantize(_weights(rng, out, k), bits, group, zp)
     x = (rng.standard_normal((N, k)) * np.exp(rng.standard_normal(k))).astype(np.float32)
-    got = _linear_int8act(x, w)
+    got = _linear_int8act(x, cpu.PackedWeights(w) if form == "packed" else w)
     assert got.dtype == np.float32 and got.shape == (N, out)
     spec = quant.linear_int8_activations(x, w)
     xq, xs = quant.quantize_activations(x, group)
@@ -271,9 +276,63 @@ def test_linear_int8_activations_within_bound(fmt, bits, zp, N, out, k, group):
     exact = x.astype(np.float64) @ quant.dequantize(w).T.astype(np.float64)
     bound = quant.activation_error_bound(x, w) + rounding
     assert np.all(np.abs(got - exact) <= bound), np.max(np.abs(got - exact) / bound)
-    # the float path is unchanged by the option's existence (default: float32 activations)
+    # the float path is unchanged by the option's existence (default: float32 activations), packed weights too
     assert cpu.ACTIVATIONS == "float32"
     np.testing.assert_allclose(cpu.linear(x, w), exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+    if form == "packed":
+        np.testing.assert_array_equal(cpu.linear(x, cpu.PackedWeights(w)), cpu.linear(x, w))
+
+
+@needs_pack
+@pytest.mark.parametrize("fmt,bits,zp", Q_FORMATS, ids=[f[0] for f in Q_FORMATS])
+@pytest.mark.parametrize("out,k,group", [(1, 32, 32), (37, 100, 32), (16, 256, 256), (33, 389, 128), (250, 1000, 64)])
+def test_packed_weights_hold_the_same_numbers(fmt, bits, zp, out, k, group):
+    """cpu.PackedWeights (the int8-activation kernels' layout) gives back exactly the tensor it packed, in as many
+    bytes (plus the rows that fill its last block of 16), and its prefill path (float activations, panels
+    dequantized from the blocks) computes bit for bit what the row-major tensor's does."""
+    rng = rng_for("packed", fmt, out, k, group)
+    w = quant.quantize(_weights(rng, out, k), bits, group, zp)
+    p = cpu.PackedWeights(w)
+    back = p.unpack()
+    for a, b in ((back.data, w.data), (back.scales, w.scales), (back.zeros, w.zeros)):
+        assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b))
+    assert p.format == w.format and p.shape == w.shape
+    assert p.nbytes == w.nbytes * (-(-out // 16) * 16) // out
+    x = rng.standard_normal((cpu.A8_GEMM_MIN_ROWS + 3, k)).astype(np.float32)
+    np.testing.assert_array_equal(_linear_int8act(x, p), _linear_int8act(x, w))
+
+
+@needs_pack
+@pytest.mark.parametrize("fmt,bits,zp", Q_FORMATS, ids=[f[0] for f in Q_FORMATS])
+def test_packed_kernel_batch_is_rows_alone(fmt, bits, zp):
+    """Rows of x go four at a time through a packed block (_pk_rows4), the rest one by one (_pk_rows1): every
+    output is the same sequence of operations either way, so a batch equals its rows run alone, bit for bit."""
+    rng = rng_for("packed batch", fmt)
+    w = cpu.PackedWeights(quant.quantize(_weights(rng, 40, 300), bits, 32, zp))
+    x = rng.standard_normal((11, 300)).astype(np.float32)
+    batch = _linear_int8act(x, w)
+    for n in range(11):
+        np.testing.assert_array_equal(batch[n], _linear_int8act(x[n:n + 1], w)[0])
+
+
+def test_upload_packs_only_for_int8_activations(monkeypatch):
+    w = quant.quantize(np.ones((20, 64), np.float32), 4, 32)
+    assert isinstance(cpu.upload(w), quant.QuantizedTensor)  # default: float activations, row-major kernels
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "int8")
+    assert isinstance(cpu.upload(w), cpu.PackedWeights) == cpu.PACK
+    monkeypatch.setattr(cpu, "PACK", False)
+    assert isinstance(cpu.upload(w), quant.QuantizedTensor)
+
+
+def test_pack_env_variable():
+    import os
+    import subprocess
+    import sys
+
+    code = "from tinyserve.ops import cpu; print(cpu.PACK)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TINYSERVE_PACK": "0"},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
 
 
 def _quantize_x(x, G, dtype=np.int8):
@@ -413,6 +472,8 @@ def test_int8_activations_do_not_depend_on_thread_count(monkeypatch):
     rng = rng_for("int8act threads")
     x = rng.standard_normal((17, 300)).astype(np.float32)
     ws = [quant.quantize(_weights(rng, 50, 300), b, g, z) for b, g, z in ((8, 64, False), (4, 32, False), (4, 128, True))]
+    if cpu.PACK:  # and the same weights packed (cpu.PackedWeights)
+        ws += [cpu.PackedWeights(w) for w in ws]
 
     def run():  # 17 rows of int8 weights: the AMX kernel where the CPU has it
         return [cpu.linear(x[:n], w) for w in ws for n in (1, 3, 17)]

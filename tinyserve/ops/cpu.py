@@ -149,11 +149,15 @@ def parallel_kernel(fastmath=False):
 # ----------------------------------------------------------------------------------------------- arrays
 def upload(a):
     """Weights are used where they are (no copy); float32 weights and quantized tensors become read-only
-    views, the form every kernel takes them in (see _weight), so no call has to make the view again."""
+    views, the form every kernel takes them in (see _weight), so no call has to make the view again. With
+    int8 activations (ACTIVATIONS = "int8" when the model loads) on AVX-512 VNNI machines, quantized tensors
+    are repacked instead (PackedWeights): the same numbers in the layout those kernels stream fastest."""
     if isinstance(a, Stacked):
         return Stacked(upload(a.weight), a.parts)
     if isinstance(a, np.ndarray) and a.dtype == np.float32:
         return _weight(a)
+    if isinstance(a, QuantizedTensor) and PACK and ACTIVATIONS == "int8":
+        return PackedWeights(a)  # the int8-activation kernels' own layout
     if isinstance(a, QuantizedTensor):
         a.data, a.scales = _weight(a.data), _weight(a.scales)
         if a.zeros is not None:
@@ -1490,6 +1494,304 @@ def _gemm_quant(x, data, s, z, asym, bits, y, panel):
         _panel_matmul(x, wb, rows, y, o0)
 
 
+# --------------------------------------------- weights packed for int8 activations (PackedWeights)
+# With int8 activations, quantized weights stream fastest in the layout llama.cpp's AMX backend gives them (its
+# "repack"): blocks of 16 weight rows, and in a block, for every 4 consecutive inputs, the 16 rows' 4 bytes side
+# by side (64 bytes; int4: 8 inputs, two nibbles a byte). One 512-bit vpdpbusd then multiplies such a 64-byte
+# step by 4 values of x broadcast to every lane and adds the products into 16 int32 lanes, one per weight row:
+# no horizontal sums, the scales applied to 16 rows at once, and each thread reads one contiguous run instead of
+# 4 interleaved rows. Streaming the int8 matrices of a Llama-3.2-1B decode step in order (sixth session, 2
+# threads, same runs): the row-wise kernel (_gemv_a8x4) 0.43-0.58 of the read bandwidth, this layout 0.69-0.79
+# (llama.cpp's Q8_0 on this machine: 0.73-0.78 of it, whole model). With 8-31 rows of x it also beat the AMX
+# tiles (16 rows, 8192 x 2048: 416 against 335 GFLOP/s), which therefore serve only row-major weights.
+# cpu.upload packs int8 and int4 weights so when ACTIVATIONS is "int8" at load time on AVX-512 VNNI machines
+# (TINYSERVE_PACK=0: not); docs/performance.md, "Sixth session".
+PACK = VNNI and AVX512 and os.environ.get("TINYSERVE_PACK", "") != "0"
+# Bytes ahead in a block's run that the packed kernel prefetches: llama-1b decode steps with int8 activations,
+# distances alternating step by step in one process (sixth session), median ms: int8 1 / 2 / 4 / 8 KiB 48.7 /
+# 54.9 / 49.1 / 49.5; int4 0 / 1 / 2 / 3 / 4 / 8 / 16 KiB 37.0 / 33.7 / 29.7-30.5 / 31.0 / 31.6-32.4 / 31.4 / 32.0.
+PREFETCH_PK8 = 4096
+PREFETCH_PK4 = 2048
+
+
+def _aligned(shape, dtype, align=64) -> np.ndarray:
+    """An empty C-contiguous array whose data starts on an `align`-byte boundary (so each 64-byte step of a
+    packed block is one cache line)."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(n + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+
+def _by_block(a: np.ndarray, nb: int) -> np.ndarray:
+    """(rows, ng) per-row group values -> (nb, ng, 16): row 16 b + r at [b, :, r] (rows past the end 0)."""
+    p = np.zeros((nb * 16, a.shape[1]), a.dtype)
+    p[: a.shape[0]] = a
+    return np.ascontiguousarray(p.reshape(nb, 16, a.shape[1]).transpose(0, 2, 1))
+
+
+class PackedWeights:
+    """An int8 or int4 QuantizedTensor in the cpu backend's packed form for int8 activations (see above).
+
+    nb = ceil(out / 16) blocks of 16 rows (rows past `out` are zeros). blocks: uint8 (nb, S, 64), S steps of 64
+    bytes, 4 per row of the block (row r: bytes 4 r .. 4 r + 3):
+      int8: S = Kp / 4; byte j of row r in step i is W[16 b + r, 4 i + j] + 128 (vpdpbusd's unsigned operand);
+      int4: S = Kp / 8; byte j of row r in step i is n[8 i + j] | n[8 i + 4 + j] << 4, n the row's nibbles
+            (0..15) in input order.
+    scales: float32 (nb, ng, 16) and zeros (int4-asym): uint8 (nb, ng, 16), row 16 b + r's of group g at
+    [b, g, r]. The same numbers as the tensor it came from (unpack() gives it back), in as many bytes.
+    """
+
+    def __init__(self, qt: QuantizedTensor):
+        self.bits, self.group_size, self.shape = qt.bits, qt.group_size, qt.shape
+        self.n_groups, self.padded_in = qt.n_groups, qt.padded_in
+        M, Kp = qt.shape[0], qt.padded_in
+        nb = -(-M // 16)
+        per = 4 if qt.bits == 8 else 8  # inputs per row per step
+        self.blocks = _aligned((nb, Kp // per, 64), np.uint8)
+        for b0 in range(0, nb, 256):  # a few MB at a time: no full-size temporaries
+            b1 = min(nb, b0 + 256)
+            part = np.asarray(qt.data[16 * b0:16 * b1])
+            if qt.bits == 8:
+                rows = np.full(((b1 - b0) * 16, Kp), 128, np.uint8)
+                rows[: part.shape[0]] = part.view(np.uint8) ^ np.uint8(128)  # w + 128 as an unsigned byte
+            else:
+                from ..quant import unpack_int4
+
+                n = np.zeros(((b1 - b0) * 16, Kp), np.uint8)
+                n[: part.shape[0]] = unpack_int4(part, qt.group_size)
+                n8 = n.reshape(-1, Kp // 8, 2, 4)
+                rows = (n8[:, :, 0] | (n8[:, :, 1] << 4)).reshape(-1, Kp // 2)
+            self.blocks[b0:b1] = rows.reshape(b1 - b0, 16, Kp // per, 4).transpose(0, 2, 1, 3).reshape(b1 - b0, -1, 64)
+        self.scales = _by_block(np.asarray(qt.scales), nb)
+        self.zeros = None if qt.zeros is None else _by_block(np.asarray(qt.zeros), nb)
+        for a in (self.blocks, self.scales, self.zeros):
+            if a is not None:
+                a.flags.writeable = False
+
+    @property
+    def format(self) -> str:
+        return f"int{self.bits}" + ("-asym" if self.zeros is not None else "")
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.blocks.nbytes + self.scales.nbytes + (0 if self.zeros is None else self.zeros.nbytes))
+
+    def unpack(self) -> QuantizedTensor:
+        """The QuantizedTensor it holds (row-major, a copy)."""
+        from ..quant import pack_int4
+
+        M, Kp, ng, nb = self.shape[0], self.padded_in, self.n_groups, self.blocks.shape[0]
+        rows = self.blocks.reshape(nb, -1, 16, 4).transpose(0, 2, 1, 3).reshape(nb * 16, -1)[:M]
+        if self.bits == 8:
+            data = (rows ^ np.uint8(128)).view(np.int8)
+        else:
+            n = np.stack([rows & 15, rows >> 4], axis=1).reshape(M, 2, Kp // 8, 4).transpose(0, 2, 1, 3).reshape(M, Kp)
+            data = pack_int4(n, self.group_size)
+
+        def by_row(a):
+            return np.ascontiguousarray(a.transpose(0, 2, 1).reshape(nb * 16, ng)[:M])
+
+        return QuantizedTensor(self.bits, self.group_size, self.shape, np.ascontiguousarray(data), by_row(self.scales),
+                               None if self.zeros is None else by_row(self.zeros))
+
+    def __repr__(self) -> str:
+        return f"PackedWeights({self.format}, group_size={self.group_size}, shape={self.shape})"
+
+
+def _pk_block(nx):
+    """An intrinsic for one block of 16 packed weight rows (PackedWeights) against nx rows of int8 x:
+
+        _pk_rowsN(blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros, sstart, asym, ng, G, bits, y, ystart,
+                  ystride, ahead)
+
+    writes y[ystart + c * ystride + r] (r < 16, c < nx) = sum_g scales[sstart + 16 g + r] * xs[srow + c * ng + g]
+    * (the exact int32 sum over group g of the weight integers of row r (int8: w; int4: n - 8, or n - zero
+    when asym) times xq[xrow + c * Kp + ...]). The block's steps start at byte pstart of blocks (flat); xq
+    (flat, rows Kp = ng * G apart), xsum and xs (flat, rows ng apart) are _quantize_x's outputs (xsum: the
+    group sums of xq); scales and zeros flat (nb * ng * 16; zeros a dummy unless asym).
+
+    Per group, each row of x has 16 int32 lanes that start at -zero * xsum, taking off what the stored bytes
+    carry on top of the weight integers: sum (w + 128) x = sum w x + 128 sum x (int8; zero 128), sum n x =
+    sum (n - z) x + z sum x (int4; zero 8 or the row's zero point). Then one vpdpbusd per 64-byte step (int4:
+    two, the low and the high nibbles) with the step's 4 values of x in every lane; at the group's end the
+    lanes are converted (exact: |sum| < 2^24) and multiply-added by the group's 16 scales times x's scale.
+    Each weight step loaded serves the nx rows of x. The block's bytes are prefetched `ahead` bytes on (0:
+    not). No overflow: |sum| <= 256 * 255 * 127 < 2^31.
+    """
+
+    @intrinsic
+    def block(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros, sstart, asym, ng, G, bits, y,
+              ystart, ystride, ahead):
+        def codegen(context, builder, sig, args):
+            (pa, ps, xa, xr, xsuma, xsa, sr, sa, za, ss, asy, ngv, Gv, bitsv, ya, ys, ystr, ah) = args
+            gen = _Gen(context, builder, ps.type)
+            const, load = gen.const, gen.load
+            vi, vf, v64 = _vec(_I32, 16), _vec(_F32, 16), _vec(_I8, 64)
+            dp = _llvm_fn(builder, "llvm.x86.avx512.vpdpbusd.512", vi, [vi, vi, vi])
+            pty, xty, xsumty, xsty, sty, zty, yty = (sig.args[i] for i in (0, 2, 4, 5, 7, 8, 14))
+            fsum = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * 16)) for _ in range(nx)]
+            isum = [cgutils.alloca_once(builder, vi) for _ in range(nx)]
+            Kp = builder.mul(ngv, Gv)
+            xrows = [builder.add(xr, builder.mul(Kp, const(c))) for c in range(nx)]
+            srows = [builder.add(sr, builder.mul(ngv, const(c))) for c in range(nx)]
+            is8 = builder.icmp_unsigned("==", bitsv, ir.Constant(bitsv.type, 8))
+            gbytes = builder.select(is8, builder.mul(Gv, const(16)), builder.mul(Gv, const(8)))  # a group's bytes
+            pbase = gen.data(pty, pa)
+
+            def dot(c, w, xoff):  # isum[c] += 4-product sums of the 64 bytes w and x's 4 values at xoff
+                x4 = load(xty, xa, xoff, _I32, 1)
+                builder.store(builder.call(dp, [builder.load(isum[c]), builder.bitcast(w, vi), gen.splat(x4, vi)]),
+                              isum[c])
+
+            with cgutils.for_range(builder, ngv) as grp:
+                g = grp.index
+                gstart = builder.add(ps, builder.mul(g, gbytes))
+                with builder.if_then(builder.icmp_signed(">", ah, const(0))):
+                    gen.prefetch(pbase, builder.add(gstart, ah), gbytes, 3)
+                # the lanes start at -zero * xsum: zero per row (asym), else 128 (int8) or 8 (int4)
+                zoff = builder.add(ss, builder.mul(g, const(16)))
+                zrow = builder.select(asy, builder.zext(load(zty, za, zoff, _vec(_I8, 16), 1), vi),
+                                      gen.splat(builder.select(is8, ir.Constant(_I32, 128), ir.Constant(_I32, 8)), vi))
+                for c in range(nx):
+                    t = load(xsumty, xsuma, builder.add(srows[c], g), _I32, 4)
+                    builder.store(builder.mul(zrow, gen.splat(builder.neg(t), vi)), isum[c])
+                xg = [builder.add(xrows[c], builder.mul(g, Gv)) for c in range(nx)]
+                with builder.if_else(is8) as (int8, int4):
+                    with int8:  # a step: 4 inputs of the 16 rows
+                        with cgutils.for_range(builder, builder.udiv(Gv, const(4))) as step:
+                            k = step.index
+                            w = load(pty, pa, builder.add(gstart, builder.mul(k, const(64))), v64, 64)
+                            for c in range(nx):
+                                dot(c, w, builder.add(xg[c], builder.mul(k, const(4))))
+                    with int4:  # a step: 8 inputs, the first 4 in the low nibbles, the next 4 in the high ones
+                        with cgutils.for_range(builder, builder.udiv(Gv, const(8))) as step:
+                            k = step.index
+                            b = load(pty, pa, builder.add(gstart, builder.mul(k, const(64))), v64, 64)
+                            lo = builder.and_(b, ir.Constant(v64, [15] * 64))
+                            hi = builder.lshr(b, ir.Constant(v64, [4] * 64))
+                            for c in range(nx):
+                                x0 = builder.add(xg[c], builder.mul(k, const(8)))
+                                dot(c, lo, x0)
+                                dot(c, hi, builder.add(x0, const(4)))
+                sc = load(sty, sa, zoff, vf, 4)
+                for c in range(nx):
+                    sx = gen.splat(load(xsty, xsa, builder.add(srows[c], g), _F32, 4), vf)
+                    f = builder.sitofp(builder.load(isum[c]), vf)
+                    builder.store(gen.muladd(f, builder.fmul(sc, sx), builder.load(fsum[c])), fsum[c])
+            ybase = gen.data(yty, ya)
+            for c in range(nx):
+                yp = builder.gep(ybase, [builder.add(ys, builder.mul(ystr, const(c)))])
+                builder.store(builder.load(fsum[c]), builder.bitcast(yp, vf.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        sig = types.void(blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros, sstart, asym, ng, G, bits, y, ystart,
+                         ystride, ahead)
+        return sig, codegen
+
+    return block
+
+
+_pk_rows1 = _pk_block(1)
+_pk_rows4 = _pk_block(4)  # four rows of x per pass over the block (batches): 4 + 4 vectors of sums
+
+
+@parallel_kernel(fastmath=False)
+def _gemv_pk(xq, xs, xsum, blocks, scales, zeros, asym, bits, y, ahead):
+    """y (N, 16 nb) = the int8-activation product of PackedWeights (blocks, scales, zeros: a dummy unless asym)
+    with rows of x quantized by _quantize_x (xq int8 (N, Kp), xs (N, ng), xsum (N, ng)); parallel over blocks of
+    16 weight rows. A block (Kp * 16 or Kp * 8 bytes) stays in cache while the rows of x pass over it, four at a
+    time (_pk_rows4), the last N mod 4 one by one; it is prefetched on the first pass only. Each output is the
+    same sequence of operations whatever the thread count and however the rows of x are grouped."""
+    N, Kp = xq.shape
+    ng = xs.shape[1]
+    G = Kp // ng
+    nb = blocks.shape[0]
+    bb = blocks.shape[1] * 64  # bytes per block
+    M16 = y.shape[1]
+    pf, xf, xsf, xsumf, sf, zf, yf = (blocks.reshape(-1), xq.reshape(-1), xs.reshape(-1), xsum.reshape(-1),
+                                      scales.reshape(-1), zeros.reshape(-1), y.reshape(-1))
+    for b in prange(nb):
+        n = 0
+        while n + 4 <= N:
+            _pk_rows4(pf, b * bb, xf, n * Kp, xsumf, xsf, n * ng, sf, zf, b * ng * 16, asym, ng, G, bits, yf,
+                      n * M16 + 16 * b, M16, ahead if n == 0 else 0)
+            n += 4
+        while n < N:
+            _pk_rows1(pf, b * bb, xf, n * Kp, xsumf, xsf, n * ng, sf, zf, b * ng * 16, asym, ng, G, bits, yf,
+                      n * M16 + 16 * b, M16, ahead if n == 0 else 0)
+            n += 1
+
+
+_NO_BLOCK_ZEROS = np.zeros((1, 1, 1), np.uint8)  # the zeros argument of symmetric packed kernels (unused)
+_NO_BLOCK_ZEROS.flags.writeable = False
+
+
+def _linear_packed(xp, w, y):
+    """The int8-activation product of PackedWeights, few rows (y (N, out) is written)."""
+    N, Kp = xp.shape
+    G, ng, M = w.group_size, w.n_groups, w.shape[0]
+    nb = w.blocks.shape[0]
+    xq = np.empty((N, Kp), np.int8)
+    xs = np.empty((N, ng), np.float32)
+    xsum = np.empty((N, ng), np.int32)
+    lanes = np.empty((N, ng * VNNI_LANES), np.int32)
+    work = N * w.nbytes
+    out = y if nb * 16 == M else np.empty((N, nb * 16), np.float32)
+    z, asym = (w.zeros, True) if w.zeros is not None else (_NO_BLOCK_ZEROS, False)
+    _run(_quantize_x, work, xp, G, xq, xs, xsum, lanes)
+    _run(_gemv_pk, work, xq, xs, xsum, w.blocks, w.scales, z, asym, w.bits, out,
+         PREFETCH_PK8 if w.bits == 8 else PREFETCH_PK4)
+    if out is not y:
+        y[:] = out[:, :M]
+
+
+@njit(cache=True, fastmath=REDUCE, inline="always")
+def _dequantize_panel_pk(b32, s, z, asym, bits, o0, rows, wb, G, ng):
+    """wb[r] = dequantize(W)[o0 + r] for r < rows from PackedWeights arrays, exactly (b32: the blocks viewed as
+    int32, (nb, S, 16): a row's 4 bytes of a step are one int32). Row by row, its 4-byte pieces are gathered
+    into a buffer in input order (int8: w + 128; int4: per 8 inputs, 4 bytes of two nibbles), then converted."""
+    S = b32.shape[1]
+    q = np.empty(4 * S, np.uint8)
+    q32 = q.view(np.int32)
+    for r in range(rows):
+        b, l = (o0 + r) // 16, (o0 + r) % 16
+        blk = b32[b]
+        for i in range(S):
+            q32[i] = blk[i, l]
+        wr = wb[r]
+        for g in range(ng):
+            sg = s[b, g, l]
+            if bits == 8:
+                qg = q[g * G:(g + 1) * G]
+                wg = wr[g * G:(g + 1) * G]
+                for j in range(G):
+                    wg[j] = f32(i32(qg[j]) - i32(128)) * sg
+            else:
+                zero = i32(z[b, g, l]) if asym else i32(8)
+                for i in range(g * G // 8, (g + 1) * G // 8):
+                    for j in range(4):
+                        v = i32(q[4 * i + j])
+                        wr[8 * i + j] = f32(i32(v & 15) - zero) * sg
+                        wr[8 * i + 4 + j] = f32(i32(v >> 4) - zero) * sg
+
+
+@njit(parallel=True, cache=True, fastmath=REDUCE)
+def _gemm_pk(x, blocks, s, z, asym, bits, y, panel):
+    """_gemm_quant for PackedWeights (float activations, many rows): panels dequantized from the blocks."""
+    O = y.shape[1]
+    ng = s.shape[1]
+    Kp = x.shape[1]
+    G = Kp // ng
+    b32 = blocks.view(np.int32)
+    for pb in prange((O + panel - 1) // panel):
+        o0 = pb * panel
+        rows = min(panel, O - o0)
+        wb = np.empty((panel, Kp), np.float32)
+        _dequantize_panel_pk(b32, s, z, asym, bits, o0, rows, wb, G, ng)
+        _panel_matmul(x, wb, rows, y, o0)
+
+
 # ------------------------------------------------------------------------------------ linear: the wrapper
 _NO_ZEROS = np.zeros((1, 1), np.uint8)  # the zero-point argument of symmetric int4 kernels (unused)
 _NO_ZEROS.flags.writeable = False
@@ -1542,6 +1844,15 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
     y = np.empty((N, out_f), np.float32)
     if N == 0:
         pass
+    elif isinstance(w, PackedWeights) and ACTIVATIONS != "int8":  # packed at load, the option switched off since
+        y = linear(x2, w.unpack())
+    elif isinstance(w, PackedWeights):
+        xp = _padded(x2, w.padded_in)
+        if N >= A8_GEMM_MIN_ROWS:  # prefill: in float, as for row-major weights
+            z, asym = (w.zeros, True) if w.zeros is not None else (_NO_BLOCK_ZEROS, False)
+            _gemm_pk(xp, w.blocks, w.scales, z, asym, w.bits, y, panel_rows(w.padded_in))
+        else:
+            _linear_packed(xp, w, y)
     elif isinstance(w, QuantizedTensor):
         if ACTIVATIONS not in ("float32", "int8"):
             raise ValueError(f"cpu.ACTIVATIONS must be 'float32' or 'int8', got {ACTIVATIONS!r}")
@@ -1920,6 +2231,14 @@ def _warm_calls() -> None:
         try:
             for n in (1, AMX_MIN_ROWS):  # (int8 weights from AMX_MIN_ROWS rows: the AMX kernel, if any)
                 linear(rng.standard_normal((n, 64)).astype(np.float32), wt)
+        finally:
+            ACTIVATIONS = saved
+    if PACK:  # weights packed for int8 activations: few rows (one, four) and prefill
+        saved, ACTIVATIONS = ACTIVATIONS, "int8"
+        try:
+            for qt in (quantize(w, 8, 32), quantize(w, 4, 32), quantize(w, 4, 32, zero_point=True)):
+                for n in (1, 4, A8_GEMM_MIN_ROWS):
+                    linear(rng.standard_normal((n, 64)).astype(np.float32), PackedWeights(qt))
         finally:
             ACTIVATIONS = saved
     x = rng.standard_normal((2, 8)).astype(np.float32)
