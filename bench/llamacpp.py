@@ -32,7 +32,11 @@ FORMATS = {"f32": "none", "Q8_0": "int8", "Q4_0": "int4"}  # llama.cpp file type
 
 
 def write_f32_gguf(path: Path) -> None:
-    """The random llama-1b weights of tinyserve bench (model.py names), as a llama.cpp GGUF in float32."""
+    """The random llama-1b weights of tinyserve bench (model.py names), as a llama.cpp GGUF in float32.
+
+    q and k are written as they are, without the row permutation that llama.cpp's converter applies for its
+    RoPE layout: llama.cpp computes another (equally random) model, at the same cost, which is all a timing
+    needs. Not a way to move real weights between the two engines."""
     import gguf
 
     cfg = shape_config("llama-1b")
