@@ -1502,7 +1502,7 @@ def _gemm_quant(x, data, s, z, asym, bits, y, panel):
 # no horizontal sums, the scales applied to 16 rows at once, and each thread reads one contiguous run instead of
 # 4 interleaved rows. Streaming the int8 matrices of a Llama-3.2-1B decode step in order (sixth session, 2
 # threads, same runs): the row-wise kernel (_gemv_a8x4) 0.43-0.58 of the read bandwidth, this layout 0.69-0.79
-# (llama.cpp's Q8_0 on this machine: 0.73-0.78 of it, whole model). With 8-31 rows of x it also beat the AMX
+# (llama.cpp's Q8_0 on this machine: 0.73-0.83 of it, whole model; bench/llamacpp.py). With 8-31 rows of x it also beat the AMX
 # tiles (16 rows, 8192 x 2048: 416 against 335 GFLOP/s), which therefore serve only row-major weights.
 # cpu.upload packs int8 and int4 weights so when ACTIVATIONS is "int8" at load time on AVX-512 VNNI machines
 # (TINYSERVE_PACK=0: not); docs/performance.md, "Sixth session".
@@ -1533,8 +1533,8 @@ def _by_block(a: np.ndarray, nb: int) -> np.ndarray:
 class PackedWeights:
     """An int8 or int4 QuantizedTensor in the cpu backend's packed form for int8 activations (see above).
 
-    nb = ceil(out / 16) blocks of 16 rows (rows past `out` are zeros). blocks: uint8 (nb, S, 64), S steps of 64
-    bytes, 4 per row of the block (row r: bytes 4 r .. 4 r + 3):
+    nb = ceil(out / 16) blocks of 16 rows (rows past `out` pad the last block: value 0, scale 0, never output).
+    blocks: uint8 (nb, S, 64), S steps of 64 bytes, 4 per row of the block (row r: bytes 4 r .. 4 r + 3):
       int8: S = Kp / 4; byte j of row r in step i is W[16 b + r, 4 i + j] + 128 (vpdpbusd's unsigned operand);
       int4: S = Kp / 8; byte j of row r in step i is n[8 i + j] | n[8 i + 4 + j] << 4, n the row's nibbles
             (0..15) in input order.
