@@ -1743,7 +1743,7 @@ def _linear_packed(xp, w, y):
     xq = np.empty((N, Kp), np.int8)
     xs = np.empty((N, ng), np.float32)
     xsum = np.empty((N, ng), np.int32)
-    lanes = np.empty((N, ng * VNNI_LANES), np.int32)
+    lanes = np.empty((N, ng * VNNI_LANES), np.int32)  # (what the row-wise kernel needs; not read here)
     work = N * w.nbytes
     out = y if nb * 16 == M else np.empty((N, nb * 16), np.float32)
     z, asym = (w.zeros, True) if w.zeros is not None else (_NO_BLOCK_ZEROS, False)
