@@ -18,7 +18,8 @@ What it measures:
 5. compute speed: the GEMV kernels on one thread with a 256 x 2048 weight that stays in cache, i.e. how
    fast each kernel can consume weights when memory is not the limit (steadier on a shared machine);
    always with both activation modes of the quantized kernels ("int8 a8": x quantized to int8, the
-   cpu.ACTIVATIONS = "int8" option).
+   cpu.ACTIVATIONS = "int8" option; "a8 packed": the same with the weights packed as a model loaded with that
+   option holds them, cpu.PackedWeights, on AVX-512 VNNI CPUs).
 
 Times are medians. On a machine shared with other work the absolute numbers drift a lot; the ratios of
 one run are what to compare (docs/performance.md).
@@ -48,6 +49,8 @@ GEMV_SHAPES = [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (128256, 2
 GEMM_SHAPES = [(2048, 2048), (8192, 2048)]
 FORMATS = ("float32", "int8", "int4")
 A8_FORMATS = ("int8 a8", "int4 a8")  # the same weights, activations quantized to int8 (cpu.ACTIVATIONS = "int8")
+if cpu.PACK:  # ... and packed as cpu.upload packs them for that option (cpu.PackedWeights): what a model runs
+    A8_FORMATS += ("int8 a8 packed", "int4 a8 packed")
 GROUP = 128
 
 
@@ -68,7 +71,7 @@ def bandwidth(nbytes=512 * 2**20, reps=9) -> tuple[float, float]:
 
 def linear_as(fmt):
     """cpu.linear run with the activation mode a format name asks for ("... a8": int8 activations)."""
-    mode = "int8" if fmt.endswith(" a8") else "float32"
+    mode = "int8" if " a8" in fmt else "float32"
 
     def run(x, w):
         saved, cpu.ACTIVATIONS = cpu.ACTIVATIONS, mode
@@ -82,14 +85,17 @@ def linear_as(fmt):
 
 def make_weight(fmt, out, k, rng):
     """Random weights of a format, built directly (quantizing 128256 x 2048 in NumPy would take a while)."""
-    fmt = fmt.removesuffix(" a8")
+    packed = fmt.endswith(" packed")
+    fmt = fmt.removesuffix(" packed").removesuffix(" a8")
     if fmt == "float32":
         return rng.standard_normal((out, k), dtype=np.float32) * np.float32(0.02)
     ng = k // GROUP
     scales = np.full((out, ng), 0.01, np.float32)
     if fmt == "int8":
-        return QuantizedTensor(8, GROUP, (out, k), rng.integers(-127, 128, (out, k), dtype=np.int8), scales)
-    return QuantizedTensor(4, GROUP, (out, k), rng.integers(0, 256, (out, k // 2), dtype=np.uint8), scales)
+        w = QuantizedTensor(8, GROUP, (out, k), rng.integers(-127, 128, (out, k), dtype=np.int8), scales)
+    else:
+        w = QuantizedTensor(4, GROUP, (out, k), rng.integers(0, 256, (out, k // 2), dtype=np.uint8), scales)
+    return cpu.PackedWeights(w) if packed else w
 
 
 def nbytes(w) -> int:
