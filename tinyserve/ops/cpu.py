@@ -1082,6 +1082,24 @@ def _quantize_x(x, G, xq, xs, xsum, lanes):
             xsum[n, g] = t
 
 
+@njit(cache=True, fastmath=False, inline="always")
+def _quantize_row(x, n, G, xq, xs, xsum):
+    """Row n of x quantized as _quantize_x quantizes it (the same _x_scale and _x_int8: bit for bit its xq, xs
+    and xsum), without the lane sums."""
+    for g in range(x.shape[1] // G):
+        xg = x[n, g * G:(g + 1) * G]
+        s = _x_scale(xg, G)
+        xs[n, g] = s
+        t = i32(0)
+        for j in range(G):
+            v = i32(0)
+            if s > 0:
+                v = _x_int8(xg[j], s)
+            xq[n, g * G + j] = v
+            t += v
+        xsum[n, g] = t
+
+
 @parallel_kernel(fastmath=REDUCE)
 def _gemv_q8a(xq, xs, q, s, y, ahead):
     """int8 weights x int8 activations, few rows: y[n, o] = sum_g (q[o, g] . xq[n, g]) * s[o, g] * xs[n, g].
@@ -1705,15 +1723,25 @@ _pk_rows4 = _pk_block(4)  # four rows of x per pass over the block (batches): 4 
 
 
 @parallel_kernel(fastmath=False)
-def _gemv_pk(xq, xs, xsum, blocks, scales, zeros, asym, bits, y, ahead):
+def _gemv_pk(x, G, blocks, scales, zeros, asym, bits, y, ahead):
     """y (N, 16 nb) = the int8-activation product of PackedWeights (blocks, scales, zeros: a dummy unless asym)
-    with rows of x quantized by _quantize_x (xq int8 (N, Kp), xs (N, ng), xsum (N, ng)); parallel over blocks of
-    16 weight rows. A block (Kp * 16 or Kp * 8 bytes) stays in cache while the rows of x pass over it, four at a
+    with the rows of x (N, Kp), float32 padded to whole groups. First x is quantized (_quantize_row: bit for
+    bit _quantize_x's values) on the calling thread when it has one or two rows, in parallel over rows when
+    more: one parallel region fewer than a separate call for a decode step. Then, parallel over blocks of 16
+    weight rows, a block (Kp * 16 or Kp * 8 bytes) stays in cache while the rows of x pass over it, four at a
     time (_pk_rows4), the last N mod 4 one by one; it is prefetched on the first pass only. Each output is the
     same sequence of operations whatever the thread count and however the rows of x are grouped."""
-    N, Kp = xq.shape
-    ng = xs.shape[1]
-    G = Kp // ng
+    N, Kp = x.shape
+    ng = Kp // G
+    xq = np.empty((N, Kp), np.int8)
+    xs = np.empty((N, ng), np.float32)
+    xsum = np.empty((N, ng), np.int32)
+    if N <= 2:
+        for n in range(N):
+            _quantize_row(x, n, G, xq, xs, xsum)
+    else:
+        for n in prange(N):
+            _quantize_row(x, n, G, xq, xs, xsum)
     nb = blocks.shape[0]
     bb = blocks.shape[1] * 64  # bytes per block
     M16 = y.shape[1]
@@ -1737,18 +1765,10 @@ _NO_BLOCK_ZEROS.flags.writeable = False
 
 def _linear_packed(xp, w, y):
     """The int8-activation product of PackedWeights, few rows (y (N, out) is written)."""
-    N, Kp = xp.shape
-    G, ng, M = w.group_size, w.n_groups, w.shape[0]
-    nb = w.blocks.shape[0]
-    xq = np.empty((N, Kp), np.int8)
-    xs = np.empty((N, ng), np.float32)
-    xsum = np.empty((N, ng), np.int32)
-    lanes = np.empty((N, ng * VNNI_LANES), np.int32)  # (what the row-wise kernel needs; not read here)
-    work = N * w.nbytes
+    N, M, nb = xp.shape[0], w.shape[0], w.blocks.shape[0]
     out = y if nb * 16 == M else np.empty((N, nb * 16), np.float32)
     z, asym = (w.zeros, True) if w.zeros is not None else (_NO_BLOCK_ZEROS, False)
-    _run(_quantize_x, work, xp, G, xq, xs, xsum, lanes)
-    _run(_gemv_pk, work, xq, xs, xsum, w.blocks, w.scales, z, asym, w.bits, out,
+    _run(_gemv_pk, N * w.nbytes, xp, w.group_size, w.blocks, w.scales, z, asym, w.bits, out,
          PREFETCH_PK8 if w.bits == 8 else PREFETCH_PK4)
     if out is not y:
         y[:] = out[:, :M]
