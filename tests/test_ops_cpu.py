@@ -315,6 +315,22 @@ def test_packed_kernel_batch_is_rows_alone(fmt, bits, zp):
         np.testing.assert_array_equal(batch[n], _linear_int8act(x[n:n + 1], w)[0])
 
 
+def test_quantize_row_is_the_spec():
+    """The packed kernel quantizes x itself (cpu._quantize_row): bit for bit quant.quantize_activations."""
+    rng = rng_for("quantize_row")
+    G, ng = 32, 7
+    x = (rng.standard_normal((3, G * ng)) * 10).astype(np.float32)
+    x[1, :G] = 0  # a group of zeros: scale 0, values 0
+    x[2, G:2 * G] = np.float32(2.5) * np.arange(G, dtype=np.float32) / 127  # exact halves: ties to even
+    xq, xs, xsum = np.empty(x.shape, np.int8), np.empty((3, ng), np.float32), np.empty((3, ng), np.int32)
+    for n in range(3):
+        cpu._quantize_row(x, n, G, xq, xs, xsum)
+    want_q, want_s = quant.quantize_activations(x, G)
+    np.testing.assert_array_equal(xq, want_q)
+    np.testing.assert_array_equal(xs, want_s)
+    np.testing.assert_array_equal(xsum, want_q.astype(np.int32).reshape(3, ng, G).sum(-1))
+
+
 def test_upload_packs_only_for_int8_activations(monkeypatch):
     w = quant.quantize(np.ones((20, 64), np.float32), 4, 32)
     assert isinstance(cpu.upload(w), quant.QuantizedTensor)  # default: float activations, row-major kernels
