@@ -97,3 +97,26 @@ def test_int8_activations_with_packed_weights(stories_dir, monkeypatch, quant):
     nmse = ((out[0] - out[1]) ** 2).sum() / (out[1] ** 2).sum()
     assert nmse <= 1e-5, nmse
     np.testing.assert_array_equal(out[0].argmax(-1), out[1].argmax(-1))
+
+
+def test_swapped_linear_gets_plain_tensors_of_packed_weights(stories_dir, monkeypatch):
+    """validate --kernel's SwappedOps hands a replaced linear QuantizedTensors even where the cpu backend holds
+    its matrices packed: the user's kernel sees the documented format, never a backend's own layout."""
+    from tinyserve.ops import cpu
+    from tinyserve.testing import SwappedOps
+
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "int8")
+    llm = tinyserve.load(stories_dir, backend="cpu", quant="int8")
+    seen = []
+
+    def linear(x, w, bias=None):
+        seen.append(type(w))
+        return cpu.linear(x, w, bias)
+
+    ids = [1, 403, 407, 261]
+    want = llm.logits(ids)
+    llm.ops = SwappedOps(llm.ops, linear=linear)
+    got = llm.logits(ids)
+    assert seen and all(t is QuantizedTensor for t in seen), set(seen)
+    nmse = ((got - want) ** 2).sum() / (want ** 2).sum()
+    assert nmse <= 1e-5, nmse  # packed and row-major kernels: the same sums (test above)

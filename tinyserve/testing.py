@@ -53,7 +53,9 @@ class SwappedOps:
         llm.ops = ops                      # LLM.forward passes self.ops to model.forward
 
     A replaced linear is given plain matrices only: the model's stacked weights (ops.Stacked: q, k and v; gate
-    and up) reach it as their stacked matrix, and its output is split here, as a backend's linear does.
+    and up) reach it as their stacked matrix, and its output is split here, as a backend's linear does; a
+    matrix the cpu backend holds packed (cpu.PackedWeights, with its int8-activation option) reaches it as
+    the QuantizedTensor it holds (unpacked on each call: a copy, slow but exact).
     """
 
     def __init__(self, base, **overrides):
@@ -79,11 +81,14 @@ class SwappedOps:
 def _unstacking(linear, base):
     """linear(x, w, bias) that takes ops.Stacked weights too: the stacked matrix, then its columns split."""
 
+    def plain(w):  # a backend's own host layout back to the QuantizedTensor it holds
+        return w.unpack() if hasattr(w, "unpack") else w
+
     def call(x, w, bias=None):
         if isinstance(w, Stacked):
-            y = linear(x, w.weight, bias)
+            y = linear(x, plain(w.weight), bias)
             return tuple(base.upload(p) for p in split_columns(base.download(y), w.parts))
-        return linear(x, w, bias)
+        return linear(x, plain(w), bias)
 
     return call
 
