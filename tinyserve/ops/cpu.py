@@ -1053,39 +1053,10 @@ def _x_int8(v, s):
     return i32(min(max(np.rint(v / s), f32(-127)), f32(127)))
 
 
-@parallel_kernel(fastmath=False)
-def _quantize_x(x, G, xq, xs, xsum, lanes):
-    """quant.quantize_activations for rows of x already padded to whole groups, bit for bit: per group,
-    scale = max|x| / 127 (float32), xq = rint(x / scale) clipped to +-127 (0 where the scale is 0).
-    xq is int8 (int4 weights) or int16 (int8 weights: widened here once, not in the inner loop); xsum[n, g]
-    is the group's sum of xq (int32), which the int4 kernel needs for the zero point, and lanes[n, 8g + l]
-    the part of it that lane l of a 256-bit vpdpbusd adds up (the values at p mod 32 in 4l .. 4l + 3 of
-    the group; _a8_block takes the zero points off with it). Parallel over rows.
-    """
-    N, Kp = x.shape
-    ng = Kp // G
-    for n in prange(N):
-        for g in range(ng):
-            xg = x[n, g * G:(g + 1) * G]
-            s = _x_scale(xg, G)
-            xs[n, g] = s
-            t = i32(0)
-            for l in range(VNNI_LANES):
-                lanes[n, g * VNNI_LANES + l] = 0
-            for j in range(G):
-                v = i32(0)
-                if s > 0:
-                    v = _x_int8(xg[j], s)
-                xq[n, g * G + j] = v
-                t += v
-                lanes[n, g * VNNI_LANES + (j % 32) // 4] += v
-            xsum[n, g] = t
-
-
 @njit(cache=True, fastmath=False, inline="always")
 def _quantize_row(x, n, G, xq, xs, xsum):
-    """Row n of x quantized as _quantize_x quantizes it (the same _x_scale and _x_int8: bit for bit its xq, xs
-    and xsum), without the lane sums."""
+    """Row n of x (padded to whole groups) quantized: xq[n], xs[n] and xsum[n] as _quantize_x describes them
+    (which calls it, then adds the lane sums); the packed kernel calls it for its rows of x."""
     for g in range(x.shape[1] // G):
         xg = x[n, g * G:(g + 1) * G]
         s = _x_scale(xg, G)
@@ -1098,6 +1069,25 @@ def _quantize_row(x, n, G, xq, xs, xsum):
             xq[n, g * G + j] = v
             t += v
         xsum[n, g] = t
+
+
+@parallel_kernel(fastmath=False)
+def _quantize_x(x, G, xq, xs, xsum, lanes):
+    """quant.quantize_activations for rows of x already padded to whole groups, bit for bit: per group,
+    scale = max|x| / 127 (float32), xq = rint(x / scale) clipped to +-127 (0 where the scale is 0).
+    xq is int8 (int4 weights) or int16 (int8 weights: widened here once, not in the inner loop); xsum[n, g]
+    is the group's sum of xq (int32), which the int4 kernel needs for the zero point, and lanes[n, 8g + l]
+    the part of it that lane l of a 256-bit vpdpbusd adds up (the values at p mod 32 in 4l .. 4l + 3 of
+    the group; _a8_block takes the zero points off with it). Parallel over rows.
+    """
+    N, Kp = x.shape
+    for n in prange(N):
+        _quantize_row(x, n, G, xq, xs, xsum)
+        for g in range(Kp // G):
+            for l in range(VNNI_LANES):
+                lanes[n, g * VNNI_LANES + l] = 0
+            for j in range(G):
+                lanes[n, g * VNNI_LANES + (j % 32) // 4] += i32(xq[n, g * G + j])
 
 
 @parallel_kernel(fastmath=REDUCE)
