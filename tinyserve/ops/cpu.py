@@ -59,7 +59,7 @@ from numba import njit, prange, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-from ..quant import QuantizedTensor  # noqa: E402
+from ..quant import QuantizedTensor, pack_int4, unpack_int4  # noqa: E402
 from . import Stacked, split_columns  # noqa: E402
 
 # Reassociation (and FMA contraction) lets LLVM split a float sum into vector lanes. Results then depend on
@@ -1564,8 +1564,6 @@ class PackedWeights:
                 rows = np.full(((b1 - b0) * 16, Kp), 128, np.uint8)
                 rows[: part.shape[0]] = part.view(np.uint8) ^ np.uint8(128)  # w + 128 as an unsigned byte
             else:
-                from ..quant import unpack_int4
-
                 n = np.zeros(((b1 - b0) * 16, Kp), np.uint8)
                 n[: part.shape[0]] = unpack_int4(part, qt.group_size)
                 n8 = n.reshape(-1, Kp // 8, 2, 4)
@@ -1587,8 +1585,6 @@ class PackedWeights:
 
     def unpack(self) -> QuantizedTensor:
         """The QuantizedTensor it holds (row-major, a copy)."""
-        from ..quant import pack_int4
-
         M, Kp, ng, nb = self.shape[0], self.padded_in, self.n_groups, self.blocks.shape[0]
         rows = self.blocks.reshape(nb, -1, 16, 4).transpose(0, 2, 1, 3).reshape(nb * 16, -1)[:M]
         if self.bits == 8:
@@ -1753,11 +1749,11 @@ _NO_BLOCK_ZEROS = np.zeros((1, 1, 1), np.uint8)  # the zeros argument of symmetr
 _NO_BLOCK_ZEROS.flags.writeable = False
 
 
-def _linear_packed(xp, w, y):
-    """The int8-activation product of PackedWeights, few rows (y (N, out) is written)."""
+def _linear_packed(xp, w, y, z, asym):
+    """The int8-activation product of PackedWeights, few rows (y (N, out) is written; z: the zero points, or a
+    dummy when not asym)."""
     N, M, nb = xp.shape[0], w.shape[0], w.blocks.shape[0]
     out = y if nb * 16 == M else np.empty((N, nb * 16), np.float32)
-    z, asym = (w.zeros, True) if w.zeros is not None else (_NO_BLOCK_ZEROS, False)
     _run(_gemv_pk, N * w.nbytes, xp, w.group_size, w.blocks, w.scales, z, asym, w.bits, out,
          PREFETCH_PK8 if w.bits == 8 else PREFETCH_PK4)
     if out is not y:
@@ -1866,11 +1862,11 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
         y = linear(x2, w.unpack())
     elif isinstance(w, PackedWeights):
         xp = _padded(x2, w.padded_in)
+        z, asym = (w.zeros, True) if w.zeros is not None else (_NO_BLOCK_ZEROS, False)
         if N >= A8_GEMM_MIN_ROWS:  # prefill: in float, as for row-major weights
-            z, asym = (w.zeros, True) if w.zeros is not None else (_NO_BLOCK_ZEROS, False)
             _gemm_pk(xp, w.blocks, w.scales, z, asym, w.bits, y, panel_rows(w.padded_in))
         else:
-            _linear_packed(xp, w, y)
+            _linear_packed(xp, w, y, z, asym)
     elif isinstance(w, QuantizedTensor):
         if ACTIVATIONS not in ("float32", "int8"):
             raise ValueError(f"cpu.ACTIVATIONS must be 'float32' or 'int8', got {ACTIVATIONS!r}")
@@ -2249,14 +2245,9 @@ def _warm_calls() -> None:
         try:
             for n in (1, AMX_MIN_ROWS):  # (int8 weights from AMX_MIN_ROWS rows: the AMX kernel, if any)
                 linear(rng.standard_normal((n, 64)).astype(np.float32), wt)
-        finally:
-            ACTIVATIONS = saved
-    if PACK:  # weights packed for int8 activations: few rows (one, four) and prefill
-        saved, ACTIVATIONS = ACTIVATIONS, "int8"
-        try:
-            for qt in (quantize(w, 8, 32), quantize(w, 4, 32), quantize(w, 4, 32, zero_point=True)):
+            if PACK and wt is not w:  # the same tensor packed: few rows (one, four) and prefill
                 for n in (1, 4, A8_GEMM_MIN_ROWS):
-                    linear(rng.standard_normal((n, 64)).astype(np.float32), PackedWeights(qt))
+                    linear(rng.standard_normal((n, 64)).astype(np.float32), PackedWeights(wt))
         finally:
             ACTIVATIONS = saved
     x = rng.standard_normal((2, 8)).astype(np.float32)
