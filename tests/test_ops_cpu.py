@@ -520,6 +520,22 @@ def test_amx_kernel_matches_the_vnni_kernel(monkeypatch, N, out, k, group):
     assert np.max(np.abs(amx - vnni)) <= 8 * (w.n_groups + 2) * EPS * np.max(np.abs(vnni)), np.max(np.abs(amx - vnni))
 
 
+@pytest.mark.skipif(not (cpu.AMX and cpu.PACK), reason="no AMX int8 tiles or no AVX-512 VNNI here")
+@pytest.mark.parametrize("N", [8, 13, 16, 17, 31])
+@pytest.mark.parametrize("out,k,group", [(37, 100, 32), (19, 200, 64), (33, 389, 128), (16, 300, 256), (50, 768, 128)])
+def test_packed_tiles_equal_the_packed_vnni_kernel(monkeypatch, N, out, k, group):
+    """Packed int8 weights on AMX tiles (_gemv_pk_tiles, 8+ rows) against the packed VNNI kernel: the same
+    exact sums, started, converted and multiply-added in the same order, so bit for bit the same outputs."""
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "int8")
+    rng = rng_for("packed tiles", N, out, k, group)
+    w = cpu.PackedWeights(quant.quantize(_weights(rng, out, k), 8, group))
+    x = (rng.standard_normal((N, k)) * np.exp(rng.standard_normal(k))).astype(np.float32)
+    x[0, :group] = 0  # an all-zero group of x: scale 0
+    tiles = cpu.linear(x, w)
+    monkeypatch.setattr(cpu, "AMX", False)
+    np.testing.assert_array_equal(tiles, cpu.linear(x, w))
+
+
 @pytest.mark.parametrize("N,k,group", [(1, 32, 32), (5, 100, 32), (16, 384, 128), (3, 512, 256)])
 def test_amx_x_is_quantize_x_in_the_tile_layout(N, k, group):
     """_amx_x quantizes x exactly as _quantize_x does (the VNNI path's x), only laid out for tdpbssd."""

@@ -1762,6 +1762,85 @@ _pk_rows8 = _pk_block(8)  # batches: int4's widest (8 + 8 + 8 vectors of sums, w
 _pk_rows16 = _pk_block(16)  # int8's widest: 16 + 16 vectors of sums (int4 at 16 spills registers: 0.87x at 8)
 
 
+@intrinsic
+def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, sstart, ng, G, T, y, ystart, ystride,
+              ahead, cfg, cstart):
+    """_pk_rowsN's product for one block of 16 packed int8 weight rows and T <= 16 rows of x, the integer sums
+    on AMX tiles: the same arguments (T for N; no zeros: int8 is symmetric) plus the tile configuration, 64
+    bytes at cfg[cstart] (_pk_tile_config: T rows, chunks of kc = min(G, 64) inputs).
+
+    The packed block is already the B operand tdpbsud wants: kc / 4 steps of 64 bytes hold 4 inputs of the 16
+    rows each, i.e. a (kc / 4) x 64-byte tile, contiguous. x's rows (int8, Kp apart) are the A tile as they
+    are. Per group: tilezero, then per chunk tileloadd x, tileloadd the block's chunk, tdpbsud (x signed, the
+    stored w + 128 unsigned): the exact int32 sums sum (w + 128) x for the T rows x 16 weight rows, stored to a
+    1 KiB buffer. Row c then gets -128 * xsum added (as _pk_block starts its lanes) and goes through the same
+    conversion and multiply-add, so every output is bit for bit _pk_rowsN's; one tdpbsud does the work of 16
+    vpdpbusd per step of 64 bytes. The block's bytes are prefetched `ahead` bytes on (0: not)."""
+
+    def codegen(context, builder, sig, args):
+        (pa, ps, xa, xr, xsuma, xsa, sr, sa, ss, ngv, Gv, Tv, ya, ys, ystr, ah, cfga, cst) = args
+        gen = _Gen(context, builder, ps.type)
+        const, load = gen.const, gen.load
+        vi, vf = _vec(_I32, 16), _vec(_F32, 16)
+        pty, xty, xsumty, xsty, sty, yty, cfgty = (sig.args[i] for i in (0, 2, 4, 5, 7, 12, 16))
+        fsum = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * 16)) for _ in range(16)]
+        sums = cgutils.alloca_once(builder, ir.ArrayType(vi, 16))  # the tile of sums, row c = x's row c
+        sums.align = 64
+        _amx_asm(builder, "ldtilecfg ($0)", [_amx_ptr(context, builder, cfgty, cfga, cst)], "r")
+        Kp = builder.mul(ngv, Gv)
+        kc = builder.select(builder.icmp_signed(">=", Gv, const(64)), const(64), Gv)
+        pbase = gen.data(pty, pa)
+        xbase = builder.bitcast(gen.data(xty, xa), _I8.as_pointer())
+        spt = builder.bitcast(sums, _I8.as_pointer())
+        gbytes = builder.mul(Gv, const(16))
+        with cgutils.for_range(builder, ngv) as grp:
+            g = grp.index
+            gstart = builder.add(ps, builder.mul(g, gbytes))
+            with builder.if_then(builder.icmp_signed(">", ah, const(0))):
+                gen.prefetch(pbase, builder.add(gstart, ah), gbytes, 3)
+            _amx_asm(builder, "tilezero %tmm0")
+            with cgutils.for_range(builder, builder.udiv(Gv, kc)) as chunk:
+                k = builder.mul(chunk.index, kc)
+                px = builder.gep(xbase, [builder.add(xr, builder.add(builder.mul(g, Gv), k))])
+                pw = builder.gep(pbase, [builder.add(gstart, builder.mul(k, const(16)))])
+                _amx_asm(builder, "tileloadd ($0,$1,1), %tmm1\n\ttileloadd ($2,$3,1), %tmm2\n\t"
+                         "tdpbsud %tmm2, %tmm1, %tmm0", [px, Kp, builder.bitcast(pw, _I8.as_pointer()), const(64)],
+                         "r,r,r,r")
+            _amx_asm(builder, "tilestored %tmm0, ($0,$1,1)", [spt, const(64)], "r,r")
+            sc = load(sty, sa, builder.add(ss, builder.mul(g, const(16))), vf, 4)
+            for c in range(16):
+                with builder.if_then(builder.icmp_signed(">", Tv, const(c))):
+                    xo = builder.add(builder.add(sr, builder.mul(ngv, const(c))), g)
+                    start = builder.mul(load(xsumty, xsuma, xo, _I32, 4), ir.Constant(_I32, -128))
+                    row = builder.load(builder.gep(sums, [ir.Constant(_I32, 0), ir.Constant(_I32, c)]), align=64)
+                    isum = builder.add(gen.splat(start, vi), row)
+                    sx = gen.splat(load(xsty, xsa, xo, _F32, 4), vf)
+                    builder.store(gen.muladd(builder.sitofp(isum, vf), builder.fmul(sc, sx), builder.load(fsum[c])),
+                                  fsum[c])
+        ybase = gen.data(yty, ya)
+        for c in range(16):
+            with builder.if_then(builder.icmp_signed(">", Tv, const(c))):
+                yp = builder.gep(ybase, [builder.add(ys, builder.mul(ystr, const(c)))])
+                builder.store(builder.load(fsum[c]), builder.bitcast(yp, vf.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    sig = types.void(blocks, pstart, xq, xrow, xsum, xs, srow, scales, sstart, ng, G, T, y, ystart, ystride, ahead,
+                     cfg, cstart)
+    return sig, codegen
+
+
+@functools.lru_cache(maxsize=None)
+def _pk_tile_config(kc: int) -> np.ndarray:
+    """The tile configurations of _pk_tiles, one per T = 0 .. 16 rows of x (row T, 64 bytes; palette 1): tmm0
+    the sums, T rows x 16 int32; tmm1 x, T rows x kc bytes; tmm2 the block's chunk, kc / 4 rows x 64 bytes."""
+    cfg = np.zeros((17, 64), np.uint8)
+    for T in range(1, 17):
+        cfg[T, 0] = 1
+        for t, (r, colsb) in enumerate(((T, 64), (T, kc), (kc // 4, 64))):
+            cfg[T, 16 + 2 * t], cfg[T, 17 + 2 * t], cfg[T, 48 + t] = colsb & 0xFF, colsb >> 8, r
+    return cfg
+
+
 @parallel_kernel(fastmath=False)
 def _gemv_pk(x, G, blocks, scales, zeros, asym, bits, y, ahead):
     """y (N, 16 nb) = the int8-activation product of PackedWeights (blocks, scales, zeros: a dummy unless asym)
@@ -1811,6 +1890,30 @@ def _gemv_pk(x, G, blocks, scales, zeros, asym, bits, y, ahead):
             n += 1
 
 
+@parallel_kernel(fastmath=False)
+def _gemv_pk_tiles(x, G, blocks, scales, y, ahead, cfg):
+    """_gemv_pk for int8 PackedWeights with the integer sums on AMX tiles (_pk_tiles): x quantized as there,
+    then, parallel over blocks, the rows of x 16 at a time. Bit for bit _gemv_pk's results (tested). cfg:
+    _pk_tile_config(min(G, 64)), flat."""
+    N, Kp = x.shape
+    ng = Kp // G
+    xq = np.empty((N, Kp), np.int8)
+    xs = np.empty((N, ng), np.float32)
+    xsum = np.empty((N, ng), np.int32)
+    for n in prange(N):
+        _quantize_row(x, n, G, xq, xs, xsum)
+    nb = blocks.shape[0]
+    bb = blocks.shape[1] * 64
+    M16 = y.shape[1]
+    pf, xf, xsf, xsumf, sf, yf = (blocks.reshape(-1), xq.reshape(-1), xs.reshape(-1), xsum.reshape(-1),
+                                  scales.reshape(-1), y.reshape(-1))
+    for b in prange(nb):
+        for t0 in range(0, N, 16):
+            T = min(16, N - t0)
+            _pk_tiles(pf, b * bb, xf, t0 * Kp, xsumf, xsf, t0 * ng, sf, b * ng * 16, ng, G, T, yf, t0 * M16 + 16 * b,
+                      M16, ahead if t0 == 0 else 0, cfg, 64 * T)
+
+
 _NO_BLOCK_ZEROS = np.zeros((1, 1, 1), np.uint8)  # the zeros argument of symmetric packed kernels (unused)
 _NO_BLOCK_ZEROS.flags.writeable = False
 
@@ -1820,8 +1923,12 @@ def _linear_packed(xp, w, y, z, asym):
     dummy when not asym)."""
     N, M, nb = xp.shape[0], w.shape[0], w.blocks.shape[0]
     out = y if nb * 16 == M else np.empty((N, nb * 16), np.float32)
-    _run(_gemv_pk, N * w.nbytes, xp, w.group_size, w.blocks, w.scales, z, asym, w.bits, out,
-         PREFETCH_PK8 if w.bits == 8 else PREFETCH_PK4)
+    if AMX and w.bits == 8 and N >= AMX_MIN_ROWS:  # the same results, the integer sums on tiles
+        _run(_gemv_pk_tiles, N * w.nbytes, xp, w.group_size, w.blocks, w.scales, out, PREFETCH_AMX,
+             _pk_tile_config(min(w.group_size, 64)).reshape(-1))
+    else:
+        _run(_gemv_pk, N * w.nbytes, xp, w.group_size, w.blocks, w.scales, z, asym, w.bits, out,
+             PREFETCH_PK8 if w.bits == 8 else PREFETCH_PK4)
     if out is not y:
         y[:] = out[:, :M]
 
@@ -2312,8 +2419,8 @@ def _warm_calls() -> None:
         try:
             for n in (1, AMX_MIN_ROWS):  # (int8 weights from AMX_MIN_ROWS rows: the AMX kernel, if any)
                 linear(rng.standard_normal((n, 64)).astype(np.float32), wt)
-            if PACK and wt is not w:  # the same tensor packed: few rows (one, four) and prefill
-                for n in (1, 4, A8_GEMM_MIN_ROWS):
+            if PACK and wt is not w:  # the same tensor packed: few rows (one, four, the tiles' 8) and prefill
+                for n in (1, 4, AMX_MIN_ROWS, A8_GEMM_MIN_ROWS):
                     linear(rng.standard_normal((n, 64)).astype(np.float32), PackedWeights(wt))
         finally:
             ACTIVATIONS = saved
