@@ -200,15 +200,26 @@ KV_CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])  # the KV cache's element type (kv_dtype)
 @pytest.mark.parametrize("S,KVH,G,Tmax,hd,window,runs", KV_CASES)
-def test_kv_write_and_attention(S, KVH, G, Tmax, hd, window, runs):
+def test_kv_write_and_attention(S, KVH, G, Tmax, hd, window, runs, dtype):
+    """kv_write stores exactly what the reference stores (a float16 cache: each value rounded to nearest, ties
+    to even, overflow to inf, as NumPy's assignment); attention reads the same cache values, widened exactly,
+    so the float32 tolerance holds for both cache types."""
     rng = rng_for("attn", S, KVH, G, hd, window)
     slots, positions = _kv_case(rng, S, KVH, Tmax, hd, runs)
     N, H = slots.size, KVH * G
-    kc = rng.standard_normal((S, KVH, Tmax, hd)).astype(np.float32)  # stale values must stay invisible
-    vc = rng.standard_normal((S, KVH, Tmax, hd)).astype(np.float32)
+    kc = rng.standard_normal((S, KVH, Tmax, hd)).astype(dtype)  # stale values must stay invisible
+    vc = rng.standard_normal((S, KVH, Tmax, hd)).astype(dtype)
     k = rng.standard_normal((N, KVH, hd)).astype(np.float32)
     v = rng.standard_normal((N, KVH, hd)).astype(np.float32)
+    if dtype == np.float16:  # rounding cases apart: a tie, subnormals, overflow, NaN
+        kc2 = np.zeros((1, 1, 1, 6), np.float16)
+        edge = np.array([[[1 + 2**-11, 3e-6, -6e-8, 1e5, -1e5, np.nan]]], np.float32)
+        cpu.kv_write(kc2, kc2.copy(), edge, edge, [0], [0])
+        want = np.zeros_like(kc2)
+        reference.kv_write(want, want.copy(), edge, edge, [0], [0])
+        np.testing.assert_array_equal(kc2, want)  # nan == nan here (assert_array_equal)
     kc2, vc2 = kc.copy(), vc.copy()
     cpu.kv_write(kc, vc, k, v, slots, positions)
     reference.kv_write(kc2, vc2, k, v, slots, positions)
@@ -219,8 +230,9 @@ def test_kv_write_and_attention(S, KVH, G, Tmax, hd, window, runs):
     got = cpu.attention(q, kc, vc, slots, positions, window)
     want = reference.attention(q, kc, vc, slots, positions, window)
     scale = 1 / np.sqrt(hd)
-    score_err = 2 * hd * EPS * scale * np.max(np.abs(q)) * np.max(np.abs(kc)) * hd
-    tol = np.max(np.abs(vc)) * (2 * score_err + 4 * Tmax * EPS)
+    kmax, vmax = float(np.max(np.abs(kc))), float(np.max(np.abs(vc)))
+    score_err = 2 * hd * EPS * scale * np.max(np.abs(q)) * kmax * hd
+    tol = vmax * (2 * score_err + 4 * Tmax * EPS)
     assert np.max(np.abs(got - want)) <= tol
 
 

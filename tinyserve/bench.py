@@ -177,6 +177,7 @@ class BenchResult:
     bandwidth_gb_s: float
     floor_fraction: float
     compile_s: float
+    kv_dtype: str = "float32"
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -235,11 +236,12 @@ def run_config(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, 
         decode_tok_s=dec, decode_tok_s_sd=float(np.std(decode_rates)), decode_gflop_s=dec * flops_tok / 1e9,
         weight_bytes_per_token=step_bytes / batch, bandwidth_gb_s=bandwidth / 1e9,
         floor_fraction=(step_bytes / bandwidth) / step_time, compile_s=llm.compile_seconds,
+        kv_dtype=getattr(llm, "kv_dtype", "float32"),
     )
 
 
 def load_for_bench(model: str | None, shape: str | None, backend: str, quant: str, group_size: int = 128,
-                   timer=None):
+                   timer=None, kv_dtype: str = "float32"):
     """(name, LLM): a model directory, or random weights of a named shape."""
     from .engine import LLM, load
 
@@ -256,12 +258,12 @@ def load_for_bench(model: str | None, shape: str | None, backend: str, quant: st
                 return quantize(w, bits, group_size)
 
         return shape, LLM.from_weights(cfg, random_weights(cfg, transform=transform), backend=backend, quant=q,
-                                       timer=timer)
-    return str(model), load(model, backend=backend, quant=q, group_size=group_size, timer=timer)
+                                       timer=timer, kv_dtype=kv_dtype)
+    return str(model), load(model, backend=backend, quant=q, group_size=group_size, timer=timer, kv_dtype=kv_dtype)
 
 
 def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batches=(1,), prompt_tokens=512,
-              gen_tokens=128, repetitions=3, group_size=128, progress=True) -> dict:
+              gen_tokens=128, repetitions=3, group_size=128, progress=True, kv_dtype="float32") -> dict:
     """Every combination; returns {"bandwidth_gb_s": [before, after], "results": [BenchResult dicts]}."""
     combos = [(b, q) for b in backends for q in quants]
     total = len(combos) * len(batches) * repetitions
@@ -276,7 +278,7 @@ def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batch
     bandwidth = {b: [backend_bandwidth(b)] for b in dict.fromkeys(backends)}  # before the runs
     results = []
     for backend, quant in combos:
-        name, llm = load_for_bench(model, shape, backend, quant, group_size)
+        name, llm = load_for_bench(model, shape, backend, quant, group_size, kv_dtype=kv_dtype)
         for b in batches:
             results.append(run_config(llm, name, b, prompt_tokens, gen_tokens, repetitions, bandwidth[backend][0],
                                       progress=lambda: tick(f"{backend}/{quant}/b{b}")))
@@ -291,6 +293,7 @@ def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batch
         "bandwidth_gb_s": [x / 1e9 for x in bandwidth[backends[0]]],  # the first backend's, before / after
         "bandwidth_by_backend": {b: [x / 1e9 for x in bw] for b, bw in bandwidth.items()},
         "threads": _threads(),
+        "kv_dtype": kv_dtype,
         "results": [r.as_dict() for r in results],
     }
 
@@ -309,7 +312,8 @@ def markdown_table(report: dict) -> str:
     named = len(by) > 1 or "cuda" in by
     where = ", ".join(f"{b + ' ' if named else ''}{bw[0]:.1f} / {bw[1]:.1f} GB/s" for b, bw in by.items())
     lines = [
-        f"read bandwidth (measured before / after): {where}, {report['threads']} CPU threads",
+        f"read bandwidth (measured before / after): {where}, {report['threads']} CPU threads, "
+        f"KV cache {report.get('kv_dtype', 'float32')}",
         "",
         "| model | backend | quant | batch | prefill tok/s | decode tok/s | weight MB/token | floor fraction | "
         "prefill GFLOP/s | decode GFLOP/s |",

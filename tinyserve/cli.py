@@ -23,13 +23,20 @@ class _Parser(argparse.ArgumentParser):
         raise TinyserveError(f"{self.prog}: {message}")
 
 
-def _add_model_args(p, quant=True):
+def _add_model_args(p, quant=True, kv=False):
     p.add_argument("--model", help="Hugging Face model directory (default: the model shipped in weights/)")
     p.add_argument("--backend", default=None, help="numpy (reference), cpu (Numba) or cuda (numba.cuda)")
     if quant:
         p.add_argument("--quant", default=None, choices=["none", "int8", "int4"], help="quantize weights while loading")
         p.add_argument("--group-size", type=int, default=128, help="quantization group size (32, 64, 128, 256)")
         p.add_argument("--zero-point", action="store_true", help="int4 with a zero point per group (asymmetric)")
+    if kv:
+        _add_kv_arg(p)
+
+
+def _add_kv_arg(p):
+    p.add_argument("--kv-dtype", default="float32", choices=["float32", "float16"],
+                   help="KV-cache element type (float16: half the memory and attention's reads; values rounded)")
 
 
 def _load(args, progress=True, timer=None):
@@ -43,6 +50,7 @@ def _load(args, progress=True, timer=None):
         zero_point=getattr(args, "zero_point", False),
         progress=progress,
         timer=timer,
+        kv_dtype=getattr(args, "kv_dtype", "float32"),
     )
 
 
@@ -166,9 +174,10 @@ def cmd_bench(args) -> int:
         model = str(engine.default_model_dir())
     report = bench.run_bench(model=model, shape=args.shape, backends=backends, quants=quants, batches=batches,
                              prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
-                             repetitions=args.repetitions, group_size=args.group_size)
+                             repetitions=args.repetitions, group_size=args.group_size, kv_dtype=args.kv_dtype)
     if args.plot:
-        name, llm = bench.load_for_bench(model, args.shape, backends[0], quants[0], args.group_size)
+        name, llm = bench.load_for_bench(model, args.shape, backends[0], quants[0], args.group_size,
+                                         kv_dtype=args.kv_dtype)
         prof = bench.profile_ops(llm, name, batches[0], args.prompt_tokens, min(args.gen_tokens, 16))
         bw = max(report["bandwidth_gb_s"]) * 1e9
         bench.roofline_plot(args.plot, prof, bw, bench.measure_gflops(), title=f"{name} {backends[0]} {quants[0]}")
@@ -251,7 +260,8 @@ def cmd_perplexity(args) -> int:
     from . import validate as v
     from .progress import progress_bar
 
-    llm = v.load_llm(args.model, args.backend or engine.DEFAULT_BACKEND, args.quant, args.group_size, args.zero_point)
+    llm = v.load_llm(args.model, args.backend or engine.DEFAULT_BACKEND, args.quant, args.group_size, args.zero_point,
+                     kv_dtype=args.kv_dtype)
     res = v.perplexity(llm, args.text, context=args.context, paragraphs=args.paragraphs,
                        save_logits=args.save_logits, kl_base=args.kl_base, progress=progress_bar("perplexity"))
     print(json.dumps(res.to_dict()) if args.json else res.table())
@@ -284,7 +294,7 @@ def _add_validation_parsers(sub) -> None:
     c.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("perplexity", help="perplexity over a text's paragraphs; KL against a saved base run")
-    _add_model_args(p)
+    _add_model_args(p, kv=True)
     p.add_argument("--text", required=True, help="UTF-8 text; paragraphs separated by blank lines")
     p.add_argument("--context", type=int, default=None, help="tokens per paragraph (default min(model, 512))")
     p.add_argument("--paragraphs", type=int, default=None, help="only the first N paragraphs")
@@ -300,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     g = sub.add_parser("generate", help="generate text from prompts")
-    _add_model_args(g)
+    _add_model_args(g, kv=True)
     g.add_argument("--prompt", action="append", help="a prompt (repeat for several; empty: BOS alone)")
     g.add_argument("--prompt-file", help="one prompt per line, or JSONL with per-request parameters")
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -325,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default=None, help="comma-separated backends (default: the default backend)")
     b.add_argument("--quant", default="none", help="comma-separated: none,int8,int4")
     b.add_argument("--group-size", type=int, default=128)
+    _add_kv_arg(b)
     b.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8,16")
     b.add_argument("--prompt-tokens", type=int, default=512)
     b.add_argument("--gen-tokens", type=int, default=128)

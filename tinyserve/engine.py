@@ -20,7 +20,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig, load_config
 from .errors import TinyserveError
 from .generate import Generator, Request, RequestResult
-from .kv_cache import KVCache, cache_bytes, default_context
+from .kv_cache import KV_DTYPES, KVCache, cache_bytes, default_context
 from .model import forward, load_weights, upload_weights
 from .ops import get_ops
 from .progress import progress_bar
@@ -57,11 +57,13 @@ class LLM:
         zero_point: bool = False,
         progress: bool = False,
         timer=None,
+        kv_dtype: str = "float32",
     ):
         t0 = time.perf_counter()
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.config: ModelConfig = load_config(self.model_dir)
         self.backend = backend
+        self.kv_dtype = _check_kv_dtype(kv_dtype, backend)
         self.ops = get_ops(backend)
         self.tokenizer = Tokenizer(self.model_dir, self.config)
         if self.tokenizer.vocab_size > self.config.vocab_size:
@@ -93,12 +95,13 @@ class LLM:
 
     @classmethod
     def from_weights(cls, config: ModelConfig, host_weights, backend: str = DEFAULT_BACKEND, timer=None,
-                     quant: str | None = None) -> "LLM":
+                     quant: str | None = None, kv_dtype: str = "float32") -> "LLM":
         """An LLM from weights already in memory (random-weight benchmarks); no tokenizer, no EOS."""
         t0 = time.perf_counter()
         self = cls.__new__(cls)
         self.model_dir, self.config, self.backend, self.quant = None, config, backend, quant
         self.group_size, self.zero_point = None, False
+        self.kv_dtype = _check_kv_dtype(kv_dtype, backend)
         self.ops = get_ops(backend)
         self.tokenizer = None
         self.generation_defaults = {"temperature": 0.0}
@@ -147,11 +150,11 @@ class LLM:
     def new_cache(self, slots: int, context: int | None = None) -> KVCache:
         """A KV cache with `slots` sequences of `context` positions (default: the model's, capped)."""
         if context is None:
-            context, capped = default_context(self.config, slots)
+            context, capped = default_context(self.config, slots, dtype=self.kv_dtype)
             if capped:
                 print(
                     f"note: context capped at {context} tokens (the model allows {self.config.max_position_embeddings}) "
-                    f"to keep the KV cache at {cache_bytes(self.config, slots, context) / 2**30:.1f} GiB; "
+                    f"to keep the KV cache at {cache_bytes(self.config, slots, context, self.kv_dtype) / 2**30:.1f} GiB; "
                     "pass a context length to change it",
                     file=sys.stderr,
                 )
@@ -162,7 +165,7 @@ class LLM:
                 f"context {context} is longer than the model's max_position_embeddings "
                 f"({self.config.max_position_embeddings})"
             )
-        return KVCache(self.config, slots, context, self.ops)
+        return KVCache(self.config, slots, context, self.ops, self.kv_dtype)
 
     def forward(self, token_ids, positions, slots, cache, rows=None, tap=None, phase="prefill") -> np.ndarray:
         """model.forward on host int arrays; returns host float32 logits (R, V).
@@ -210,7 +213,7 @@ class LLM:
             raise TinyserveError(
                 f"{ids.size} tokens are more than the model's {self.config.max_position_embeddings} positions"
             )
-        cache = KVCache(self.config, 1, ids.size, self.ops)
+        cache = KVCache(self.config, 1, ids.size, self.ops, self.kv_dtype)
         return self.forward(ids, np.arange(ids.size), np.zeros(ids.size, np.int64), cache, tap=tap)
 
     # -------------------------------------------------------------------------------------- generation
@@ -281,8 +284,20 @@ class LLM:
         return sorted(self.last_generator.results(), key=lambda r: r.request_id)  # ids are input positions
 
 
+def _check_kv_dtype(name, backend: str) -> str:
+    """The KV cache's dtype, checked: "float32" (default) or "float16" (cpu and numpy backends)."""
+    if name not in KV_DTYPES:
+        raise TinyserveError(f"unknown KV-cache dtype {name!r} (choose {', '.join(KV_DTYPES)})")
+    if name != "float32" and backend == "cuda":
+        raise TinyserveError("the cuda backend keeps its KV cache in float32 (a float16 cache is for cpu and numpy)")
+    return name
+
+
 def load(model_dir=None, backend: str = DEFAULT_BACKEND, quant=None, group_size: int = 128, zero_point: bool = False,
-         progress: bool = False, timer=None) -> LLM:
-    """Load a Hugging Face model directory (default: the small model shipped in weights/)."""
+         progress: bool = False, timer=None, kv_dtype: str = "float32") -> LLM:
+    """Load a Hugging Face model directory (default: the small model shipped in weights/).
+
+    kv_dtype: the KV cache's element type, "float32" (default: the reference's numbers) or "float16" (half
+    the cache's memory and of the bytes attention reads; keys and values rounded to float16 as written)."""
     return LLM(model_dir, backend=backend, quant=quant, group_size=group_size, zero_point=zero_point,
-               progress=progress, timer=timer)
+               progress=progress, timer=timer, kv_dtype=kv_dtype)

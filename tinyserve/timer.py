@@ -59,13 +59,13 @@ def op_cost(name: str, key, shape) -> tuple[int, int]:
         n, (o, i) = size // shape[-1], w.shape
         return 4 * size + _nbytes(w) + _nbytes(bias) + 4 * n * o, 2 * n * o * i
     if name == "attention":
-        return _attention_cost(shape, key[0].shape[1], key[2], key[3])
+        return _attention_cost(shape, key[0].shape[1], key[2], key[3], key[0].dtype.itemsize)
     if name == "rmsnorm":
         return 2 * 4 * size + _nbytes(key), 4 * size
     if name == "rope":
         return 2 * 4 * size, 6 * size
     if name == "kv_write":
-        return 4 * 4 * size, 0  # keys and values, each read and written
+        return 2 * (4 + key) * size, 0  # keys and values, each read (float32) and written (key: the cache's itemsize)
     if name in ("swiglu", "add"):
         return 3 * 4 * size, (5 if name == "swiglu" else 1) * size
     if name == "take_rows":
@@ -73,8 +73,9 @@ def op_cost(name: str, key, shape) -> tuple[int, int]:
     return 0, 0
 
 
-def _attention_cost(q_shape, kv_heads: int, slots, positions) -> tuple[int, int]:
-    """Every sequence's visible keys and values are read once; each query scores and mixes them."""
+def _attention_cost(q_shape, kv_heads: int, slots, positions, itemsize: int = 4) -> tuple[int, int]:
+    """Every sequence's visible keys and values (itemsize bytes each) are read once; each query scores and
+    mixes them."""
     pos = np.asarray(positions.copy_to_host() if hasattr(positions, "copy_to_host") else positions)
     n, h, hd = q_shape
     if n == 1:
@@ -85,7 +86,7 @@ def _attention_cost(q_shape, kv_heads: int, slots, positions) -> tuple[int, int]
         for s, p in zip(sl.tolist(), pos.tolist()):
             seen[s] = max(seen.get(s, 0), p + 1)
         visible = sum(seen.values())
-    return 2 * visible * kv_heads * hd * 4 + 2 * 4 * n * h * hd, 4 * (int(pos.sum()) + n) * h * hd
+    return 2 * visible * kv_heads * hd * itemsize + 2 * 4 * n * h * hd, 4 * (int(pos.sum()) + n) * h * hd
 
 
 @dataclass
@@ -257,7 +258,8 @@ class _Template:
         self.sites = [timer.tally_for(*r[:3]) if r[0] != "attention" else None for r in records]
         self.attention = np.array([i for i, r in enumerate(records) if r[0] == "attention"], np.int64)
         first = records[self.attention[0]] if self.attention.size else None
-        self.geometry = (first[2], first[1][0].shape[1]) if first else None  # (q's shape, KV heads)
+        # (q's shape, KV heads, the cache's itemsize)
+        self.geometry = (first[2], first[1][0].shape[1], first[1][0].dtype.itemsize) if first else None
         self.seconds = np.zeros(len(records))
         self.steps = 0
         self.attention_bytes = self.attention_flops = 0
@@ -266,7 +268,8 @@ class _Template:
         self.seconds += seconds
         self.steps += 1
         if self.geometry is not None:
-            nbytes, flops = _attention_cost(*self.geometry, slots, positions)
+            q_shape, kv_heads, itemsize = self.geometry
+            nbytes, flops = _attention_cost(q_shape, kv_heads, slots, positions, itemsize)
             self.attention_bytes += nbytes * self.attention.size
             self.attention_flops += flops * self.attention.size
 
@@ -296,7 +299,7 @@ _RECORDS = {
     "rmsnorm": lambda a: (a[1], a[0].shape),                        # weight, x's shape
     "take_rows": lambda a: (id(a[0]), (a[1].shape[0], a[0].shape[-1])),  # which table, shape of the rows out
     "rope": lambda a: (None, a[0].shape),
-    "kv_write": lambda a: (None, a[2].shape),                       # shape of the new keys (= values)
+    "kv_write": lambda a: (a[0].dtype.itemsize, a[2].shape),        # the cache's itemsize, shape of the new keys
     "attention": lambda a: (a[1:5], a[0].shape),                    # (k_cache, v_cache, slots, positions), q
     "swiglu": lambda a: (None, a[0].shape),
     "add": lambda a: (None, a[0].shape),

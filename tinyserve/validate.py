@@ -281,12 +281,13 @@ def compare_acts(acts: dict, ref: dict, num_layers: int, fmt: str, title: str, m
 
 
 # ------------------------------------------------------------------------------------------ capture
-def load_llm(model_dir, backend="numpy", quant=None, group_size=128, zero_point=False):
+def load_llm(model_dir, backend="numpy", quant=None, group_size=128, zero_point=False, kv_dtype="float32"):
     """tinyserve.load, with a missing quantization module reported as one line."""
     from .engine import load
 
     try:
-        return load(model_dir, backend=backend or "numpy", quant=quant, group_size=group_size, zero_point=zero_point)
+        return load(model_dir, backend=backend or "numpy", quant=quant, group_size=group_size, zero_point=zero_point,
+                    kv_dtype=kv_dtype)
     except ImportError as e:
         raise TinyserveError(f"cannot load the model on backend {backend!r} with quant {quant!r}: {e}") from None
 

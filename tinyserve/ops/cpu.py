@@ -347,6 +347,34 @@ def _as_f32(typingctx, i):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def _f32_of(typingctx, v):
+    """A cache value as float32: itself when float32; when uint16, the bits of a float16 (a float16 KV cache
+    goes to the kernels viewed as uint16, Numba having no float16 on CPUs), widened exactly (vcvtph2ps)."""
+    if v == types.float32:
+        return types.float32(v), lambda context, builder, sig, args: args[0]
+    if v == types.uint16:
+        def codegen(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+        return types.float32(v), codegen
+    return None
+
+
+@intrinsic
+def _cache_value(typingctx, v, like):
+    """float32 v as an element of the cache `like` (an array): itself for a float32 cache; for a float16 one
+    (uint16 bits), rounded to the nearest float16, ties to even, as NumPy's astype(float16) rounds."""
+    if like.dtype == types.float32:
+        return types.float32(v, like), lambda context, builder, sig, args: args[0]
+    if like.dtype == types.uint16:
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+        return types.uint16(v, like), codegen
+    return None
+
+
 EXP_HI = f32(88.72283)  # exp(x) overflows float32 above this
 EXP_LO = f32(-87.33654)  # and falls below the smallest normal float32 (1.2e-38) below this
 
@@ -387,10 +415,10 @@ def _exp(x):
 
 @njit(cache=True, fastmath=REDUCE, inline="always")
 def _dot(a, b, K):
-    """a . b over the first K values (float32)."""
+    """a . b over the first K values (float32; b may be a float16 cache row as uint16 bits)."""
     acc = f32(0)
     for k in range(K):
-        acc += a[k] * b[k]
+        acc += a[k] * _f32_of(b[k])
     return acc
 
 
@@ -417,12 +445,12 @@ def _dot4_f32(r0, r1, r2, r3, x, K):
     """(r0 . x, r1 . x, r2 . x, r3 . x) over the first K values: 4 accumulators, each load of x serving the
     4 rows (one row at a time needs a load of x per multiply-add)."""
     a0 = a1 = a2 = a3 = f32(0)
-    for k in range(K):
+    for k in range(K):  # (_f32_of: rows of a float16 KV cache come as uint16 bits; float32 rows as they are)
         v = x[k]
-        a0 += r0[k] * v
-        a1 += r1[k] * v
-        a2 += r2[k] * v
-        a3 += r3[k] * v
+        a0 += _f32_of(r0[k]) * v
+        a1 += _f32_of(r1[k]) * v
+        a2 += _f32_of(r2[k]) * v
+        a3 += _f32_of(r3[k]) * v
     return a0, a1, a2, a3
 
 
@@ -2200,7 +2228,8 @@ def _rope_tables(positions: np.ndarray, inv_freq: np.ndarray):
 
 @parallel_kernel(fastmath=False)
 def _kv_write(k_cache, v_cache, k, v, slots, positions):
-    """cache[slots[n], :, positions[n], :] = k[n], v[n]: one token per task."""
+    """cache[slots[n], :, positions[n], :] = k[n], v[n]: one token per task (a float16 cache, as uint16 bits,
+    gets each value rounded to float16)."""
     N, KVH, hd = k.shape
     for n in prange(N):
         s = slots[n]
@@ -2211,8 +2240,8 @@ def _kv_write(k_cache, v_cache, k, v, slots, positions):
         for h in range(KVH):
             kd, vd, ks, vs = k_cache[s, h, t], v_cache[s, h, t], k[n, h], v[n, h]
             for d in range(hd):
-                kd[d] = ks[d]
-                vd[d] = vs[d]
+                kd[d] = _cache_value(ks[d], kd)
+                vd[d] = _cache_value(vs[d], vd)
 
 
 @njit(cache=True)
@@ -2225,9 +2254,10 @@ def _all_in_range(slots, positions, S, T):
 
 
 def _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, op):
-    if not (isinstance(k_cache, np.ndarray) and k_cache.dtype == np.float32 and k_cache.flags.c_contiguous):
-        raise ValueError(f"{op}: the KV cache must be a C-contiguous float32 NumPy array")
-    if v_cache.shape != k_cache.shape or v_cache.dtype != np.float32 or not v_cache.flags.c_contiguous:
+    if not (isinstance(k_cache, np.ndarray) and k_cache.dtype in (np.float32, np.float16)
+            and k_cache.flags.c_contiguous):
+        raise ValueError(f"{op}: the KV cache must be a C-contiguous float32 or float16 NumPy array")
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype or not v_cache.flags.c_contiguous:
         raise ValueError(f"{op}: k_cache and v_cache must have the same shape and dtype")
     S, ckvh, Tmax, chd = k_cache.shape
     if (ckvh, chd) != (KVH, hd):
@@ -2241,10 +2271,16 @@ def _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, op):
     return slots, positions
 
 
+def _kernel_cache(c: np.ndarray) -> np.ndarray:
+    """A cache as the kernels take it: float32 as it is, float16 as its uint16 bits (no copy)."""
+    return c.view(np.uint16) if c.dtype == np.float16 else c
+
+
 def kv_write(k_cache, v_cache, k: np.ndarray, v: np.ndarray, slots, positions) -> None:
     """Store each token's key and value at (slot, position) of the caches (in place).
 
-    k_cache, v_cache: (S, KVH, Tmax, hd) float32; k, v: (N, KVH, hd); slots, positions: (N,).
+    k_cache, v_cache: (S, KVH, Tmax, hd) float32 or float16 (values rounded to nearest, as NumPy's
+    assignment does); k, v: (N, KVH, hd); slots, positions: (N,).
     """
     k = np.ascontiguousarray(k, dtype=np.float32)
     v = np.ascontiguousarray(v, dtype=np.float32)
@@ -2256,7 +2292,7 @@ def kv_write(k_cache, v_cache, k: np.ndarray, v: np.ndarray, slots, positions) -
     # Counted as 2 KiB of work per row (SERIAL_BELOW), so 12 heads go parallel from 8 tokens: per layer,
     # serial / parallel, after the caches were flushed (stories110M heads, 4th session): 1 token 4 / 10 us,
     # 4 tokens 14 / 14, 8 tokens 30 / 21, 16 tokens 60 / 35 (before, counted by bytes: serial up to 40 tokens).
-    _run(_kv_write, 2 * N * KVH * 2048, k_cache, v_cache, k, v, slots, positions)
+    _run(_kv_write, 2 * N * KVH * 2048, _kernel_cache(k_cache), _kernel_cache(v_cache), k, v, slots, positions)
 
 
 @parallel_kernel(fastmath=REDUCE)
@@ -2287,8 +2323,9 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
         L4 = L - L % 4
         K = k_cache[slot, kvh, lo:pos + 1]  # (L, hd)
         V = v_cache[slot, kvh, lo:pos + 1]
+        line = 64 // K.itemsize  # values per cache line
         for r in range(min(16, L)):  # the first keys, which the loop below does not ask for ahead
-            for c in range(0, hd, 16):
+            for c in range(0, hd, line):
                 _prefetch(K[r], c)
         for g in range(G):
             qr = q[n, kvh * G + g]
@@ -2296,7 +2333,7 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
             for t in range(0, L4, 4):  # scores, 4 keys at a time
                 if g == 0:  # ask for the values these keys will weigh, and for the keys further on
                     for r in range(t, t + 4):
-                        for c in range(0, hd, 16):
+                        for c in range(0, hd, line):
                             _prefetch(V[r], c)
                             if r + 16 < L:
                                 _prefetch(K[r + 16], c)
@@ -2319,12 +2356,13 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
                 p0, p1, p2, p3 = sr[t], sr[t + 1], sr[t + 2], sr[t + 3]
                 v0, v1, v2, v3 = V[t], V[t + 1], V[t + 2], V[t + 3]
                 for d in range(hd):
-                    orow[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+                    orow[d] += (p0 * _f32_of(v0[d]) + p1 * _f32_of(v1[d]) + p2 * _f32_of(v2[d])
+                                + p3 * _f32_of(v3[d]))
             for t in range(L4, L):
                 pt = sr[t]
                 vr = V[t]
                 for d in range(hd):
-                    orow[d] += pt * vr[d]
+                    orow[d] += pt * _f32_of(vr[d])
             for d in range(hd):
                 orow[d] = orow[d] / total
 
@@ -2346,7 +2384,8 @@ def attention(q, k_cache, v_cache, slots, positions, window: int = 0) -> np.ndar
         longest = min(longest, int(window))
     scores = np.empty((N * KVH, H // KVH, longest), np.float32)
     work = 2 * H * hd * seen  # at most: every key and value a token sees
-    _run(_attention, 4 * work, q, k_cache, v_cache, slots, positions, int(window or 0), out, scores)
+    _run(_attention, k_cache.itemsize * work, q, _kernel_cache(k_cache), _kernel_cache(v_cache), slots, positions,
+         int(window or 0), out, scores)
     return out
 
 
@@ -2429,10 +2468,11 @@ def _warm_calls() -> None:
     take_rows(w, np.array([1, 2]))
     q = rng.standard_normal((2, 4, 8)).astype(np.float32)
     rope(q, np.array([0, 1]), np.ones(4, np.float32))
-    kc, vc = np.zeros((1, 2, 4, 8), np.float32), np.zeros((1, 2, 4, 8), np.float32)
     slots, pos = np.array([0, 0]), np.array([0, 1])
-    kv_write(kc, vc, q[:, :2], q[:, 2:], slots, pos)
-    attention(q, kc, vc, slots, pos, 0)
+    for dtype in (np.float32, np.float16):  # the KV cache's two formats
+        kc, vc = np.zeros((1, 2, 4, 8), dtype), np.zeros((1, 2, 4, 8), dtype)
+        kv_write(kc, vc, q[:, :2], q[:, 2:], slots, pos)
+        attention(q, kc, vc, slots, pos, 0)
     swiglu(x, x)
     add(x, x)
 

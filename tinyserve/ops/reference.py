@@ -84,10 +84,12 @@ def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarr
 def kv_write(k_cache, v_cache, k: np.ndarray, v: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> None:
     """Store each token's key and value in its sequence's cache slot, at its position (in place).
 
-    k_cache, v_cache: (S, KVH, Tmax, hd); k, v: (N, KVH, hd); slots, positions: (N,).
+    k_cache, v_cache: (S, KVH, Tmax, hd) float32, or float16 (the kv_dtype option: NumPy's assignment rounds
+    each value to the nearest float16, ties to even); k, v: (N, KVH, hd) float32; slots, positions: (N,).
     """
-    k_cache[slots, :, positions, :] = k
-    v_cache[slots, :, positions, :] = v
+    with np.errstate(over="ignore"):  # float16: beyond +-65504 a value becomes +-inf, as the kernels make it
+        k_cache[slots, :, positions, :] = k
+        v_cache[slots, :, positions, :] = v
 
 
 def attention(q, k_cache, v_cache, slots, positions, window: int = 0) -> np.ndarray:
@@ -114,8 +116,8 @@ def attention(q, k_cache, v_cache, slots, positions, window: int = 0) -> np.ndar
             end += 1
         slot, pos = slots[start], positions[start:end]  # pos: (n,)
         T = int(pos.max()) + 1  # keys 0..T-1 are visible to some token of the run
-        K = k_cache[slot, :, :T, :]  # (KVH, T, hd)
-        V = v_cache[slot, :, :T, :]  # (KVH, T, hd)
+        K = k_cache[slot, :, :T, :].astype(np.float32, copy=False)  # (KVH, T, hd); a float16 cache widens exactly
+        V = v_cache[slot, :, :T, :].astype(np.float32, copy=False)  # (KVH, T, hd)
         qg = q[start:end].reshape(end - start, KVH, G, hd)  # (n, KVH, G, hd): heads grouped by KV head
         scores = np.einsum("nkgd,ktd->nkgt", qg, K) * scale  # (n, KVH, G, T)
         t = np.arange(T)
