@@ -685,6 +685,30 @@ def test_stacked_linear_equals_its_parts(fmt, bits, zp, N):
                 assert np.all(np.abs(got - w) <= tol)
 
 
+@needs_pack
+@pytest.mark.parametrize("bits,zp", [(8, False), (4, False), (4, True)])
+@pytest.mark.parametrize("N", [2, 5, 16, 17])
+def test_packed_stacked_parts_written_in_place(monkeypatch, bits, zp, N):
+    """Stacked packed weights with the int8-activation option and a batch: each part is written straight into
+    its own C-contiguous array (cpu._packed_parts, parts multiples of 16), bit for bit the split of the whole
+    product and the part alone, biases included."""
+    from tinyserve.ops import Stacked, split_columns
+
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "int8")
+    rng = rng_for("packed parts", bits, zp, N)
+    k, parts = 300, (48, 16, 32)
+    whole = quant.quantize(_weights(rng, sum(parts), k), bits, 64, zp)
+    stacked = Stacked(cpu.PackedWeights(whole), parts)
+    bias = rng.standard_normal(sum(parts)).astype(np.float32)
+    x = rng.standard_normal((N, k)).astype(np.float32)
+    got = cpu.linear(x, stacked, bias)
+    assert cpu._packed_parts(x, stacked, bias) is not None  # the in-place path ran
+    want = split_columns(cpu.linear(x, cpu.PackedWeights(whole), bias), parts)
+    for g, w in zip(got, want):
+        assert g.flags.c_contiguous
+        np.testing.assert_array_equal(g, w)
+
+
 def test_stacking_keeps_different_formats_apart():
     """A GGUF file may hold q, k and v in different formats: those stay separate matrices."""
     from tinyserve.model import LayerWeights, stack_projections
