@@ -533,14 +533,16 @@ def test_amx_kernel_matches_the_vnni_kernel(monkeypatch, N, out, k, group):
 
 
 @pytest.mark.skipif(not (cpu.AMX and cpu.PACK), reason="no AMX int8 tiles or no AVX-512 VNNI here")
+@pytest.mark.parametrize("fmt,bits,zp", Q_FORMATS, ids=[f[0] for f in Q_FORMATS])
 @pytest.mark.parametrize("N", [8, 13, 16, 17, 31])
 @pytest.mark.parametrize("out,k,group", [(37, 100, 32), (19, 200, 64), (33, 389, 128), (16, 300, 256), (50, 768, 128)])
-def test_packed_tiles_equal_the_packed_vnni_kernel(monkeypatch, N, out, k, group):
-    """Packed int8 weights on AMX tiles (_gemv_pk_tiles, 8+ rows) against the packed VNNI kernel: the same
-    exact sums, started, converted and multiply-added in the same order, so bit for bit the same outputs."""
+def test_packed_tiles_equal_the_packed_vnni_kernel(monkeypatch, N, out, k, group, fmt, bits, zp):
+    """Packed weights on AMX tiles (_gemv_pk_tiles, 8+ rows; int4 unpacked into a buffer the tile loads)
+    against the packed VNNI kernel: the same exact sums, started, converted and multiply-added in the same
+    order, so bit for bit the same outputs."""
     monkeypatch.setattr(cpu, "ACTIVATIONS", "int8")
-    rng = rng_for("packed tiles", N, out, k, group)
-    w = cpu.PackedWeights(quant.quantize(_weights(rng, out, k), 8, group))
+    rng = rng_for("packed tiles", N, out, k, group, fmt)
+    w = cpu.PackedWeights(quant.quantize(_weights(rng, out, k), bits, group, zp))
     x = (rng.standard_normal((N, k)) * np.exp(rng.standard_normal(k))).astype(np.float32)
     x[0, :group] = 0  # an all-zero group of x: scale 0
     tiles = cpu.linear(x, w)

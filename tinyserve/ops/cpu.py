@@ -1263,6 +1263,9 @@ def _linear_int8_activations(xp, w, y, data, scales, z, asym):
 # From 8 rows: streaming a model's matrices, 4 rows ran at 0.95x the VNNI kernel, 8 rows 1.22x, 12 rows 1.36x,
 # 16 rows 1.27x.
 AMX_MIN_ROWS = 8
+# int4 weights (packed) first go through an unpacking buffer: stories110M int4 decode steps, AMX against VNNI,
+# alternating in one process (seventh session): 8 rows 1.05x the time, 12 rows 0.97x, 16 rows 0.93x
+AMX_MIN_ROWS_Q4 = 12
 
 
 def _amx_setup() -> bool:
@@ -1791,36 +1794,42 @@ _pk_rows16 = _pk_block(16)  # int8's widest: 16 + 16 vectors of sums (int4 at 16
 
 
 @intrinsic
-def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, sstart, ng, G, T, y, ystart, ystride,
-              ahead, cfg, cstart):
-    """_pk_rowsN's product for one block of 16 packed int8 weight rows and T <= 16 rows of x, the integer sums
-    on AMX tiles: the same arguments (T for N; no zeros: int8 is symmetric) plus the tile configuration, 64
-    bytes at cfg[cstart] (_pk_tile_config: T rows, chunks of kc = min(G, 64) inputs).
+def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros, sstart, asym, ng, G, bits, T, y,
+              ystart, ystride, ahead, cfg, cstart):
+    """_pk_rowsN's product for one block of 16 packed weight rows and T <= 16 rows of x, the integer sums on
+    AMX tiles: the same arguments (T for N) plus the tile configuration, 64 bytes at cfg[cstart]
+    (_pk_tile_config: T rows, chunks of kc = min(G, 64) inputs).
 
-    The packed block is already the B operand tdpbsud wants: kc / 4 steps of 64 bytes hold 4 inputs of the 16
-    rows each, i.e. a (kc / 4) x 64-byte tile, contiguous. x's rows (int8, Kp apart) are the A tile as they
-    are. Per group: tilezero, then per chunk tileloadd x, tileloadd the block's chunk, tdpbsud (x signed, the
-    stored w + 128 unsigned): the exact int32 sums sum (w + 128) x for the T rows x 16 weight rows, stored to a
-    1 KiB buffer. Row c then gets -128 * xsum added (as _pk_block starts its lanes) and goes through the same
-    conversion and multiply-add, so every output is bit for bit _pk_rowsN's; one tdpbsud does the work of 16
-    vpdpbusd per step of 64 bytes. The block's bytes are prefetched `ahead` bytes on (0: not)."""
+    An int8 block is already the B operand tdpbsud wants: kc / 4 steps of 64 bytes hold 4 inputs of the 16 rows
+    each, i.e. a (kc / 4) x 64-byte tile, contiguous. An int4 step holds 8 inputs, the first 4 in the low
+    nibbles and the next 4 in the high ones: it is unpacked into two such rows (byte & 15, byte >> 4) of a 1 KiB
+    buffer (two, used in turn), which the tile then loads. x's rows (int8, Kp apart) are the A tile as they
+    are. Per group: tilezero, then per chunk tileloadd x, tileloadd the weights, tdpbsud (x signed, the stored
+    values unsigned: w + 128, or the nibbles n): the exact int32 sums for the T rows x 16 weight rows, stored to
+    a 1 KiB buffer. Row c then gets -zero * xsum added (_pk_block starts its lanes there: zero 128 for int8, 8
+    or the rows' zero points for int4) and goes through the same conversion and multiply-add, so every output
+    is bit for bit _pk_rowsN's; one tdpbsud does the work of 16 vpdpbusd. The block's bytes are prefetched
+    `ahead` bytes on (0: not)."""
 
     def codegen(context, builder, sig, args):
-        (pa, ps, xa, xr, xsuma, xsa, sr, sa, ss, ngv, Gv, Tv, ya, ys, ystr, ah, cfga, cst) = args
+        (pa, ps, xa, xr, xsuma, xsa, sr, sa, za, ss, asy, ngv, Gv, bitsv, Tv, ya, ys, ystr, ah, cfga, cst) = args
         gen = _Gen(context, builder, ps.type)
         const, load = gen.const, gen.load
-        vi, vf = _vec(_I32, 16), _vec(_F32, 16)
-        pty, xty, xsumty, xsty, sty, yty, cfgty = (sig.args[i] for i in (0, 2, 4, 5, 7, 12, 16))
+        vi, vf, v64 = _vec(_I32, 16), _vec(_F32, 16), _vec(_I8, 64)
+        pty, xty, xsumty, xsty, sty, zty, yty, cfgty = (sig.args[i] for i in (0, 2, 4, 5, 7, 8, 15, 19))
         fsum = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * 16)) for _ in range(16)]
         sums = cgutils.alloca_once(builder, ir.ArrayType(vi, 16))  # the tile of sums, row c = x's row c
         sums.align = 64
+        unpacked = cgutils.alloca_once(builder, ir.ArrayType(v64, 32))  # int4: two 16-row B tiles, in turn
+        unpacked.align = 64
         _amx_asm(builder, "ldtilecfg ($0)", [_amx_ptr(context, builder, cfgty, cfga, cst)], "r")
         Kp = builder.mul(ngv, Gv)
         kc = builder.select(builder.icmp_signed(">=", Gv, const(64)), const(64), Gv)
+        is8 = builder.icmp_unsigned("==", bitsv, ir.Constant(bitsv.type, 8))
+        gbytes = builder.select(is8, builder.mul(Gv, const(16)), builder.mul(Gv, const(8)))  # a group's bytes
         pbase = gen.data(pty, pa)
         xbase = builder.bitcast(gen.data(xty, xa), _I8.as_pointer())
         spt = builder.bitcast(sums, _I8.as_pointer())
-        gbytes = builder.mul(Gv, const(16))
         with cgutils.for_range(builder, ngv) as grp:
             g = grp.index
             gstart = builder.add(ps, builder.mul(g, gbytes))
@@ -1830,18 +1839,37 @@ def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, sstar
             with cgutils.for_range(builder, builder.udiv(Gv, kc)) as chunk:
                 k = builder.mul(chunk.index, kc)
                 px = builder.gep(xbase, [builder.add(xr, builder.add(builder.mul(g, Gv), k))])
-                pw = builder.gep(pbase, [builder.add(gstart, builder.mul(k, const(16)))])
+                wptr = cgutils.alloca_once(builder, _I8.as_pointer())
+                with builder.if_else(is8) as (int8, int4):
+                    with int8:  # the block's own bytes: kc / 4 steps of 64
+                        pw = builder.gep(pbase, [builder.add(gstart, builder.mul(k, const(16)))])
+                        builder.store(builder.bitcast(pw, _I8.as_pointer()), wptr)
+                    with int4:  # kc / 8 steps, each into two rows of the buffer
+                        half = builder.mul(builder.and_(chunk.index, const(1)), const(16))
+                        with cgutils.for_range(builder, builder.udiv(kc, const(8))) as step:
+                            i = step.index
+                            b = load(pty, pa, builder.add(gstart, builder.mul(builder.add(k, builder.mul(i, const(8))),
+                                                                               const(8))), v64, 64)
+                            for j, v in enumerate((builder.and_(b, ir.Constant(v64, [15] * 64)),
+                                                   builder.lshr(b, ir.Constant(v64, [4] * 64)))):
+                                row = builder.add(half, builder.add(builder.mul(i, const(2)), const(j)))
+                                builder.store(v, builder.gep(unpacked, [ir.Constant(_I32, 0),
+                                                                        builder.trunc(row, _I32)]), align=64)
+                        first = builder.gep(unpacked, [ir.Constant(_I32, 0), builder.trunc(half, _I32)])
+                        builder.store(builder.bitcast(first, _I8.as_pointer()), wptr)
                 _amx_asm(builder, "tileloadd ($0,$1,1), %tmm1\n\ttileloadd ($2,$3,1), %tmm2\n\t"
-                         "tdpbsud %tmm2, %tmm1, %tmm0", [px, Kp, builder.bitcast(pw, _I8.as_pointer()), const(64)],
-                         "r,r,r,r")
+                         "tdpbsud %tmm2, %tmm1, %tmm0", [px, Kp, builder.load(wptr), const(64)], "r,r,r,r")
             _amx_asm(builder, "tilestored %tmm0, ($0,$1,1)", [spt, const(64)], "r,r")
-            sc = load(sty, sa, builder.add(ss, builder.mul(g, const(16))), vf, 4)
+            zoff = builder.add(ss, builder.mul(g, const(16)))
+            zrow = builder.select(asy, builder.zext(load(zty, za, zoff, _vec(_I8, 16), 1), vi),
+                                  gen.splat(builder.select(is8, ir.Constant(_I32, 128), ir.Constant(_I32, 8)), vi))
+            sc = load(sty, sa, zoff, vf, 4)
             for c in range(16):
                 with builder.if_then(builder.icmp_signed(">", Tv, const(c))):
                     xo = builder.add(builder.add(sr, builder.mul(ngv, const(c))), g)
-                    start = builder.mul(load(xsumty, xsuma, xo, _I32, 4), ir.Constant(_I32, -128))
+                    start = builder.mul(zrow, gen.splat(builder.neg(load(xsumty, xsuma, xo, _I32, 4)), vi))
                     row = builder.load(builder.gep(sums, [ir.Constant(_I32, 0), ir.Constant(_I32, c)]), align=64)
-                    isum = builder.add(gen.splat(start, vi), row)
+                    isum = builder.add(start, row)
                     sx = gen.splat(load(xsty, xsa, xo, _F32, 4), vf)
                     builder.store(gen.muladd(builder.sitofp(isum, vf), builder.fmul(sc, sx), builder.load(fsum[c])),
                                   fsum[c])
@@ -1852,8 +1880,8 @@ def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, sstar
                 builder.store(builder.load(fsum[c]), builder.bitcast(yp, vf.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    sig = types.void(blocks, pstart, xq, xrow, xsum, xs, srow, scales, sstart, ng, G, T, y, ystart, ystride, ahead,
-                     cfg, cstart)
+    sig = types.void(blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros, sstart, asym, ng, G, bits, T, y, ystart,
+                     ystride, ahead, cfg, cstart)
     return sig, codegen
 
 
@@ -1921,10 +1949,10 @@ def _gemv_pk(x, G, blocks, scales, zeros, asym, bits, y, yat, ahead):
 
 
 @parallel_kernel(fastmath=False)
-def _gemv_pk_tiles(x, G, blocks, scales, y, yat, ahead, cfg):
-    """_gemv_pk for int8 PackedWeights with the integer sums on AMX tiles (_pk_tiles): x quantized as there,
-    then, parallel over blocks, the rows of x 16 at a time; y and yat as there. Bit for bit _gemv_pk's results
-    (tested). cfg: _pk_tile_config(min(G, 64)), flat."""
+def _gemv_pk_tiles(x, G, blocks, scales, zeros, asym, bits, y, yat, ahead, cfg):
+    """_gemv_pk with the integer sums on AMX tiles (_pk_tiles): x quantized as there, then, parallel over
+    blocks, the rows of x 16 at a time; the other arguments as there. Bit for bit _gemv_pk's results (tested).
+    cfg: _pk_tile_config(min(G, 64)), flat."""
     N, Kp = x.shape
     ng = Kp // G
     xq = np.empty((N, Kp), np.int8)
@@ -1934,13 +1962,14 @@ def _gemv_pk_tiles(x, G, blocks, scales, y, yat, ahead, cfg):
         _quantize_row(x, n, G, xq, xs, xsum)
     nb = blocks.shape[0]
     bb = blocks.shape[1] * 64
-    pf, xf, xsf, xsumf, sf = blocks.reshape(-1), xq.reshape(-1), xs.reshape(-1), xsum.reshape(-1), scales.reshape(-1)
+    pf, xf, xsf, xsumf, sf, zf = (blocks.reshape(-1), xq.reshape(-1), xs.reshape(-1), xsum.reshape(-1),
+                                  scales.reshape(-1), zeros.reshape(-1))
     for b in prange(nb):
         y0, ys = N * yat[b, 0] + yat[b, 1], yat[b, 2]
         for t0 in range(0, N, 16):
             T = min(16, N - t0)
-            _pk_tiles(pf, b * bb, xf, t0 * Kp, xsumf, xsf, t0 * ng, sf, b * ng * 16, ng, G, T, y, y0 + t0 * ys, ys,
-                      ahead if t0 == 0 else 0, cfg, 64 * T)
+            _pk_tiles(pf, b * bb, xf, t0 * Kp, xsumf, xsf, t0 * ng, sf, zf, b * ng * 16, asym, ng, G, bits, T, y,
+                      y0 + t0 * ys, ys, ahead if t0 == 0 else 0, cfg, 64 * T)
 
 
 _NO_BLOCK_ZEROS = np.zeros((1, 1, 1), np.uint8)  # the zeros argument of symmetric packed kernels (unused)
@@ -1969,9 +1998,9 @@ def _linear_packed(xp, w, y, z, asym, parts=None):
     N, M, nb = xp.shape[0], w.shape[0], w.blocks.shape[0]
     out = y if parts is not None or nb * 16 == M else np.empty((N, nb * 16), np.float32)
     yat = _block_outputs(nb, parts or (nb * 16,))
-    if AMX and w.bits == 8 and N >= AMX_MIN_ROWS:  # the same results, the integer sums on tiles
-        _run(_gemv_pk_tiles, N * w.nbytes, xp, w.group_size, w.blocks, w.scales, out.reshape(-1), yat, PREFETCH_AMX,
-             _pk_tile_config(min(w.group_size, 64)).reshape(-1))
+    if AMX and N >= (AMX_MIN_ROWS if w.bits == 8 else AMX_MIN_ROWS_Q4):  # the same results, the sums on tiles
+        _run(_gemv_pk_tiles, N * w.nbytes, xp, w.group_size, w.blocks, w.scales, z, asym, w.bits, out.reshape(-1),
+             yat, PREFETCH_AMX, _pk_tile_config(min(w.group_size, 64)).reshape(-1))
     else:
         _run(_gemv_pk, N * w.nbytes, xp, w.group_size, w.blocks, w.scales, z, asym, w.bits, out.reshape(-1), yat,
              PREFETCH_PK8 if w.bits == 8 else PREFETCH_PK4)
