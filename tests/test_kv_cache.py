@@ -94,3 +94,23 @@ def test_bench_reports_the_cache_type():
     assert report["kv_dtype"] == "float16" and report["results"][0]["kv_dtype"] == "float16"
     assert report["results"][0]["decode_tok_s"] > 0
     assert "KV cache float16" in bench.markdown_table(report)
+
+
+def test_batching_with_every_option_equals_each_request_alone(stories_dir, monkeypatch):
+    """Continuous batching on the cpu backend with int8 weights, int8 activations (packed weights; AMX tiles
+    from 8 rows where the CPU has them) and a float16 cache: each output row is computed the same way whatever
+    the batch, so greedy tokens equal each request run alone."""
+    from tinyserve.ops import cpu
+
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "int8")
+    llm = tinyserve.load(stories_dir, backend="cpu", quant="int8", kv_dtype="float16")
+    assert isinstance(llm.weights.layers[0].o_proj, cpu.PackedWeights) == cpu.PACK
+    prompts = ["Once upon a time", "The cat", "Lily wanted to go to the park", "", "He", "One day", "Tom and Sam",
+               "The sun was", "A little bird", "She"]
+    lengths = [12, 3, 10, 14, 6, 9, 11, 4, 13, 8]
+    reqs = [llm.request(p, n, temperature=0.0, id=i) for i, (p, n) in enumerate(zip(prompts, lengths))]
+    for _ in llm.stream(reqs, max_batch=9):  # 9 sequences decode together, a tenth waits for a free slot
+        pass
+    results = {r.request_id: r.token_ids for r in llm.last_generator.results()}
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        assert results[i] == llm.generate(p, max_new_tokens=n, temperature=0.0, max_batch=1)[0].token_ids, i
