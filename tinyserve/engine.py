@@ -116,7 +116,7 @@ class LLM:
         t1 = time.perf_counter()
         if hasattr(self.ops, "warmup"):
             note = progress and sys.stderr.isatty()
-            if note:  # the first run compiles every kernel (~25 s); later runs load them from Numba's cache
+            if note:  # the first run compiles every kernel (~1 min); later runs load them from Numba's cache
                 sys.stderr.write("compiling kernels (only the first time; cached afterwards)...\r")
                 sys.stderr.flush()
             self.ops.warmup(self.weights)  # JIT-compile (or load from the cache) every kernel, up front
