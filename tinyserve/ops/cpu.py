@@ -1605,6 +1605,11 @@ PACK = VNNI and AVX512 and os.environ.get("TINYSERVE_PACK", "") != "0"
 # 54.9 / 49.1 / 49.5; int4 0 / 1 / 2 / 3 / 4 / 8 / 16 KiB 37.0 / 33.7 / 29.7-30.5 / 31.0 / 31.6-32.4 / 31.4 / 32.0.
 PREFETCH_PK8 = 4096
 PREFETCH_PK4 = 2048
+# ...and each group once more, this many bytes further on, into L2 (0: not). Decode steps alternating in one
+# process, far 16 KiB against none (seventh session): llama-1b int4 0.92x the time (twice; 8 and 32 KiB the
+# same), int8 1.00x; stories110M (whose weights partly stay in the L3 cache) int4 1.02-1.04x, int8 1.02-1.04x.
+# So int4 only, for the models that stream from memory.
+PREFETCH_PK4_FAR = 16384
 
 
 def _aligned(shape, dtype, align=64) -> np.ndarray:
@@ -1692,7 +1697,7 @@ def _pk_block(nx):
     """An intrinsic for one block of 16 packed weight rows (PackedWeights) against nx rows of int8 x:
 
         _pk_rowsN(blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros, sstart, asym, ng, G, bits, y, ystart,
-                  ystride, ahead)
+                  ystride, ahead, far)
 
     writes y[ystart + c * ystride + r] (r < 16, c < nx) = sum_g scales[sstart + 16 g + r] * xs[srow + c * ng + g]
     * (the exact int32 sum over group g of the weight integers of row r (int8: w; int4: n - 8, or n - zero
@@ -1708,14 +1713,14 @@ def _pk_block(nx):
     The high nibbles go in unshifted (byte & 0xF0 = 16 n) into lanes of their own, which are shifted back
     (exactly: multiples of 16) once per group: one instruction less per step, int4 in cache 41 -> 60 GB/s on
     one thread. Each weight step loaded serves the nx rows of x. The block's bytes are prefetched `ahead`
-    bytes on (0: not). No overflow: |sum| <= 256 * 255 * 127 and 16 * 32 * 15 * 127 * 4 < 2^31.
+    bytes on (0: not), and with far > 0 once more, far bytes further, into L2. No overflow: |sum| <= 256 * 255 * 127 and 16 * 32 * 15 * 127 * 4 < 2^31.
     """
 
     @intrinsic
     def block(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros, sstart, asym, ng, G, bits, y,
-              ystart, ystride, ahead):
+              ystart, ystride, ahead, far):
         def codegen(context, builder, sig, args):
-            (pa, ps, xa, xr, xsuma, xsa, sr, sa, za, ss, asy, ngv, Gv, bitsv, ya, ys, ystr, ah) = args
+            (pa, ps, xa, xr, xsuma, xsa, sr, sa, za, ss, asy, ngv, Gv, bitsv, ya, ys, ystr, ah, fa) = args
             gen = _Gen(context, builder, ps.type)
             const, load = gen.const, gen.load
             vi, vf, v64 = _vec(_I32, 16), _vec(_F32, 16), _vec(_I8, 64)
@@ -1741,6 +1746,8 @@ def _pk_block(nx):
                 gstart = builder.add(ps, builder.mul(g, gbytes))
                 with builder.if_then(builder.icmp_signed(">", ah, const(0))):
                     gen.prefetch(pbase, builder.add(gstart, ah), gbytes, 3)
+                    with builder.if_then(builder.icmp_signed(">", fa, const(0))):  # and further on, into L2
+                        gen.prefetch(pbase, builder.add(gstart, builder.add(ah, fa)), gbytes, 2)
                 # the lanes start at -zero * xsum: zero per row (asym), else 128 (int8) or 8 (int4)
                 zoff = builder.add(ss, builder.mul(g, const(16)))
                 zrow = builder.select(asy, builder.zext(load(zty, za, zoff, _vec(_I8, 16), 1), vi),
@@ -1783,7 +1790,7 @@ def _pk_block(nx):
             return context.get_dummy_value()
 
         sig = types.void(blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros, sstart, asym, ng, G, bits, y, ystart,
-                         ystride, ahead)
+                         ystride, ahead, far)
         return sig, codegen
 
     return block
@@ -1900,7 +1907,7 @@ def _pk_tile_config(kc: int) -> np.ndarray:
 
 
 @parallel_kernel(fastmath=False)
-def _gemv_pk(x, G, blocks, scales, zeros, asym, bits, y, yat, ahead):
+def _gemv_pk(x, G, blocks, scales, zeros, asym, bits, y, yat, ahead, far):
     """y = the int8-activation product of PackedWeights (blocks, scales, zeros: a dummy unless asym) with the
     rows of x (N, Kp), float32 padded to whole groups; y flat, row n of block b's 16 outputs written at
     N * yat[b, 0] + yat[b, 1] + n * yat[b, 2] (_block_outputs: one (N, 16 nb) array, or the parts of a
@@ -1934,19 +1941,19 @@ def _gemv_pk(x, G, blocks, scales, zeros, asym, bits, y, yat, ahead):
         if bits == 8:
             while n + 16 <= N:
                 _pk_rows16(pf, b * bb, xf, n * Kp, xsumf, xsf, n * ng, sf, zf, b * ng * 16, asym, ng, G, bits, y,
-                           y0 + n * ys, ys, ahead if n == 0 else 0)
+                           y0 + n * ys, ys, ahead if n == 0 else 0, far)
                 n += 16
         while n + 8 <= N:
             _pk_rows8(pf, b * bb, xf, n * Kp, xsumf, xsf, n * ng, sf, zf, b * ng * 16, asym, ng, G, bits, y,
-                      y0 + n * ys, ys, ahead if n == 0 else 0)
+                      y0 + n * ys, ys, ahead if n == 0 else 0, far)
             n += 8
         while n + 4 <= N:
             _pk_rows4(pf, b * bb, xf, n * Kp, xsumf, xsf, n * ng, sf, zf, b * ng * 16, asym, ng, G, bits, y,
-                      y0 + n * ys, ys, ahead if n == 0 else 0)
+                      y0 + n * ys, ys, ahead if n == 0 else 0, far)
             n += 4
         while n < N:
             _pk_rows1(pf, b * bb, xf, n * Kp, xsumf, xsf, n * ng, sf, zf, b * ng * 16, asym, ng, G, bits, y,
-                      y0 + n * ys, ys, ahead if n == 0 else 0)
+                      y0 + n * ys, ys, ahead if n == 0 else 0, far)
             n += 1
 
 
@@ -2005,7 +2012,7 @@ def _linear_packed(xp, w, y, z, asym, parts=None):
              yat, PREFETCH_AMX, _pk_tile_config(min(w.group_size, 64)).reshape(-1))
     else:
         _run(_gemv_pk, N * w.nbytes, xp, w.group_size, w.blocks, w.scales, z, asym, w.bits, out.reshape(-1), yat,
-             PREFETCH_PK8 if w.bits == 8 else PREFETCH_PK4)
+             *((PREFETCH_PK8, 0) if w.bits == 8 else (PREFETCH_PK4, PREFETCH_PK4_FAR)))
     if out is not y:
         y[:] = out[:, :M]
 
