@@ -236,7 +236,7 @@ def run_config(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, 
         decode_tok_s=dec, decode_tok_s_sd=float(np.std(decode_rates)), decode_gflop_s=dec * flops_tok / 1e9,
         weight_bytes_per_token=step_bytes / batch, bandwidth_gb_s=bandwidth / 1e9,
         floor_fraction=(step_bytes / bandwidth) / step_time, compile_s=llm.compile_seconds,
-        kv_dtype=getattr(llm, "kv_dtype", "float32"),
+        kv_dtype=llm.kv_dtype,
     )
 
 

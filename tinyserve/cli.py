@@ -35,7 +35,9 @@ def _add_model_args(p, quant=True, kv=False):
 
 
 def _add_kv_arg(p):
-    p.add_argument("--kv-dtype", default="float32", choices=["float32", "float16"],
+    from .kv_cache import KV_DTYPES
+
+    p.add_argument("--kv-dtype", default="float32", choices=list(KV_DTYPES),
                    help="KV-cache element type (float16: half the memory and attention's reads; values rounded)")
 
 

@@ -20,7 +20,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig, load_config
 from .errors import TinyserveError
 from .generate import Generator, Request, RequestResult
-from .kv_cache import KV_DTYPES, KVCache, cache_bytes, default_context
+from .kv_cache import KVCache, cache_bytes, default_context, kv_dtype
 from .model import forward, load_weights, upload_weights
 from .ops import get_ops
 from .progress import progress_bar
@@ -286,8 +286,10 @@ class LLM:
 
 def _check_kv_dtype(name, backend: str) -> str:
     """The KV cache's dtype, checked: "float32" (default) or "float16" (cpu and numpy backends)."""
-    if name not in KV_DTYPES:
-        raise TinyserveError(f"unknown KV-cache dtype {name!r} (choose {', '.join(KV_DTYPES)})")
+    try:
+        kv_dtype(name)
+    except ValueError as e:
+        raise TinyserveError(str(e)) from None
     if name != "float32" and backend == "cuda":
         raise TinyserveError("the cuda backend keeps its KV cache in float32 (a float16 cache is for cpu and numpy)")
     return name

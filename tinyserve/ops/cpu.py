@@ -1985,6 +1985,11 @@ _NO_BLOCK_ZEROS = np.zeros((1, 1, 1), np.uint8)  # the zeros argument of symmetr
 _NO_BLOCK_ZEROS.flags.writeable = False
 
 
+def _block_zeros(w) -> tuple:
+    """The zero-point arguments of the packed kernels for w: (its zeros, True), or (a dummy, False)."""
+    return (w.zeros, True) if w.zeros is not None else (_NO_BLOCK_ZEROS, False)
+
+
 @functools.lru_cache(maxsize=None)
 def _block_outputs(nb: int, parts: tuple) -> np.ndarray:
     """(nb, 3) int64: where the packed kernels write each block's 16 outputs for the rows of x (_gemv_pk's
@@ -2000,11 +2005,12 @@ def _block_outputs(nb: int, parts: tuple) -> np.ndarray:
     return yat
 
 
-def _linear_packed(xp, w, y, z, asym, parts=None):
+def _linear_packed(xp, w, y, parts=None):
     """The int8-activation product of PackedWeights, few rows: into y (N, out), or with parts (widths that are
     multiples of 16, adding up to out) into y flat (N * out), part i as a C-contiguous (N, parts[i]) array at
-    N * (the widths before it). z: the zero points, or a dummy when not asym."""
+    N * (the widths before it)."""
     N, M, nb = xp.shape[0], w.shape[0], w.blocks.shape[0]
+    z, asym = _block_zeros(w)
     out = y if parts is not None or nb * 16 == M else np.empty((N, nb * 16), np.float32)
     yat = _block_outputs(nb, parts or (nb * 16,))
     if AMX and N >= (AMX_MIN_ROWS if w.bits == 8 else AMX_MIN_ROWS_Q4):  # the same results, the sums on tiles
@@ -2120,11 +2126,10 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
         y = linear(x2, w.unpack())
     elif isinstance(w, PackedWeights):
         xp = _padded(x2, w.padded_in)
-        z, asym = (w.zeros, True) if w.zeros is not None else (_NO_BLOCK_ZEROS, False)
         if N >= A8_GEMM_MIN_ROWS:  # prefill: in float, as for row-major weights
-            _gemm_pk(xp, w.blocks, w.scales, z, asym, w.bits, y, panel_rows(w.padded_in))
+            _gemm_pk(xp, w.blocks, w.scales, *_block_zeros(w), w.bits, y, panel_rows(w.padded_in))
         else:
-            _linear_packed(xp, w, y, z, asym)
+            _linear_packed(xp, w, y)
     elif isinstance(w, QuantizedTensor):
         if ACTIVATIONS not in ("float32", "int8"):
             raise ValueError(f"cpu.ACTIVATIONS must be 'float32' or 'int8', got {ACTIVATIONS!r}")
@@ -2173,8 +2178,7 @@ def _packed_parts(x, w: Stacked, bias):
         return None
     N = x.shape[0]
     buf = np.empty(N * pw.shape[0], np.float32)
-    z, asym = (pw.zeros, True) if pw.zeros is not None else (_NO_BLOCK_ZEROS, False)
-    _linear_packed(_padded(np.ascontiguousarray(x), pw.padded_in), pw, buf, z, asym, w.parts)
+    _linear_packed(_padded(np.ascontiguousarray(x), pw.padded_in), pw, buf, w.parts)
     out, at = [], 0
     for p in w.parts:
         out.append(buf[N * at:N * (at + p)].reshape(N, p))
