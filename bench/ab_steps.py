@@ -1,7 +1,7 @@
 """Two trees of tinyserve on the same random weights, decode steps alternating in one process.
 
     python bench/ab_steps.py --old REV [--shape stories110M] [--quant int8] [--batch 16] [--kv-dtype float32]
-                             [--steps 24]
+                             [--steps 24] [--position 32]
 
 On a shared machine two runs of `tinyserve bench` a minute apart differ by 10-30%, more than most changes
 are worth. Here the old tree (git revision REV of this repository, exported with `git archive` into a
@@ -43,6 +43,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--kv-dtype", default="float32")
     p.add_argument("--steps", type=int, default=24, help="pairs of decode steps")
+    p.add_argument("--position", type=int, default=32,
+                   help="position of the first decode step: each token attends to this many cache rows and more")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -58,19 +60,19 @@ def main() -> int:
         models = {"old": old_bench.load_for_bench(None, args.shape, "cpu", args.quant, **kv)[1],
                   "new": new_bench.load_for_bench(None, args.shape, "cpu", args.quant, **kv)[1]}
         B = args.batch
-        context = args.steps + 64
+        context = args.position + args.steps + 4
         caches = {k: m.new_cache(B, context) for k, m in models.items()}
         tokens, slots = np.arange(B) + 7, np.arange(B)
         times = {"old": [], "new": []}
         for i in range(args.steps + 2):  # the first two pairs warm the caches up and are dropped
             for k in (("old", "new") if i % 2 == 0 else ("new", "old")):
                 t0 = time.perf_counter()
-                models[k].forward(tokens, np.full(B, 32 + i), slots, caches[k], phase="decode")
+                models[k].forward(tokens, np.full(B, args.position + i), slots, caches[k], phase="decode")
                 times[k].append(time.perf_counter() - t0)
         old, new = (np.array(times[k][2:]) for k in ("old", "new"))
         ratio = new / old
         env = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("TINYSERVE_"))
-        print(f"{args.shape} {args.quant} batch {B} kv {args.kv_dtype} {env}: step old {np.median(old) * 1e3:.2f} ms, "
+        print(f"{args.shape} {args.quant} batch {B} kv {args.kv_dtype} position {args.position} {env}: step old {np.median(old) * 1e3:.2f} ms, "
               f"new {np.median(new) * 1e3:.2f} ms; new / old, median of {len(ratio)} pairs {np.median(ratio):.3f} "
               f"[quartiles {np.percentile(ratio, 25):.3f}, {np.percentile(ratio, 75):.3f}]")
     return 0

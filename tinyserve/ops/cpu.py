@@ -2389,8 +2389,12 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
     scores the visible keys t in [lo, p] (lo = p - window + 1 with a sliding window, else 0), takes a
     softmax in float32 (minus the max, exp, sum) and accumulates p_t * v_t, dividing by the sum at the end.
     Keys and values go 4 rows at a time (the matrix-vector trick of _gemv_f32: each load of q, or of the
-    output row, serves 4 rows). scores: (N * KVH, G, >= longest visible span) scratch, one slice per task
-    (no allocation inside the parallel loop).
+    output row, serves 4 rows), and the G heads go together through each block of 4 rows, so the block
+    comes from memory once and serves every head from L1 (a head at a time through the whole span read the
+    span G times from L2: 1.3-1.7x slower for G = 4, docs/performance.md, "Eighth session"). Each output is
+    the same sequence of operations either way. scores: (N * KVH, G, >= longest visible span + 1) scratch,
+    one slice per task (no allocation inside the parallel loop); a head's softmax sum goes in its last
+    column used.
     """
     N, H, hd = q.shape
     KVH = k_cache.shape[1]
@@ -2408,25 +2412,26 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
         L4 = L - L % 4
         K = k_cache[slot, kvh, lo:pos + 1]  # (L, hd)
         V = v_cache[slot, kvh, lo:pos + 1]
+        S = scores[task]  # (G, >= L + 1)
         line = 64 // K.itemsize  # values per cache line
         for r in range(min(16, L)):  # the first keys, which the loop below does not ask for ahead
             for c in range(0, hd, line):
                 _prefetch(K[r], c)
-        for g in range(G):
-            qr = q[n, kvh * G + g]
-            sr = scores[task, g]
-            for t in range(0, L4, 4):  # scores, 4 keys at a time
-                if g == 0:  # ask for the values these keys will weigh, and for the keys further on
-                    for r in range(t, t + 4):
-                        for c in range(0, hd, line):
-                            _prefetch(V[r], c)
-                            if r + 16 < L:
-                                _prefetch(K[r + 16], c)
-                a0, a1, a2, a3 = _dot4_f32(K[t], K[t + 1], K[t + 2], K[t + 3], qr, hd)
-                sr[t], sr[t + 1], sr[t + 2], sr[t + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
-            for t in range(L4, L):
-                sr[t] = _dot(qr, K[t], hd) * scale
-            m = sr[0]  # softmax numerators exp(s - max) in place, and their sum
+        for t in range(0, L4, 4):  # scores, 4 keys at a time, every head of the group
+            for r in range(t, t + 4):  # ask for the values these keys will weigh, and for the keys further on
+                for c in range(0, hd, line):
+                    _prefetch(V[r], c)
+                    if r + 16 < L:
+                        _prefetch(K[r + 16], c)
+            for g in range(G):
+                a0, a1, a2, a3 = _dot4_f32(K[t], K[t + 1], K[t + 2], K[t + 3], q[n, kvh * G + g], hd)
+                S[g, t], S[g, t + 1], S[g, t + 2], S[g, t + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+        for t in range(L4, L):
+            for g in range(G):
+                S[g, t] = _dot(q[n, kvh * G + g], K[t], hd) * scale
+        for g in range(G):  # softmax numerators exp(s - max) in place, and their sum in S[g, L]
+            sr = S[g]
+            m = sr[0]
             for t in range(1, L):
                 m = max(m, sr[t])
             total = f32(0)
@@ -2434,20 +2439,28 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
                 e = _exp(sr[t] - m)
                 sr[t] = e
                 total += e
-            orow = out[n, kvh * G + g]  # sum_t p_t v_t, 4 values rows at a time, then / total
+            sr[L] = total
+            orow = out[n, kvh * G + g]
             for d in range(hd):
                 orow[d] = f32(0)
-            for t in range(0, L4, 4):
-                p0, p1, p2, p3 = sr[t], sr[t + 1], sr[t + 2], sr[t + 3]
-                v0, v1, v2, v3 = V[t], V[t + 1], V[t + 2], V[t + 3]
+        for t in range(0, L4, 4):  # sum_t p_t v_t, 4 value rows at a time, every head of the group
+            v0, v1, v2, v3 = V[t], V[t + 1], V[t + 2], V[t + 3]
+            for g in range(G):
+                p0, p1, p2, p3 = S[g, t], S[g, t + 1], S[g, t + 2], S[g, t + 3]
+                orow = out[n, kvh * G + g]
                 for d in range(hd):
                     orow[d] += (p0 * _f32_of(v0[d]) + p1 * _f32_of(v1[d]) + p2 * _f32_of(v2[d])
                                 + p3 * _f32_of(v3[d]))
-            for t in range(L4, L):
-                pt = sr[t]
-                vr = V[t]
+        for t in range(L4, L):
+            vr = V[t]
+            for g in range(G):
+                pt = S[g, t]
+                orow = out[n, kvh * G + g]
                 for d in range(hd):
                     orow[d] += pt * _f32_of(vr[d])
+        for g in range(G):  # then / sum
+            total = S[g, L]
+            orow = out[n, kvh * G + g]
             for d in range(hd):
                 orow[d] = orow[d] / total
 
@@ -2467,7 +2480,7 @@ def attention(q, k_cache, v_cache, slots, positions, window: int = 0) -> np.ndar
         longest, seen = (int(positions.max()) + 1, int(np.sum(positions + 1))) if N else (0, 0)
     if window:
         longest = min(longest, int(window))
-    scores = np.empty((N * KVH, H // KVH, longest), np.float32)
+    scores = np.empty((N * KVH, H // KVH, longest + 1), np.float32)  # + 1: each head's softmax sum
     work = 2 * H * hd * seen  # at most: every key and value a token sees
     _run(_attention, k_cache.itemsize * work, q, _kernel_cache(k_cache), _kernel_cache(v_cache), slots, positions,
          int(window or 0), out, scores)
