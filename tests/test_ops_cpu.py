@@ -120,7 +120,8 @@ def test_results_do_not_depend_on_thread_count(monkeypatch):
 
     def run():
         out = [cpu.linear(x[:n], w) for w in ws for n in (1, 9, 33)]  # matrix-vector, register tiles, panels
-        out += [cpu.rmsnorm(x, x[0], 1e-5), cpu.swiglu(x, x), cpu.attention(q, kc, kc, slots, pos, 6)]
+        out += [cpu.rmsnorm(x, x[0], 1e-5), *cpu.add_rmsnorm(x, x, x[0], 1e-5), cpu.swiglu(x, x),
+                cpu.attention(q, kc, kc, slots, pos, 6)]
         return out
 
     one, many = with_threads(1, run), with_threads(MANY_THREADS, run)
@@ -140,6 +141,29 @@ def test_rmsnorm(N, D):
     x = (rng.standard_normal((N, D)) * 3).astype(np.float32)
     w = rng.standard_normal(D).astype(np.float32)
     np.testing.assert_allclose(cpu.rmsnorm(x, w, 1e-5), reference.rmsnorm(x, w, 1e-5), rtol=(D + 4) * EPS, atol=1e-30)
+
+
+@pytest.mark.parametrize("N,D", [(1, 7), (3, 64), (17, 300), (40, 2049)])
+def test_add_rmsnorm(N, D, monkeypatch):
+    """The residual add and the norm after it, fused: bit for bit cpu.add then cpu.rmsnorm (serial and
+    parallel builds), within rmsnorm's bound of the reference; other shapes fall back to the two ops."""
+    rng = rng_for("addrms", N, D)
+    x = (rng.standard_normal((N, D)) * 3).astype(np.float32)
+    b = rng.standard_normal((N, D)).astype(np.float32)
+    w = rng.standard_normal(D).astype(np.float32)
+    for threshold in (0, 2**62):  # every call parallel, then every call serial
+        monkeypatch.setattr(cpu, "SERIAL_BELOW", threshold)
+        s, h = cpu.add_rmsnorm(x, b, w, 1e-5)
+        np.testing.assert_array_equal(s, cpu.add(x, b))
+        np.testing.assert_array_equal(h, cpu.rmsnorm(cpu.add(x, b), w, 1e-5))
+    rs, rh = reference.add_rmsnorm(x, b, w, 1e-5)
+    np.testing.assert_array_equal(s, rs)
+    np.testing.assert_allclose(h, rh, rtol=(D + 4) * EPS, atol=1e-30)
+    s3, h3 = cpu.add_rmsnorm(x[None], b[None], w, 1e-5)  # 3-D: through add and rmsnorm
+    np.testing.assert_array_equal(s3[0], s)
+    np.testing.assert_array_equal(h3[0], h)
+    with pytest.raises(ValueError):
+        cpu.add_rmsnorm(x, b, w[:-1], 1e-5)
 
 
 @pytest.mark.parametrize("N,nh,hd", [(1, 1, 2), (3, 4, 16), (17, 2, 64)])

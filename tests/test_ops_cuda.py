@@ -83,6 +83,11 @@ def _worker_ops() -> list[dict]:
     # rmsnorm: odd row length, more rows than blocks
     x, w = f32(5, 37), f32(37)
     check("rmsnorm 5x37", "rmsnorm", down(C.rmsnorm(up(x), up(w), 1e-5)), ref.rmsnorm(x, w, 1e-5))
+    br = f32(5, 37)
+    s, h = C.add_rmsnorm(up(x), up(br), up(w), 1e-5)
+    rs, rh = ref.add_rmsnorm(x, br, w, 1e-5)
+    check("add_rmsnorm 5x37 sum", "add", down(s), rs)
+    check("add_rmsnorm 5x37 norm", "add_rmsnorm", down(h), rh)
 
     # rope: positions up to 1000 (float32 angles), head dim 10
     x = f32(3, 2, 10)
@@ -212,6 +217,7 @@ def kernel_signatures(C):
         ("rope", C._rope_kernel, (f3, i1, f1, f3)),
         ("kv_write", C._kv_write_kernel, (f4, f4, f3, f3, i1, i1)),
         ("rmsnorm", C._rmsnorm_kernel, (f2, f1, f32, f2)),
+        ("add_rmsnorm", C._add_rmsnorm_kernel, (f2, f2, f1, f32, f2, f2)),
         ("attention", C._attention_kernel, (f3, f4, f4, i1, i1, i64, f32, i64, f3)),
         ("read", C._read_kernel, (f1, f1)),
     ]

@@ -271,13 +271,14 @@ def cmd_perplexity(args) -> int:
 
 
 def _add_validation_parsers(sub) -> None:
+    from .ops import OP_NAMES
+
     v = sub.add_parser("validate", help="compare every layer with Hugging Face transformers (or check a kernel)")
     _add_model_args(v)
     v.add_argument("--prompt", default=None, help="text to run (default: a short story opening)")
     v.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="transformers' dtype")
     v.add_argument("--kernel", help="package.module:function to swap in for --op (checked against the reference)")
-    v.add_argument("--op", help="the op the kernel replaces: take_rows, rmsnorm, linear, rope, kv_write, "
-                                "attention, swiglu, add")
+    v.add_argument("--op", help="the op the kernel replaces: " + ", ".join(OP_NAMES))
     v.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     v.set_defaults(func=cmd_validate)
 

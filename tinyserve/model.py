@@ -255,12 +255,13 @@ def forward(w: Weights, cfg: ModelConfig, ops, token_ids, positions, slots, cach
     H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     eps, window = cfg.rms_norm_eps, cfg.sliding_window or 0
 
-    x = ops.take_rows(w.embed_tokens, token_ids)  # (N, D) the token embeddings
+    x = ops.take_rows(w.embed_tokens, token_ids)  # (N, D) the token embeddings: the residual stream
     if tap:
         tap("embed", -1, x)
+    L = len(w.layers)
+    h = ops.rmsnorm(x, w.layers[0].input_layernorm, eps)  # (N, D) the first block's input, normalized
     for i, layer in enumerate(w.layers):
-        # --- attention block: x + o_proj(attention(rope(q), rope(k), v))
-        h = ops.rmsnorm(x, layer.input_layernorm, eps)  # (N, D)
+        # --- attention block: x + o_proj(attention(rope(q), rope(k), v)), from h = rmsnorm(x)
         q, k, v = project(ops, h, layer, "qkv")  # (N, D) -> (N, H*hd), (N, KVH*hd) x 2
         q = q.reshape(N, H, hd)  # (N, H*hd) -> (N, H, hd): one row of hd values per head
         k = k.reshape(N, KVH, hd)
@@ -272,26 +273,29 @@ def forward(w: Weights, cfg: ModelConfig, ops, token_ids, positions, slots, cach
         a = ops.linear(a.reshape(N, H * hd), layer.o_proj, layer.o_bias)  # (N, H*hd) -> (N, D)
         if tap:
             tap("attn_out", i, a)
-        x = ops.add(x, a)  # (N, D) residual
+        # the residual add, and the MLP block's norm of its result, in one op: x = x + a; h = rmsnorm(x)
+        x, h = ops.add_rmsnorm(x, a, layer.post_attention_layernorm, eps)  # (N, D), (N, D)
         if tap:
             tap("attn", i, x)
 
-        # --- MLP block (SwiGLU): x + down(silu(gate(h)) * up(h))
-        h = ops.rmsnorm(x, layer.post_attention_layernorm, eps)  # (N, D)
+        # --- MLP block (SwiGLU): x + down(silu(gate(h)) * up(h)), from h = rmsnorm(x)
         g, u = project(ops, h, layer, "gate_up")  # (N, D) -> (N, F), (N, F)
         m = ops.linear(ops.swiglu(g, u), layer.down_proj, layer.down_bias)  # (N, F) -> (N, D)
         if tap:
             tap("mlp_out", i, m)
-        x = ops.add(x, m)  # (N, D) residual
+        # the residual add, and the next block's norm: the next layer's input norm, or after the last layer
+        # the final norm (row by row, so normalizing every row and then picking some is picking and then
+        # normalizing)
+        next_norm = w.layers[i + 1].input_layernorm if i + 1 < L else w.norm
+        x, h = ops.add_rmsnorm(x, m, next_norm, eps)  # (N, D), (N, D)
         if tap:
             tap("mlp", i, x)
 
     if rows is not None:
-        x = ops.take_rows(x, rows)  # (R, D) only the tokens whose next token we want
-    x = ops.rmsnorm(x, w.norm, eps)  # (R, D)
+        h = ops.take_rows(h, rows)  # (R, D) only the tokens whose next token we want
     if tap:
-        tap("norm", -1, x)
-    logits = ops.linear(x, w.lm_head)  # (R, V)
+        tap("norm", -1, h)
+    logits = ops.linear(h, w.lm_head)  # (R, V)
     if tap:
         tap("logits", -1, logits)
     return logits

@@ -55,7 +55,10 @@ class SwappedOps:
     A replaced linear is given plain matrices only: the model's stacked weights (ops.Stacked: q, k and v; gate
     and up) reach it as their stacked matrix, and its output is split here, as a backend's linear does; a
     matrix the cpu backend holds packed (cpu.PackedWeights, with its int8-activation option) reaches it as
-    the QuantizedTensor it holds (unpacked on each call: a copy, slow but exact).
+    the QuantizedTensor it holds (unpacked on each call: a copy, slow but exact). A replaced rmsnorm or add
+    also does the work of add_rmsnorm (the model's residual add and the norm after it, fused), unless
+    add_rmsnorm is replaced too: add_rmsnorm is then add followed by rmsnorm, each the replaced one or the
+    backend's, so a swapped-in norm sees every norm of the model.
     """
 
     def __init__(self, base, **overrides):
@@ -64,6 +67,14 @@ class SwappedOps:
             raise TinyserveError(f"unknown op name(s) {', '.join(unknown)} (ops are: {', '.join(OP_NAMES)})")
         if "linear" in overrides:
             overrides["linear"] = _unstacking(overrides["linear"], base)
+        if ("rmsnorm" in overrides or "add" in overrides) and "add_rmsnorm" not in overrides:
+            add, rmsnorm = overrides.get("add", base.add), overrides.get("rmsnorm", base.rmsnorm)
+
+            def add_rmsnorm(x, branch, weight, eps):
+                s = add(x, branch)
+                return s, rmsnorm(s, weight, eps)
+
+            overrides["add_rmsnorm"] = add_rmsnorm
         self._base = base
         self._overrides = dict(overrides)
 
@@ -268,6 +279,11 @@ def _cases_rmsnorm(rng, n):
         yield f"N={N} D={D} |x|~{scale:g} eps={eps:g}", "float32", (x, w, eps)
 
 
+def _cases_add_rmsnorm(rng, n):
+    for i, (desc, fmt, (x, w, eps)) in enumerate(_cases_rmsnorm(rng, n)):
+        yield desc, fmt, (x, _normal(rng, x.shape, 0.3 * float(np.abs(x).max())), w, eps)
+
+
 def _cases_add(rng, n):
     for i in range(n):
         N, D = _pick(rng, (1, 3, 17)), _pick(rng, ODD + (64,))
@@ -389,6 +405,7 @@ def _cases_linear(rng, n, formats=("float32", "float16", "bfloat16", "int8", "in
 CASE_MAKERS = {
     "take_rows": _cases_take_rows,
     "rmsnorm": _cases_rmsnorm,
+    "add_rmsnorm": _cases_add_rmsnorm,
     "linear": _cases_linear,
     "rope": _cases_rope,
     "kv_write": _cases_kv_write,
@@ -435,6 +452,9 @@ def check_op(name: str, fn, cases: int = 12, seed: int = 0, formats=None, ops=No
         if name == "kv_write":  # in place: compare the caches it wrote
             want = np.stack([want_args[0], want_args[1]])
             got = np.stack([np.asarray(down(got_args[0])), np.asarray(down(got_args[1]))])
+        elif isinstance(want, tuple):  # add_rmsnorm: (sum, norm), compared as one array
+            want = np.stack(want)
+            got = None if not isinstance(got, tuple) or len(got) != 2 else np.stack([np.asarray(down(g)) for g in got])
         else:
             got = None if got is None else np.asarray(down(got))
         lim = op_limits(name, fmt)

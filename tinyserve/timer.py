@@ -62,6 +62,8 @@ def op_cost(name: str, key, shape) -> tuple[int, int]:
         return _attention_cost(shape, key[0].shape[1], key[2], key[3], key[0].dtype.itemsize)
     if name == "rmsnorm":
         return 2 * 4 * size + _nbytes(key), 4 * size
+    if name == "add_rmsnorm":  # x and branch read, the sum and its norm written; the add, then rmsnorm's 4
+        return 4 * 4 * size + _nbytes(key), 5 * size
     if name == "rope":
         return 2 * 4 * size, 6 * size
     if name == "kv_write":
@@ -297,6 +299,7 @@ class _Template:
 _RECORDS = {
     "linear": lambda a: (a[1:], a[0].shape),                        # (weight[, bias]), x's shape
     "rmsnorm": lambda a: (a[1], a[0].shape),                        # weight, x's shape
+    "add_rmsnorm": lambda a: (a[2], a[0].shape),                    # weight, x's shape
     "take_rows": lambda a: (id(a[0]), (a[1].shape[0], a[0].shape[-1])),  # which table, shape of the rows out
     "rope": lambda a: (None, a[0].shape),
     "kv_write": lambda a: (a[0].dtype.itemsize, a[2].shape),        # the cache's itemsize, shape of the new keys
@@ -312,10 +315,12 @@ _FIXED_ROLES = {"rope": "qkv", "kv_write": "qkv", "swiglu": "mlp", "add": "resid
 def weight_roles(weights) -> dict:
     """Which role each weight plays, keyed by (op name, id(weight)) so one array may play two roles."""
     roles = {("take_rows", id(weights.embed_tokens)): "embedding",
-             ("rmsnorm", id(weights.norm)): "logits", ("linear", id(weights.lm_head)): "logits"}
-    for layer in weights.layers:
-        roles[("rmsnorm", id(layer.input_layernorm))] = "qkv"
-        roles[("rmsnorm", id(layer.post_attention_layernorm))] = "mlp"
+             ("rmsnorm", id(weights.norm)): "logits", ("add_rmsnorm", id(weights.norm)): "logits",
+             ("linear", id(weights.lm_head)): "logits"}
+    for layer in weights.layers:  # a norm (alone or with the residual add before it) belongs to the block it feeds
+        for op in ("rmsnorm", "add_rmsnorm"):
+            roles[(op, id(layer.input_layernorm))] = "qkv"
+            roles[(op, id(layer.post_attention_layernorm))] = "mlp"
         for n in ("q_proj", "k_proj", "v_proj", "qkv_proj"):  # separate, or stacked (model.stack_projections)
             if getattr(layer, n) is not None:
                 roles[("linear", id(getattr(layer, n)))] = "qkv"

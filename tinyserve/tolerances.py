@@ -71,6 +71,9 @@ TOLERANCES: dict[tuple[str, str, str, str], Tol] = {
         _CPU + "1.4e-14"),
     ("op", "rmsnorm", "float32", "max_rel"): Tol(
         3e-5, "the row's scale: ~sqrt(D)·u/2 = 3.8e-6 at D = 16384; ~8x margin", _CPU + "1.9e-7"),
+    # add_rmsnorm's two outputs compared together: the sum exactly, its norm as rmsnorm
+    ("op", "add_rmsnorm", "float32", "nmse"): Tol(1e-10, "the sum exact; its norm as rmsnorm's", _CPU + "6.1e-15"),
+    ("op", "add_rmsnorm", "float32", "max_rel"): Tol(3e-5, "the sum exact; its norm as rmsnorm's", _CPU + "1.9e-7"),
     ("op", "linear", "float32", "nmse"): Tol(1e-10, _F32_LINEAR, _CPU + "2.3e-14"),
     ("op", "linear", "float32", "max_rel"): Tol(3e-5, _F32_LINEAR, _CPU + "2.5e-7"),
     ("op", "linear", "float16", "nmse"): Tol(1e-10, _WIDENED, _CPU + "5.8e-14"),

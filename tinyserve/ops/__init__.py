@@ -53,6 +53,7 @@ def split_columns(y, parts) -> tuple:
 OP_NAMES = (
     "take_rows",  # x[idx]: the embedding lookup, and picking the rows that need logits
     "rmsnorm",
+    "add_rmsnorm",  # (x + branch, rmsnorm(x + branch)): a block's residual add and the next block's norm
     "linear",  # x @ W.T (+ b); W float32, a quantized tensor, or Stacked (then one output per part)
     "rope",
     "kv_write",

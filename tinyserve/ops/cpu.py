@@ -2256,6 +2256,40 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out.reshape(x.shape)
 
 
+@parallel_kernel(fastmath=REDUCE)
+def _add_rmsnorm(x, b, weight, eps, s, out):
+    """Per row (in parallel): s = x + b, then _rmsnorm's loops on s (the row in L1), so both outputs are
+    bit for bit add's and rmsnorm's."""
+    N, D = x.shape
+    for n in prange(N):
+        xr, br, sr = x[n], b[n], s[n]
+        for d in range(D):
+            sr[d] = xr[d] + br[d]
+        ss = f32(0)
+        for d in range(D):
+            ss += sr[d] * sr[d]
+        r = np.sqrt(ss / f32(D) + eps)
+        orow = out[n]
+        for d in range(D):
+            orow[d] = sr[d] / r * weight[d]
+
+
+def add_rmsnorm(x: np.ndarray, branch: np.ndarray, weight: np.ndarray, eps: float) -> tuple:
+    """The residual add and the RMSNorm after it: (x + branch, rmsnorm(x + branch)), one pass and one call.
+    (N, D), (N, D), (D,) -> (N, D), (N, D)."""
+    x, branch = np.asarray(x), np.asarray(branch)
+    if x.ndim != 2 or x.shape != branch.shape or x.dtype != np.float32 or branch.dtype != np.float32:
+        s = add(x, branch)  # other shapes or dtypes: as the two ops do them
+        return s, rmsnorm(s, weight, eps)
+    N, D = x.shape
+    if weight.shape != (D,):
+        raise ValueError(f"add_rmsnorm: weight shape {weight.shape} does not match the last axis {D}")
+    s, out = np.empty((N, D), np.float32), np.empty((N, D), np.float32)
+    _run(_add_rmsnorm, 8 * x.size, np.ascontiguousarray(x), np.ascontiguousarray(branch),
+         _weight(np.asarray(weight, dtype=np.float32)), np.float32(eps), s, out)
+    return s, out
+
+
 @parallel_kernel(fastmath=False)
 def _rope(x, cos, sin, out):
     """Rotate each (i, i + hd/2) pair of every head by the token's angle. Parallel over tokens.
@@ -2563,6 +2597,7 @@ def _warm_calls() -> None:
             ACTIVATIONS = saved
     x = rng.standard_normal((2, 8)).astype(np.float32)
     rmsnorm(x, np.ones(8, np.float32), 1e-5)
+    add_rmsnorm(x, x, np.ones(8, np.float32), 1e-5)
     take_rows(w, np.array([1, 2]))
     q = rng.standard_normal((2, 4, 8)).astype(np.float32)
     rope(q, np.array([0, 1]), np.ones(4, np.float32))

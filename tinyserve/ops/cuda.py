@@ -10,7 +10,7 @@ dtypes, allocates the output, chooses the kernel and its launch configuration; t
 scalars only. docs/cuda.md explains the kernel designs with numbers; the short version:
 
     take_rows, rope, kv_write, swiglu, add    one thread per output element (grid-stride loops), coalesced
-    rmsnorm                                   one block per row; tree sum of squares in shared memory
+    rmsnorm, add_rmsnorm                      one block per row; tree sum of squares in shared memory
     linear, N <= 4 tokens (decode)            GEMV: one warp per R rows, lanes read consecutive 32-bit words
                                               of a row (coalesced, each weight byte read once, U * R loads in
                                               flight per lane); x staged in shared memory once per block;
@@ -503,6 +503,53 @@ def rmsnorm(x, weight, eps):
         threads = min(_NORM_THREADS, 1 << max(0, (D - 1).bit_length()))  # a power of two, <= D rounded up
         _rmsnorm_kernel[max(1, min(N, LAUNCH.max_blocks)), threads, _stream()](x, weight, np.float32(eps), out)
     return out
+
+
+@cuda.jit
+def _add_rmsnorm_kernel(x, b, weight, eps, s, out):
+    """_rmsnorm_kernel on s = x + b, which each thread first writes for its own elements (and then reads
+    back itself: no barrier needed before the scaling)."""
+    partial = cuda.shared.array(_NORM_THREADS, float32)
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    N, D = x.shape
+    for row in range(cuda.blockIdx.x, N, cuda.gridDim.x):
+        acc = float32(0.0)
+        for d in range(tid, D, nt):
+            v = x[row, d] + b[row, d]
+            s[row, d] = v
+            acc += v * v
+        partial[tid] = acc
+        cuda.syncthreads()
+        stride = nt // 2
+        while stride > 0:
+            if tid < stride:
+                partial[tid] += partial[tid + stride]
+            cuda.syncthreads()
+            stride //= 2
+        inv = float32(1.0) / math.sqrt(partial[0] / float32(D) + eps)
+        for d in range(tid, D, nt):
+            out[row, d] = s[row, d] * inv * weight[d]
+        cuda.syncthreads()
+
+
+def add_rmsnorm(x, branch, weight, eps):
+    """The residual add and the RMSNorm after it: (x + branch, rmsnorm(x + branch)), one kernel.
+    (N, D), (N, D), (D,) -> (N, D), (N, D)."""
+    x = _dev(x, "add_rmsnorm x", np.float32, 2)
+    branch = _dev(branch, "add_rmsnorm branch", np.float32, 2)
+    weight = _dev(weight, "add_rmsnorm weight", np.float32, 1)
+    N, D = x.shape
+    if branch.shape != x.shape:
+        raise TinyserveError(f"cuda ops: add_rmsnorm of shapes {x.shape} and {branch.shape}")
+    if weight.shape[0] != D:
+        raise TinyserveError(f"cuda ops: add_rmsnorm weight has {weight.shape[0]} values for rows of {D}")
+    s, out = _alloc((N, D), np.float32), _alloc((N, D), np.float32)
+    if N and D:
+        threads = min(_NORM_THREADS, 1 << max(0, (D - 1).bit_length()))
+        _add_rmsnorm_kernel[max(1, min(N, LAUNCH.max_blocks)), threads, _stream()](
+            x, branch, weight, np.float32(eps), s, out)
+    return s, out
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -1091,6 +1138,7 @@ def _warm(weights=None) -> None:
     add(x, x)
     swiglu(x, x)
     rmsnorm(x, zeros(64), 1e-5)
+    add_rmsnorm(x, x, zeros(64), 1e-5)
     q = zeros((2, 2, 32))
     rope(q, idx, zeros(16))
     cache = zeros((1, 1, 4, 32))

@@ -47,6 +47,19 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(ms + np.float32(eps)) * weight).astype(np.float32)
 
 
+def add_rmsnorm(x: np.ndarray, branch: np.ndarray, weight: np.ndarray, eps: float) -> tuple:
+    """The residual add and the RMSNorm that follows it, as one op: s = x + branch, returns (s, rmsnorm(s)).
+    (N, D), (N, D), (D,) -> (N, D), (N, D).
+
+    Every block of the model ends with the first (its output added to the residual stream) and the next
+    block begins with the second, so the forward pass makes one call where it would make two: a fast backend
+    reads the rows once, and at one token a step the calls themselves are much of the time (each costs
+    microseconds of cache misses after a matrix product has streamed its weights through the caches).
+    """
+    s = add(x, branch)
+    return s, rmsnorm(s, weight, eps)
+
+
 def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
     """y = x @ W.T + bias. (N, in), W (out, in) -> (N, out).
 
