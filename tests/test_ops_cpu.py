@@ -735,6 +735,34 @@ def test_packed_stacked_parts_written_in_place(monkeypatch, bits, zp, N):
         np.testing.assert_array_equal(g, w)
 
 
+@needs_pack
+@pytest.mark.parametrize("bits,zp", [(8, False), (4, False), (4, True)])
+@pytest.mark.parametrize("k,group", [(256, 64), (300, 64)])
+def test_one_packed_row_is_the_general_path(monkeypatch, bits, zp, k, group):
+    """One row through packed weights (cpu._one_packed_row, the decode step's short path; k = 300 is not whole
+    groups, so it falls back to the general path): bit for bit linear's general path, alone and stacked,
+    with and without biases; stacked parts are C-contiguous."""
+    from tinyserve.ops import Stacked, split_columns
+
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "int8")
+    rng = rng_for("one packed row", bits, zp, k)
+    parts = (48, 16, 37)
+    whole = quant.quantize(_weights(rng, sum(parts), k), bits, group, zp)
+    pw = cpu.PackedWeights(whole)
+    bias = rng.standard_normal(sum(parts)).astype(np.float32)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    assert (cpu._one_packed_row(x, pw, None) is None) == (k % group != 0)
+    general = np.empty((1, sum(parts)), np.float32)
+    cpu._linear_packed(cpu._padded(x, pw.padded_in), pw, general)
+    for b in (None, bias):
+        want = general if b is None else general + b
+        np.testing.assert_array_equal(cpu.linear(x, pw, b), want)
+        got = cpu.linear(x, Stacked(pw, parts), b)
+        for g, w in zip(got, split_columns(want, parts)):
+            assert g.flags.c_contiguous
+            np.testing.assert_array_equal(g, w)
+
+
 def test_stacking_keeps_different_formats_apart():
     """A GGUF file may hold q, k and v in different formats: those stay separate matrices."""
     from tinyserve.model import LayerWeights, stack_projections

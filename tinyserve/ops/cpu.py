@@ -1669,6 +1669,13 @@ class PackedWeights:
     def format(self) -> str:
         return f"int{self.bits}" + ("-asym" if self.zeros is not None else "")
 
+    @functools.cached_property
+    def gemv_args(self) -> tuple:
+        """_gemv_pk's arguments that depend on the weight only: (group size, blocks, scales, zeros, asym, bits)
+        and the output table for a plain (N, 16 nb) output (_one_packed_row's, prepared once)."""
+        return ((self.group_size, self.blocks, self.scales, *_block_zeros(self), self.bits),
+                _block_outputs(self.blocks.shape[0], (self.blocks.shape[0] * 16,)))
+
     @property
     def nbytes(self) -> int:
         return int(self.blocks.nbytes + self.scales.nbytes + (0 if self.zeros is None else self.zeros.nbytes))
@@ -2106,9 +2113,44 @@ def _padded(x: np.ndarray, kp: int) -> np.ndarray:
     return xp
 
 
+def _one_packed_row(x, w, bias):
+    """One row of x through PackedWeights, stacked or not (the decode step of one sequence with int8
+    activations: every matrix of the step), or None where that does not apply. The same kernel call as
+    linear's general path makes, with the weight's arguments prepared once (PackedWeights.gemv_args) and the
+    stacked outputs as views of one row: at one token a step the calls themselves are much of the time, and
+    the general path's checks and conversions cost 15-20 us a call when the caches are cold (after the
+    previous matrix streamed through them): 0.98x the step time for stories110M int8, 0.97x for the 1B int4
+    (docs/performance.md, "Eighth session")."""
+    parts = None
+    if type(w) is Stacked:
+        parts, w = w.parts, w.weight
+    if (type(w) is not PackedWeights or ACTIVATIONS != "int8" or x.dtype != np.float32 or x.shape[1] != w.padded_in
+            or not x.flags.c_contiguous):
+        return None
+    M = w.shape[0]
+    front, yat = w.gemv_args
+    out = np.empty(16 * yat.shape[0], np.float32)
+    _run(_gemv_pk, w.nbytes, x, *front, out, yat,
+         *((PREFETCH_PK8, 0) if w.bits == 8 else (PREFETCH_PK4, PREFETCH_PK4_FAR)))
+    y = out[:M].reshape(1, M)
+    if bias is not None:
+        y += np.asarray(bias, dtype=np.float32)
+    if parts is None:
+        return y
+    views, at = [], 0
+    for p in parts:  # one row: each part a C-contiguous view
+        views.append(y[:, at:at + p])
+        at += p
+    return tuple(views)
+
+
 def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
     """y = x @ W.T + bias. (..., in), W (out, in) float32 or QuantizedTensor -> (..., out) float32.
     W stacked (ops.Stacked): one product over the stacked matrix, split into one output per part."""
+    if type(x) is np.ndarray and x.ndim == 2 and x.shape[0] == 1:
+        y = _one_packed_row(x, w, bias)
+        if y is not None:
+            return y
     if isinstance(w, Stacked):
         parts = _packed_parts(x, w, bias)
         return parts if parts is not None else split_columns(linear(x, w.weight, bias), w.parts)
