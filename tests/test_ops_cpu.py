@@ -739,7 +739,7 @@ def test_packed_stacked_parts_written_in_place(monkeypatch, bits, zp, N):
 @pytest.mark.parametrize("bits,zp", [(8, False), (4, False), (4, True)])
 @pytest.mark.parametrize("k,group", [(256, 64), (300, 64)])
 def test_one_packed_row_is_the_general_path(monkeypatch, bits, zp, k, group):
-    """One row through packed weights (cpu._one_packed_row, the decode step's short path; k = 300 is not whole
+    """One row through packed weights (cpu._one_row, the decode step's short path; k = 300 is not whole
     groups, so it falls back to the general path): bit for bit linear's general path, alone and stacked,
     with and without biases; stacked parts are C-contiguous."""
     from tinyserve.ops import Stacked, split_columns
@@ -751,7 +751,7 @@ def test_one_packed_row_is_the_general_path(monkeypatch, bits, zp, k, group):
     pw = cpu.PackedWeights(whole)
     bias = rng.standard_normal(sum(parts)).astype(np.float32)
     x = rng.standard_normal((1, k)).astype(np.float32)
-    assert (cpu._one_packed_row(x, pw, None) is None) == (k % group != 0)
+    assert (cpu._one_row(x, pw, None) is None) == (k % group != 0)
     general = np.empty((1, sum(parts)), np.float32)
     cpu._linear_packed(cpu._padded(x, pw.padded_in), pw, general)
     for b in (None, bias):
@@ -761,6 +761,30 @@ def test_one_packed_row_is_the_general_path(monkeypatch, bits, zp, k, group):
         for g, w in zip(got, split_columns(want, parts)):
             assert g.flags.c_contiguous
             np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("fmt", ["float32", "int8", "int4", "int4-asym"])
+@pytest.mark.parametrize("k,group", [(256, 64), (300, 64)])
+def test_one_row_is_the_general_path(monkeypatch, fmt, k, group):
+    """One row through row-major weights with float activations (cpu._one_row): bit for bit linear's general
+    path (the same kernel on a (1, k) batch run through it directly), alone and stacked, with a bias."""
+    from tinyserve.ops import Stacked, split_columns
+
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "float32")
+    rng = rng_for("one row", fmt, k)
+    parts = (48, 16, 37)
+    w = _weights(rng, sum(parts), k)
+    if fmt != "float32":
+        w = quant.quantize(w, 8 if fmt == "int8" else 4, group, fmt == "int4-asym")
+    w = cpu.upload(w)
+    bias = rng.standard_normal(sum(parts)).astype(np.float32)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    assert (cpu._one_row(x, w, None) is None) == (fmt != "float32" and k % group != 0)
+    general = cpu.linear(np.concatenate([x, x]), w)[:1]  # two rows: the general path, each row alone
+    np.testing.assert_array_equal(cpu.linear(x, w, bias), general + bias)
+    for g, want in zip(cpu.linear(x, Stacked(w, parts), bias), split_columns(general + bias, parts)):
+        assert g.flags.c_contiguous
+        np.testing.assert_array_equal(g, want)
 
 
 def test_stacking_keeps_different_formats_apart():

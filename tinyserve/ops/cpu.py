@@ -1672,7 +1672,7 @@ class PackedWeights:
     @functools.cached_property
     def gemv_args(self) -> tuple:
         """_gemv_pk's arguments that depend on the weight only: (group size, blocks, scales, zeros, asym, bits)
-        and the output table for a plain (N, 16 nb) output (_one_packed_row's, prepared once)."""
+        and the output table for a plain (N, 16 nb) output (_one_row's, prepared once)."""
         return ((self.group_size, self.blocks, self.scales, *_block_zeros(self), self.bits),
                 _block_outputs(self.blocks.shape[0], (self.blocks.shape[0] * 16,)))
 
@@ -2113,26 +2113,42 @@ def _padded(x: np.ndarray, kp: int) -> np.ndarray:
     return xp
 
 
-def _one_packed_row(x, w, bias):
-    """One row of x through PackedWeights, stacked or not (the decode step of one sequence with int8
-    activations: every matrix of the step), or None where that does not apply. The same kernel call as
-    linear's general path makes, with the weight's arguments prepared once (PackedWeights.gemv_args) and the
-    stacked outputs as views of one row: at one token a step the calls themselves are much of the time, and
-    the general path's checks and conversions cost 15-20 us a call when the caches are cold (after the
-    previous matrix streamed through them): 0.98x the step time for stories110M int8, 0.97x for the 1B int4
-    (docs/performance.md, "Eighth session")."""
+def _one_row(x, w, bias):
+    """One row of x through a weight, stacked or not (the decode step of one sequence: every matrix of the
+    step), or None where the short path does not apply (then linear's general path runs). The same kernel call
+    as the general path makes for one row, without its reshapes and conversions, with a packed weight's
+    arguments prepared once (PackedWeights.gemv_args), and stacked outputs as views of one row: at one token a
+    step the calls themselves are much of the time, and the general path's checks and conversions cost 15-20
+    us a call when the caches are cold (after the previous matrix streamed through them). Decode step times:
+    stories110M int8 0.95x (0.98x with int8 activations), 1B int4 0.97x (docs/performance.md, "Eighth
+    session")."""
     parts = None
     if type(w) is Stacked:
         parts, w = w.parts, w.weight
-    if (type(w) is not PackedWeights or ACTIVATIONS != "int8" or x.dtype != np.float32 or x.shape[1] != w.padded_in
-            or not x.flags.c_contiguous):
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
         return None
-    M = w.shape[0]
-    front, yat = w.gemv_args
-    out = np.empty(16 * yat.shape[0], np.float32)
-    _run(_gemv_pk, w.nbytes, x, *front, out, yat,
-         *((PREFETCH_PK8, 0) if w.bits == 8 else (PREFETCH_PK4, PREFETCH_PK4_FAR)))
-    y = out[:M].reshape(1, M)
+    t = type(w)
+    if t is PackedWeights and ACTIVATIONS == "int8" and x.shape[1] == w.padded_in:
+        front, yat = w.gemv_args
+        out = np.empty(16 * yat.shape[0], np.float32)
+        _run(_gemv_pk, w.nbytes, x, *front, out, yat,
+             *((PREFETCH_PK8, 0) if w.bits == 8 else (PREFETCH_PK4, PREFETCH_PK4_FAR)))
+        M = w.shape[0]
+        y = out[:M].reshape(1, M)
+    elif t is QuantizedTensor and ACTIVATIONS == "float32" and x.shape[1] == w.padded_in:
+        M = w.shape[0]
+        y = np.empty((1, M), np.float32)
+        if w.bits == 8:
+            _run(_gemv_q8, M * w.shape[1], x, _weight(w.data), _weight(w.scales), y, PREFETCH_Q8)
+        else:
+            z, asym = (_weight(w.zeros), True) if w.zeros is not None else (_NO_ZEROS, False)
+            _run(_gemv_q4, M * w.shape[1] // 2, x, _weight(w.data), _weight(w.scales), z, asym, y, PREFETCH_Q4)
+    elif t is np.ndarray and w.dtype == np.float32 and w.ndim == 2 and x.shape[1] == w.shape[1]:
+        M = w.shape[0]
+        y = np.empty((1, M), np.float32)
+        _run(_gemv_f32, 4 * M * w.shape[1], x, _weight(w), y)
+    else:
+        return None
     if bias is not None:
         y += np.asarray(bias, dtype=np.float32)
     if parts is None:
@@ -2148,7 +2164,7 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
     """y = x @ W.T + bias. (..., in), W (out, in) float32 or QuantizedTensor -> (..., out) float32.
     W stacked (ops.Stacked): one product over the stacked matrix, split into one output per part."""
     if type(x) is np.ndarray and x.ndim == 2 and x.shape[0] == 1:
-        y = _one_packed_row(x, w, bias)
+        y = _one_row(x, w, bias)
         if y is not None:
             return y
     if isinstance(w, Stacked):
