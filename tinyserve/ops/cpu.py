@@ -2287,19 +2287,23 @@ def take_rows(x: np.ndarray, idx) -> np.ndarray:
     return out
 
 
+@njit(cache=True, fastmath=REDUCE, inline="always")
+def _norm_row(xr, weight, eps, orow):
+    """orow = xr / sqrt(mean(xr^2) + eps) * weight: the mean of squares in float32, as the spec."""
+    D = xr.shape[0]
+    ss = f32(0)
+    for d in range(D):
+        ss += xr[d] * xr[d]
+    r = np.sqrt(ss / f32(D) + eps)
+    for d in range(D):
+        orow[d] = xr[d] / r * weight[d]
+
+
 @parallel_kernel(fastmath=REDUCE)
 def _rmsnorm(x, weight, eps, out):
-    """Per row (in parallel): mean of squares in float32, then x / sqrt(ms + eps) * weight, as the spec."""
-    N, D = x.shape
-    for n in prange(N):
-        xr = x[n]
-        ss = f32(0)
-        for d in range(D):
-            ss += xr[d] * xr[d]
-        r = np.sqrt(ss / f32(D) + eps)
-        orow = out[n]
-        for d in range(D):
-            orow[d] = xr[d] / r * weight[d]
+    """Per row (in parallel): _norm_row."""
+    for n in prange(x.shape[0]):
+        _norm_row(x[n], weight, eps, out[n])
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -2323,13 +2327,7 @@ def _add_rmsnorm(x, b, weight, eps, s, out):
         xr, br, sr = x[n], b[n], s[n]
         for d in range(D):
             sr[d] = xr[d] + br[d]
-        ss = f32(0)
-        for d in range(D):
-            ss += sr[d] * sr[d]
-        r = np.sqrt(ss / f32(D) + eps)
-        orow = out[n]
-        for d in range(D):
-            orow[d] = sr[d] / r * weight[d]
+        _norm_row(sr, weight, eps, out[n])
 
 
 def add_rmsnorm(x: np.ndarray, branch: np.ndarray, weight: np.ndarray, eps: float) -> tuple:

@@ -463,6 +463,32 @@ def kv_write(k_cache, v_cache, k, v, slots, positions) -> None:
 _NORM_THREADS = LAUNCH.threads
 
 
+@cuda.jit(device=True)
+def _block_total(partial, tid, nt):
+    """The sum of partial[0 .. nt) of a block (every thread has written its own), left in partial[0]: a tree
+    of log2(nt) steps, each halving the number of partial sums. nt must be a power of two."""
+    cuda.syncthreads()
+    stride = nt // 2
+    while stride > 0:
+        if tid < stride:
+            partial[tid] += partial[tid + stride]
+        cuda.syncthreads()
+        stride //= 2
+
+
+@cuda.jit(device=True)
+def _scale_row(src, row, weight, eps, out, partial, acc, tid, nt):
+    """The end of an RMSNorm row: acc is this thread's sum of squares of its elements of src[row]; the block
+    adds them up (_block_total), then every thread writes its elements of out[row] = src[row] * inv * weight."""
+    D = src.shape[1]
+    partial[tid] = acc
+    _block_total(partial, tid, nt)
+    inv = float32(1.0) / math.sqrt(partial[0] / float32(D) + eps)
+    for d in range(tid, D, nt):
+        out[row, d] = src[row, d] * inv * weight[d]
+    cuda.syncthreads()  # partial[0] is read by everyone before the next row overwrites it
+
+
 @cuda.jit
 def _rmsnorm_kernel(x, weight, eps, out):
     """One block per row (grid-stride over rows). Threads stride over the row summing squares (reads
@@ -477,18 +503,7 @@ def _rmsnorm_kernel(x, weight, eps, out):
         for d in range(tid, D, nt):
             v = x[row, d]
             s += v * v
-        partial[tid] = s
-        cuda.syncthreads()
-        stride = nt // 2
-        while stride > 0:  # tree: log2(nt) steps, each halving the number of partial sums
-            if tid < stride:
-                partial[tid] += partial[tid + stride]
-            cuda.syncthreads()
-            stride //= 2
-        inv = float32(1.0) / math.sqrt(partial[0] / float32(D) + eps)
-        for d in range(tid, D, nt):
-            out[row, d] = x[row, d] * inv * weight[d]
-        cuda.syncthreads()  # partial[0] is read by everyone before the next row overwrites it
+        _scale_row(x, row, weight, eps, out, partial, s, tid, nt)
 
 
 def rmsnorm(x, weight, eps):
@@ -519,18 +534,7 @@ def _add_rmsnorm_kernel(x, b, weight, eps, s, out):
             v = x[row, d] + b[row, d]
             s[row, d] = v
             acc += v * v
-        partial[tid] = acc
-        cuda.syncthreads()
-        stride = nt // 2
-        while stride > 0:
-            if tid < stride:
-                partial[tid] += partial[tid + stride]
-            cuda.syncthreads()
-            stride //= 2
-        inv = float32(1.0) / math.sqrt(partial[0] / float32(D) + eps)
-        for d in range(tid, D, nt):
-            out[row, d] = s[row, d] * inv * weight[d]
-        cuda.syncthreads()
+        _scale_row(s, row, weight, eps, out, partial, acc, tid, nt)
 
 
 def add_rmsnorm(x, branch, weight, eps):
