@@ -2320,8 +2320,8 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 @parallel_kernel(fastmath=REDUCE)
 def _add_rmsnorm(x, b, weight, eps, s, out):
-    """Per row (in parallel): s = x + b, then _rmsnorm's loops on s (the row in L1), so both outputs are
-    bit for bit add's and rmsnorm's."""
+    """Per row (in parallel): s = x + b, then _norm_row on s (the row in L1), so both outputs are bit for bit
+    add's and rmsnorm's."""
     N, D = x.shape
     for n in prange(N):
         xr, br, sr = x[n], b[n], s[n]
