@@ -1824,8 +1824,10 @@ def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros
     values unsigned: w + 128, or the nibbles n): the exact int32 sums for the T rows x 16 weight rows, stored to
     a 1 KiB buffer. Row c then gets -zero * xsum added (_pk_block starts its lanes there: zero 128 for int8, 8
     or the rows' zero points for int4) and goes through the same conversion and multiply-add, so every output
-    is bit for bit _pk_rowsN's; one tdpbsud does the work of 16 vpdpbusd. The block's bytes are prefetched
-    `ahead` bytes on (0: not)."""
+    is bit for bit _pk_rowsN's; one tdpbsud does the work of 16 vpdpbusd. int8 groups go in pairs on two sets
+    of tiles (tmm0-2, tmm3-5), so one group's products run while the other's wait on their accumulator:
+    stories110M int8 batch-16 decode steps 0.93x the time (docs/performance.md, "Eighth session"). The block's
+    bytes are prefetched `ahead` bytes on (0: not)."""
 
     def codegen(context, builder, sig, args):
         (pa, ps, xa, xr, xsuma, xsa, sr, sa, za, ss, asy, ngv, Gv, bitsv, Tv, ya, ys, ystr, ah, cfga, cst) = args
@@ -1845,13 +1847,16 @@ def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros
         gbytes = builder.select(is8, builder.mul(Gv, const(16)), builder.mul(Gv, const(8)))  # a group's bytes
         pbase = gen.data(pty, pa)
         xbase = builder.bitcast(gen.data(xty, xa), _I8.as_pointer())
-        spt = builder.bitcast(sums, _I8.as_pointer())
-        with cgutils.for_range(builder, ngv) as grp:
-            g = grp.index
+        sums2 = cgutils.alloca_once(builder, ir.ArrayType(vi, 16))  # the second group's, when in pairs
+        sums2.align = 64
+
+        def group_tiles(g, acc, ta, tb):
+            """Tiles acc (tmm) = the int32 sums of group g: tilezero, then per chunk x into ta, the weights into
+            tb, tdpbsud."""
             gstart = builder.add(ps, builder.mul(g, gbytes))
             with builder.if_then(builder.icmp_signed(">", ah, const(0))):
                 gen.prefetch(pbase, builder.add(gstart, ah), gbytes, 3)
-            _amx_asm(builder, "tilezero %tmm0")
+            _amx_asm(builder, f"tilezero %tmm{acc}")
             with cgutils.for_range(builder, builder.udiv(Gv, kc)) as chunk:
                 k = builder.mul(chunk.index, kc)
                 px = builder.gep(xbase, [builder.add(xr, builder.add(builder.mul(g, Gv), k))])
@@ -1873,9 +1878,11 @@ def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros
                                                                         builder.trunc(row, _I32)]), align=64)
                         first = builder.gep(unpacked, [ir.Constant(_I32, 0), builder.trunc(half, _I32)])
                         builder.store(builder.bitcast(first, _I8.as_pointer()), wptr)
-                _amx_asm(builder, "tileloadd ($0,$1,1), %tmm1\n\ttileloadd ($2,$3,1), %tmm2\n\t"
-                         "tdpbsud %tmm2, %tmm1, %tmm0", [px, Kp, builder.load(wptr), const(64)], "r,r,r,r")
-            _amx_asm(builder, "tilestored %tmm0, ($0,$1,1)", [spt, const(64)], "r,r")
+                _amx_asm(builder, f"tileloadd ($0,$1,1), %tmm{ta}\n\ttileloadd ($2,$3,1), %tmm{tb}\n\t"
+                         f"tdpbsud %tmm{tb}, %tmm{ta}, %tmm{acc}", [px, Kp, builder.load(wptr), const(64)], "r,r,r,r")
+
+        def group_scaled(g, buf):
+            """The stored sums of group g (buf) started at -zero * xsum, converted and multiply-added into fsum."""
             zoff = builder.add(ss, builder.mul(g, const(16)))
             zrow = builder.select(asy, builder.zext(load(zty, za, zoff, _vec(_I8, 16), 1), vi),
                                   gen.splat(builder.select(is8, ir.Constant(_I32, 128), ir.Constant(_I32, 8)), vi))
@@ -1884,11 +1891,32 @@ def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros
                 with builder.if_then(builder.icmp_signed(">", Tv, const(c))):
                     xo = builder.add(builder.add(sr, builder.mul(ngv, const(c))), g)
                     start = builder.mul(zrow, gen.splat(builder.neg(load(xsumty, xsuma, xo, _I32, 4)), vi))
-                    row = builder.load(builder.gep(sums, [ir.Constant(_I32, 0), ir.Constant(_I32, c)]), align=64)
+                    row = builder.load(builder.gep(buf, [ir.Constant(_I32, 0), ir.Constant(_I32, c)]), align=64)
                     isum = builder.add(start, row)
                     sx = gen.splat(load(xsty, xsa, xo, _F32, 4), vf)
                     builder.store(gen.muladd(builder.sitofp(isum, vf), builder.fmul(sc, sx), builder.load(fsum[c])),
                                   fsum[c])
+
+        # int8: groups in pairs, on two accumulator tiles (tmm0, tmm3; x and weights in tmm1, tmm2 and tmm4,
+        # tmm5), so one group's products run while the other's wait; each group's sums are then scaled in
+        # order, so every output is the same sequence of operations. int4 (its weights go through the
+        # unpacking buffer) and an odd last group: one at a time.
+        pairs = builder.select(is8, builder.udiv(ngv, const(2)), const(0))
+        s1, s2 = builder.bitcast(sums, _I8.as_pointer()), builder.bitcast(sums2, _I8.as_pointer())
+        with cgutils.for_range(builder, pairs) as pr:
+            g0 = builder.mul(pr.index, const(2))
+            g1 = builder.add(g0, const(1))
+            group_tiles(g0, 0, 1, 2)
+            group_tiles(g1, 3, 4, 5)
+            _amx_asm(builder, "tilestored %tmm0, ($0,$2,1)\n\ttilestored %tmm3, ($1,$2,1)", [s1, s2, const(64)],
+                     "r,r,r")
+            group_scaled(g0, sums)
+            group_scaled(g1, sums2)
+        with cgutils.for_range(builder, builder.sub(ngv, builder.mul(pairs, const(2)))) as rest:
+            g = builder.add(builder.mul(pairs, const(2)), rest.index)
+            group_tiles(g, 0, 1, 2)
+            _amx_asm(builder, "tilestored %tmm0, ($0,$1,1)", [s1, const(64)], "r,r")
+            group_scaled(g, sums)
         ybase = gen.data(yty, ya)
         for c in range(16):
             with builder.if_then(builder.icmp_signed(">", Tv, const(c))):
@@ -1904,11 +1932,12 @@ def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros
 @functools.lru_cache(maxsize=None)
 def _pk_tile_config(kc: int) -> np.ndarray:
     """The tile configurations of _pk_tiles, one per T = 0 .. 16 rows of x (row T, 64 bytes; palette 1): tmm0
-    the sums, T rows x 16 int32; tmm1 x, T rows x kc bytes; tmm2 the block's chunk, kc / 4 rows x 64 bytes."""
+    the sums, T rows x 16 int32; tmm1 x, T rows x kc bytes; tmm2 the block's chunk, kc / 4 rows x 64 bytes;
+    tmm3-5 the same for the second group of a pair."""
     cfg = np.zeros((17, 64), np.uint8)
     for T in range(1, 17):
         cfg[T, 0] = 1
-        for t, (r, colsb) in enumerate(((T, 64), (T, kc), (kc // 4, 64))):
+        for t, (r, colsb) in enumerate(((T, 64), (T, kc), (kc // 4, 64)) * 2):  # tmm3-5: the second group's
             cfg[T, 16 + 2 * t], cfg[T, 17 + 2 * t], cfg[T, 48 + t] = colsb & 0xFF, colsb >> 8, r
     return cfg
 
