@@ -1671,8 +1671,8 @@ class PackedWeights:
 
     @functools.cached_property
     def gemv_args(self) -> tuple:
-        """_gemv_pk's arguments that depend on the weight only: (group size, blocks, scales, zeros, asym, bits)
-        and the output table for a plain (N, 16 nb) output (_one_row's, prepared once)."""
+        """_gemv_pk's (and _gemv_pk_tiles') arguments that depend on the weight only: (group size, blocks,
+        scales, zeros, asym, bits), and the output table for a plain (N, 16 nb) output; prepared once."""
         return ((self.group_size, self.blocks, self.scales, *_block_zeros(self), self.bits),
                 _block_outputs(self.blocks.shape[0], (self.blocks.shape[0] * 16,)))
 
@@ -2040,6 +2040,11 @@ def _block_zeros(w) -> tuple:
     return (w.zeros, True) if w.zeros is not None else (_NO_BLOCK_ZEROS, False)
 
 
+def _pk_prefetch(bits: int) -> tuple:
+    """_gemv_pk's prefetch distances (ahead, far) for packed weights of `bits`."""
+    return (PREFETCH_PK8, 0) if bits == 8 else (PREFETCH_PK4, PREFETCH_PK4_FAR)
+
+
 @functools.lru_cache(maxsize=None)
 def _block_outputs(nb: int, parts: tuple) -> np.ndarray:
     """(nb, 3) int64: where the packed kernels write each block's 16 outputs for the rows of x (_gemv_pk's
@@ -2060,15 +2065,14 @@ def _linear_packed(xp, w, y, parts=None):
     multiples of 16, adding up to out) into y flat (N * out), part i as a C-contiguous (N, parts[i]) array at
     N * (the widths before it)."""
     N, M, nb = xp.shape[0], w.shape[0], w.blocks.shape[0]
-    z, asym = _block_zeros(w)
+    front, whole = w.gemv_args
     out = y if parts is not None or nb * 16 == M else np.empty((N, nb * 16), np.float32)
-    yat = _block_outputs(nb, parts or (nb * 16,))
+    yat = whole if parts is None else _block_outputs(nb, parts)
     if AMX and N >= (AMX_MIN_ROWS if w.bits == 8 else AMX_MIN_ROWS_Q4):  # the same results, the sums on tiles
-        _run(_gemv_pk_tiles, N * w.nbytes, xp, w.group_size, w.blocks, w.scales, z, asym, w.bits, out.reshape(-1),
-             yat, PREFETCH_AMX, _pk_tile_config(min(w.group_size, 64)).reshape(-1))
+        _run(_gemv_pk_tiles, N * w.nbytes, xp, *front, out.reshape(-1), yat, PREFETCH_AMX,
+             _pk_tile_config(min(w.group_size, 64)).reshape(-1))
     else:
-        _run(_gemv_pk, N * w.nbytes, xp, w.group_size, w.blocks, w.scales, z, asym, w.bits, out.reshape(-1), yat,
-             *((PREFETCH_PK8, 0) if w.bits == 8 else (PREFETCH_PK4, PREFETCH_PK4_FAR)))
+        _run(_gemv_pk, N * w.nbytes, xp, *front, out.reshape(-1), yat, *_pk_prefetch(w.bits))
     if out is not y:
         y[:] = out[:, :M]
 
@@ -2147,6 +2151,12 @@ def _weight(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _quant_zeros(w: QuantizedTensor) -> tuple:
+    """The zero-point arguments of the row-major quantized kernels for w: (its zeros, True), or (a dummy,
+    False)."""
+    return (_weight(w.zeros), True) if w.zeros is not None else (_NO_ZEROS, False)
+
+
 def _padded(x: np.ndarray, kp: int) -> np.ndarray:
     """x (N, in) with zero columns up to kp (the quantized weight's whole groups)."""
     if x.shape[1] == kp:
@@ -2174,8 +2184,7 @@ def _one_row(x, w, bias):
     if t is PackedWeights and ACTIVATIONS == "int8" and x.shape[1] == w.padded_in:
         front, yat = w.gemv_args
         out = np.empty(16 * yat.shape[0], np.float32)
-        _run(_gemv_pk, w.nbytes, x, *front, out, yat,
-             *((PREFETCH_PK8, 0) if w.bits == 8 else (PREFETCH_PK4, PREFETCH_PK4_FAR)))
+        _run(_gemv_pk, w.nbytes, x, *front, out, yat, *_pk_prefetch(w.bits))
         M = w.shape[0]
         y = out[:M].reshape(1, M)
     elif t is QuantizedTensor and ACTIVATIONS == "float32" and x.shape[1] == w.padded_in:
@@ -2184,7 +2193,7 @@ def _one_row(x, w, bias):
         if w.bits == 8:
             _run(_gemv_q8, M * w.shape[1], x, _weight(w.data), _weight(w.scales), y, PREFETCH_Q8)
         else:
-            z, asym = (_weight(w.zeros), True) if w.zeros is not None else (_NO_ZEROS, False)
+            z, asym = _quant_zeros(w)
             _run(_gemv_q4, M * w.shape[1] // 2, x, _weight(w.data), _weight(w.scales), z, asym, y, PREFETCH_Q4)
     elif t is np.ndarray and w.dtype == np.float32 and w.ndim == 2 and x.shape[1] == w.shape[1]:
         M = w.shape[0]
@@ -2247,7 +2256,7 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
             else:
                 _run(_gemv_q8, N * out_f * in_f, xp, data, scales, y, PREFETCH_Q8)
         else:
-            z, asym = (_weight(w.zeros), True) if w.zeros is not None else (_NO_ZEROS, False)
+            z, asym = _quant_zeros(w)
             if gemm:
                 _gemm_quant(xp, data, scales, z, asym, 4, y, panel_rows(w.padded_in))
             elif ACTIVATIONS == "int8":

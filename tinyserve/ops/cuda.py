@@ -515,9 +515,14 @@ def rmsnorm(x, weight, eps):
         raise TinyserveError(f"cuda ops: rmsnorm weight has {weight.shape[0]} values for rows of {D}")
     out = _alloc((N, D), np.float32)
     if N and D:
-        threads = min(_NORM_THREADS, 1 << max(0, (D - 1).bit_length()))  # a power of two, <= D rounded up
-        _rmsnorm_kernel[max(1, min(N, LAUNCH.max_blocks)), threads, _stream()](x, weight, np.float32(eps), out)
+        _rmsnorm_kernel[_norm_launch(N, D)](x, weight, np.float32(eps), out)
     return out
+
+
+def _norm_launch(N: int, D: int) -> tuple:
+    """The launch of the norm kernels for N rows of D: one block per row (up to the grid's limit), threads a
+    power of two, <= D rounded up."""
+    return max(1, min(N, LAUNCH.max_blocks)), min(_NORM_THREADS, 1 << max(0, (D - 1).bit_length())), _stream()
 
 
 @cuda.jit
@@ -550,9 +555,7 @@ def add_rmsnorm(x, branch, weight, eps):
         raise TinyserveError(f"cuda ops: add_rmsnorm weight has {weight.shape[0]} values for rows of {D}")
     s, out = _alloc((N, D), np.float32), _alloc((N, D), np.float32)
     if N and D:
-        threads = min(_NORM_THREADS, 1 << max(0, (D - 1).bit_length()))
-        _add_rmsnorm_kernel[max(1, min(N, LAUNCH.max_blocks)), threads, _stream()](
-            x, branch, weight, np.float32(eps), s, out)
+        _add_rmsnorm_kernel[_norm_launch(N, D)](x, branch, weight, np.float32(eps), s, out)
     return s, out
 
 
