@@ -378,15 +378,73 @@ def test_upload_packs_only_for_int8_activations(monkeypatch):
     assert isinstance(cpu.upload(w), quant.QuantizedTensor)
 
 
-def test_pack_env_variable():
+def test_upload_weight_copies_into_weight_memory(monkeypatch):
+    """The model's weights are copied (read-only, C-contiguous, the same numbers) into WeightMemory: 64-byte
+    boundaries, a large array on a 2 MiB boundary of its own mapping; without huge pages, upload's views."""
+    rng = rng_for("upload_weight")
+    monkeypatch.setattr(cpu, "HUGE_PAGES", True)
+    small = rng.standard_normal((3, 5)).astype(np.float32)
+    big = rng.standard_normal((cpu.WeightMemory.CHUNK // 8 + 3, 2)).astype(np.float32)  # over half a chunk
+    for a in (small, big, small[:, 1:]):  # a strided view too
+        b = cpu.upload_weight(a)
+        np.testing.assert_array_equal(b, a)
+        assert not b.flags.writeable and b.flags.c_contiguous and b.ctypes.data % 64 == 0
+        assert not np.shares_memory(a, b)
+    assert cpu.upload_weight(big).ctypes.data % cpu.HUGE_PAGE == 0
+    for zp in (False, True):
+        qt = quant.quantize(rng.standard_normal((20, 70)).astype(np.float32), 4, 32, zero_point=zp)
+        up = cpu.upload_weight(qt)
+        assert isinstance(up, quant.QuantizedTensor)
+        for name in ("data", "scales", "zeros"):
+            a, b = getattr(qt, name), getattr(up, name)
+            if a is None:
+                assert b is None
+                continue
+            np.testing.assert_array_equal(b, a)
+            assert not b.flags.writeable and not np.shares_memory(a, b)
+    stacked = cpu.upload_weight(cpu.Stacked(small, (1, 2)))
+    assert stacked.parts == (1, 2)
+    np.testing.assert_array_equal(stacked.weight, small)
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "int8")
+    packed = cpu.upload_weight(qt)
+    assert isinstance(packed, cpu.PackedWeights) == cpu.PACK
+    if cpu.PACK:
+        back = packed.unpack()
+        for name in ("data", "scales", "zeros"):
+            np.testing.assert_array_equal(getattr(back, name), getattr(qt, name))
+    monkeypatch.setattr(cpu, "HUGE_PAGES", False)
+    ro = cpu.upload(small)
+    assert np.shares_memory(cpu.upload_weight(ro), small)
+
+
+def test_weight_memory_keeps_every_array():
+    """Arrays placed one after another (filling mappings and starting new ones) never overlap, and each keeps
+    its values while later ones are written."""
+    mem = cpu.WeightMemory()
+    mem.CHUNK = 2**16  # small mappings, to cross many of them
+    rng = rng_for("arena")
+    want, got = [], []
+    for i in range(60):
+        a = rng.standard_normal(int(rng.integers(1, 6000))).astype(np.float32)
+        want.append(a)
+        got.append(mem.copy(a))
+    for i, (a, b) in enumerate(zip(want, got)):
+        np.testing.assert_array_equal(b, a)
+        assert b.ctypes.data % 64 == 0
+        if i:
+            assert not np.shares_memory(b, got[i - 1])
+    assert mem.empty((0, 4), np.int8).shape == (0, 4)
+
+
+def test_pack_and_huge_pages_env_variables():
     import os
     import subprocess
     import sys
 
-    code = "from tinyserve.ops import cpu; print(cpu.PACK)"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TINYSERVE_PACK": "0"},
-                         capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "False"
+    code = "from tinyserve.ops import cpu; print(cpu.PACK, cpu.HUGE_PAGES)"
+    env = {**os.environ, "TINYSERVE_PACK": "0", "TINYSERVE_HUGE_PAGES": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
 
 
 def _quantize_x(x, G, dtype=np.int8):

@@ -213,11 +213,11 @@ def layer_matrix(layer: LayerWeights, name: str):
 
 
 def upload_weights(w: Weights, ops) -> Weights:
-    """The same weights, placed where the backend computes (no copy on the CPU backends), with each layer's
-    projections of one input stacked (stack_projections)."""
+    """The same weights, placed where the backend computes (its upload_weight if it has one: the cpu backend's
+    copy in 2 MiB pages; else ops.upload), with each layer's projections of one input stacked."""
 
     def up(a):
-        return None if a is None else ops.upload(a)
+        return None if a is None else (getattr(ops, "upload_weight", None) or ops.upload)(a)
 
     layers = [LayerWeights(**{k: up(v) for k, v in vars(stack_projections(layer)).items()}) for layer in w.layers]
     lm_head = up(w.lm_head) if w.lm_head is not w.embed_tokens else None

@@ -2,7 +2,9 @@
 
 Every backend module defines every name in OP_NAMES with the same signature as ops/reference.py (the
 NumPy specification), plus the array helpers in ARRAY_NAMES that move data to and from where the backend
-keeps it. `model.py` only ever calls `ops.<name>(...)`, so it does not know which backend runs it.
+keeps it. `model.py` only ever calls `ops.<name>(...)`, so it does not know which backend runs it. A backend
+may also define `upload_weight(a)`, which model.upload_weights then uses for the weights (arrays that live
+as long as the model) instead of `upload` (the cpu backend places them in 2 MiB pages).
 """
 
 from __future__ import annotations

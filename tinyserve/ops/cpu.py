@@ -41,6 +41,7 @@ runtime group sizes, GOMP_SPINCOUNT).
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 
 # How long libgomp's worker threads spin, waiting for the next parallel region, before they sleep. The
@@ -154,10 +155,9 @@ def parallel_kernel(fastmath=False):
 
 # ----------------------------------------------------------------------------------------------- arrays
 def upload(a):
-    """Weights are used where they are (no copy); float32 weights and quantized tensors become read-only
-    views, the form every kernel takes them in (see _weight), so no call has to make the view again. With
-    int8 activations (ACTIVATIONS = "int8" when the model loads) on AVX-512 VNNI machines, quantized tensors
-    are repacked instead (PackedWeights): the same numbers in the layout those kernels stream fastest."""
+    """Arrays are used where they are (no copy); float32 arrays and quantized tensors become read-only views,
+    the form every kernel takes weights in (see _weight), so no call has to make the view again. The model's
+    weights go through upload_weight instead."""
     if isinstance(a, Stacked):
         return Stacked(upload(a.weight), a.parts)
     if isinstance(a, np.ndarray) and a.dtype == np.float32:
@@ -169,6 +169,96 @@ def upload(a):
         if a.zeros is not None:
             a.zeros = _weight(a.zeros)
     return a
+
+
+def upload_weight(a):
+    """A weight of the model (model.upload_weights), in the form upload gives, placed in weight memory: a
+    read-only copy in 2 MiB pages (WeightMemory; without them, upload's views). With int8 activations (ACTIVATIONS =
+    "int8" when the model loads) on AVX-512 VNNI machines, quantized tensors are repacked (PackedWeights): the
+    same numbers in the layout those kernels stream fastest."""
+    if isinstance(a, Stacked):
+        return Stacked(upload_weight(a.weight), a.parts)
+    if not HUGE_PAGES:
+        return upload(a)
+    if isinstance(a, np.ndarray) and a.dtype == np.float32:
+        return _WEIGHTS.copy(a)
+    if isinstance(a, QuantizedTensor) and PACK and ACTIVATIONS == "int8":
+        return PackedWeights(a, _WEIGHTS)
+    if isinstance(a, QuantizedTensor):
+        return QuantizedTensor(a.bits, a.group_size, a.shape, _WEIGHTS.copy(a.data), _WEIGHTS.copy(a.scales),
+                               None if a.zeros is None else _WEIGHTS.copy(a.zeros))
+    return upload(a)
+
+
+# A decode step streams every weight once from memory, and each 4 KiB page of it costs a TLB miss and a page
+# walk (two-dimensional in a virtual machine); 2 MiB pages ("transparent huge pages", Linux) cost 512x fewer.
+# NumPy asks for them (madvise) only for allocations of 4 MiB and up, and even then the first and last partial
+# 2 MiB of an array that does not start on a 2 MiB boundary stay in small pages: the 1B shape's q/k/v and
+# o matrices in int4 (2-3 MiB) got none, its 17 MiB gate/up ~85%. Read with the plain read kernel, one call
+# per array (2026-11-29): 150 arrays of 4 MiB 18.5 GB/s as NumPy allocates them, 25.6 GB/s on 2 MiB
+# boundaries in 2 MiB pages, against 30.2 for one 600 MB array; 37 of 16 MiB 26.4 -> 29.5. So the model's
+# weights are copied at load into memory mapped for 2 MiB pages (docs/performance.md, "Ninth session").
+# TINYSERVE_HUGE_PAGES=0 keeps them where they are (a memory-mapped checkpoint then stays shared, unread
+# until used); on machines without transparent huge pages the copy would gain nothing and is not made.
+def _huge_pages_available() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+    except OSError:
+        return False
+    return "[never]" not in mode and hasattr(mmap, "MADV_HUGEPAGE")
+
+
+HUGE_PAGES = os.environ.get("TINYSERVE_HUGE_PAGES", "1") != "0" and _huge_pages_available()
+HUGE_PAGE = 2**21
+
+
+def _huge_mapping(nbytes: int) -> np.ndarray:
+    """A writable uint8 array of nbytes (rounded up to whole cache lines) starting on a 2 MiB boundary of an
+    anonymous mapping marked for 2 MiB pages; the mapping lives as long as any array made from it."""
+    n = -(-nbytes // 64) * 64
+    m = mmap.mmap(-1, n + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # private: shared anonymous memory is shmem, which THP does not serve
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):  # a kernel without it: small pages, still correct
+        pass
+    raw = np.frombuffer(m, np.uint8)
+    off = (-raw.ctypes.data) % HUGE_PAGE
+    return raw[off:off + n]
+
+
+class WeightMemory:
+    """Where upload_weight puts the model's weights: one after the other (each on a 64-byte boundary) in
+    64 MiB mappings of 2 MiB pages, an array of more than half that in a mapping of its own. Weights are
+    never freed one by one: a mapping goes when the last array in it does (and the one still being filled
+    when it is full)."""
+
+    CHUNK = 2**26
+
+    def __init__(self):
+        self._rest = np.empty(0, np.uint8)  # the unused end of the mapping being filled
+
+    def empty(self, shape, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        n = int(np.prod(shape)) * dtype.itemsize
+        step = -(-n // 64) * 64
+        if step > self.CHUNK // 2:
+            raw = _huge_mapping(n)
+        else:
+            if step > self._rest.size:
+                self._rest = _huge_mapping(self.CHUNK)
+            raw, self._rest = self._rest[:step], self._rest[step:]
+        return raw[:n].view(dtype).reshape(shape)
+
+    def copy(self, a: np.ndarray) -> np.ndarray:
+        """A read-only C-contiguous copy of a in weight memory."""
+        out = self.empty(a.shape, a.dtype)
+        out[...] = a
+        out.flags.writeable = False
+        return out
+
+
+_WEIGHTS = WeightMemory()
 
 
 def download(a) -> np.ndarray:
@@ -1640,13 +1730,14 @@ class PackedWeights:
     [b, g, r]. The same numbers as the tensor it came from (unpack() gives it back), in as many bytes.
     """
 
-    def __init__(self, qt: QuantizedTensor):
+    def __init__(self, qt: QuantizedTensor, memory: WeightMemory | None = None):
+        """memory: where to put the arrays (upload_weight's WeightMemory), else NumPy's heap."""
         self.bits, self.group_size, self.shape = qt.bits, qt.group_size, qt.shape
         self.n_groups, self.padded_in = qt.n_groups, qt.padded_in
         M, Kp = qt.shape[0], qt.padded_in
         nb = -(-M // 16)
         per = 4 if qt.bits == 8 else 8  # inputs per row per step
-        self.blocks = _aligned((nb, Kp // per, 64), np.uint8)
+        self.blocks = (memory.empty if memory is not None else _aligned)((nb, Kp // per, 64), np.uint8)
         for b0 in range(0, nb, 256):  # a few MB at a time: no full-size temporaries
             b1 = min(nb, b0 + 256)
             part = np.asarray(qt.data[16 * b0:16 * b1])
@@ -1661,6 +1752,9 @@ class PackedWeights:
             self.blocks[b0:b1] = rows.reshape(b1 - b0, 16, Kp // per, 4).transpose(0, 2, 1, 3).reshape(b1 - b0, -1, 64)
         self.scales = _by_block(np.asarray(qt.scales), nb)
         self.zeros = None if qt.zeros is None else _by_block(np.asarray(qt.zeros), nb)
+        if memory is not None:
+            self.scales = memory.copy(self.scales)
+            self.zeros = None if self.zeros is None else memory.copy(self.zeros)
         for a in (self.blocks, self.scales, self.zeros):
             if a is not None:
                 a.flags.writeable = False
