@@ -36,6 +36,14 @@ def test_default_model_files(llm):
     assert llm.tokenizer.bos_id == 1 and 2 in llm.tokenizer.eos_ids
 
 
+def test_checkpoint_mapping_released_after_load(llm):
+    """After loading, the LLM keeps no mapping of its files (the cpu backend copied the weights; weights used in
+    place would keep theirs alive by themselves); reading a tensor again maps the file again."""
+    assert all(f._mmap is None for f in llm.ckpt.files)
+    again = llm.ckpt.get("model.embed_tokens.weight")
+    np.testing.assert_array_equal(again, llm.ops.download(llm.weights.embed_tokens))
+
+
 def _english_fraction(text: str) -> float:
     vocab = set(re.findall(r"[a-z]+", CORPUS.read_text(encoding="utf-8").lower()))
     words = re.findall(r"[a-z]+", text.lower())

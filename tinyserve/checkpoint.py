@@ -97,6 +97,11 @@ class SafetensorsFile:
         a = np.frombuffer(self._mmap, dtype=_DTYPES[dtype], count=count, offset=start)
         return a.reshape(shape)
 
+    def release(self) -> None:
+        """Forget the file's mapping (the next read maps it again); it is unmapped once no array read from it
+        is left, so weights still used in place keep it."""
+        self._mmap = None
+
     def get(self, name) -> np.ndarray:
         """The tensor; floating point tensors come back as float32."""
         dtype = self.entries[name][0]
@@ -148,6 +153,12 @@ class Checkpoint:
 
     def __contains__(self, name) -> bool:
         return name in self.location
+
+    def release(self) -> None:
+        """Forget every file's mapping (SafetensorsFile.release): after a backend copied the weights, the
+        files' pages are no longer part of the process."""
+        for sf in self.files:
+            sf.release()
 
     def names(self):
         return list(self.location)

@@ -92,6 +92,8 @@ class LLM:
         bar = progress_bar("loading") if progress else None
         host = load_weights(self.ckpt, self.config, read_linear=read_linear, progress=bar)
         self._place(host, t0, timer, progress)
+        del host
+        self.ckpt.release()  # the mappings stay only where weights are used in place (numpy backend, no copy)
 
     @classmethod
     def from_weights(cls, config: ModelConfig, host_weights, backend: str = DEFAULT_BACKEND, timer=None,
