@@ -417,6 +417,27 @@ def test_upload_weight_copies_into_weight_memory(monkeypatch):
     assert np.shares_memory(cpu.upload_weight(ro), small)
 
 
+def test_upload_weights_consume_takes_the_layers_out():
+    """upload_weights(consume=True), the loader's path: the same placed weights, and the host layers taken out
+    of w as they are placed (so their arrays can go before the next layer is copied)."""
+    from tinyserve.bench import random_weights, shape_config
+    from tinyserve.model import upload_weights
+
+    cfg = shape_config("stories260K")
+    kept = upload_weights(random_weights(cfg, seed=3), cpu)
+    host = random_weights(cfg, seed=3)
+    placed = upload_weights(host, cpu, consume=True)
+    assert all(layer is None for layer in host.layers)
+    for a, b in zip(kept.layers, placed.layers):
+        for name, v in vars(a).items():
+            w = getattr(b, name)
+            if v is None:
+                assert w is None
+            else:
+                np.testing.assert_array_equal(getattr(v, "weight", v), getattr(w, "weight", w))
+    np.testing.assert_array_equal(kept.embed_tokens, placed.embed_tokens)
+
+
 def test_weight_memory_keeps_every_array():
     """Arrays placed one after another (filling mappings and starting new ones) never overlap, and each keeps
     its values while later ones are written."""

@@ -91,7 +91,7 @@ class LLM:
             self.quant = self.ckpt.metadata["tinyserve_quant"]
         bar = progress_bar("loading") if progress else None
         host = load_weights(self.ckpt, self.config, read_linear=read_linear, progress=bar)
-        self._place(host, t0, timer, progress)
+        self._place(host, t0, timer, progress, consume=True)
         del host
         self.ckpt.release()  # the mappings stay only where weights are used in place (numpy backend, no copy)
 
@@ -110,10 +110,10 @@ class LLM:
         self._place(host_weights, t0, timer)
         return self
 
-    def _place(self, host_weights, t0, timer, progress: bool = False) -> None:
-        """Put the weights on the backend, compile its kernels, and time both."""
+    def _place(self, host_weights, t0, timer, progress: bool = False, consume: bool = False) -> None:
+        """Put the weights on the backend, compile its kernels, and time both (consume: see upload_weights)."""
         self.timer = timer
-        self.weights = upload_weights(host_weights, self.ops)
+        self.weights = upload_weights(host_weights, self.ops, consume)
         self.load_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         if hasattr(self.ops, "warmup"):

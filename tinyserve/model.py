@@ -212,14 +212,21 @@ def layer_matrix(layer: LayerWeights, name: str):
     return None
 
 
-def upload_weights(w: Weights, ops) -> Weights:
+def upload_weights(w: Weights, ops, consume: bool = False) -> Weights:
     """The same weights, placed where the backend computes (its upload_weight if it has one: the cpu backend's
-    copy in 2 MiB pages; else ops.upload), with each layer's projections of one input stacked."""
+    copy in 2 MiB pages; else ops.upload), with each layer's projections of one input stacked. consume: take
+    each layer out of w once it is placed, so that its host arrays can go before the next one is copied (the
+    loader's own weights: the peak is then the model and one layer, not the model twice)."""
 
     def up(a):
         return None if a is None else (getattr(ops, "upload_weight", None) or ops.upload)(a)
 
-    layers = [LayerWeights(**{k: up(v) for k, v in vars(stack_projections(layer)).items()}) for layer in w.layers]
+    layers = []
+    for i, layer in enumerate(w.layers):
+        if consume:
+            w.layers[i] = None
+        layers.append(LayerWeights(**{k: up(v) for k, v in vars(stack_projections(layer)).items()}))
+    layer = None
     lm_head = up(w.lm_head) if w.lm_head is not w.embed_tokens else None
     embed = up(w.embed_tokens)
     return Weights(
