@@ -33,6 +33,9 @@ contraction so that LLVM can vectorize their sums; nothing else is relaxed (no a
 and inf as in NumPy; see REDUCE). exp is computed by _exp, within 1 ulp of the exact value (NumPy's own
 float32 exp: 2.5 ulp). The KV cache may be float16 (kv_dtype): kv_write and attention take it as uint16 bits.
 
+Weights: the model's weights are copied at load into memory of 2 MiB pages (upload_weight, WeightMemory;
+TINYSERVE_HUGE_PAGES=0 keeps them in place), where a decode step's stream of them costs fewer TLB misses.
+
 docs/performance.md has the measured speeds and the alternatives that were tried; NUMBA_NOTES.md (shared)
 has the facts about Numba on these machines that shaped the code (int32 casts, slicing before loops,
 runtime group sizes, GOMP_SPINCOUNT).
@@ -173,9 +176,9 @@ def upload(a):
 
 def upload_weight(a):
     """A weight of the model (model.upload_weights), in the form upload gives, placed in weight memory: a
-    read-only copy in 2 MiB pages (WeightMemory; without them, upload's views). With int8 activations (ACTIVATIONS =
-    "int8" when the model loads) on AVX-512 VNNI machines, quantized tensors are repacked (PackedWeights): the
-    same numbers in the layout those kernels stream fastest."""
+    read-only copy in 2 MiB pages (WeightMemory; without huge pages, upload's views). With int8 activations
+    (ACTIVATIONS = "int8" when the model loads) on AVX-512 VNNI machines, quantized tensors are repacked
+    (PackedWeights): the same numbers in the layout those kernels stream fastest."""
     if isinstance(a, Stacked):
         return Stacked(upload_weight(a.weight), a.parts)
     if not HUGE_PAGES:
@@ -217,7 +220,8 @@ def _huge_mapping(nbytes: int) -> np.ndarray:
     """A writable uint8 array of nbytes (rounded up to whole cache lines) starting on a 2 MiB boundary of an
     anonymous mapping marked for 2 MiB pages; the mapping lives as long as any array made from it."""
     n = -(-nbytes // 64) * 64
-    m = mmap.mmap(-1, n + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # private: shared anonymous memory is shmem, which THP does not serve
+    # private: a shared anonymous mapping (mmap's default) is shmem, which transparent huge pages do not serve
+    m = mmap.mmap(-1, n + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
     try:
         m.madvise(mmap.MADV_HUGEPAGE)
     except (AttributeError, OSError):  # a kernel without it: small pages, still correct
