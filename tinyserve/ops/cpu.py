@@ -2571,14 +2571,20 @@ def _kv_write(k_cache, v_cache, k, v, slots, positions):
 
 @njit(cache=True)
 def _all_in_range(slots, positions, S, T):
-    """Every slot in 0..S-1 and every position in 0..T-1 (one pass; cheaper than four NumPy reductions)."""
+    """(every slot in 0..S-1 and every position in 0..T-1, the largest position + 1, the sum of positions + 1)
+    in one pass: cheaper than NumPy's reductions, each a call that costs microseconds between kernels."""
+    longest = seen = 0
     for i in range(slots.shape[0]):
         if not (0 <= slots[i] < S and 0 <= positions[i] < T):
-            return False
-    return True
+            return False, 0, 0
+        longest = max(longest, positions[i] + 1)
+        seen += positions[i] + 1
+    return True, longest, seen
 
 
 def _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, op):
+    """(slots, positions) as int64 arrays, after checking them and the caches; and the largest position + 1
+    and the sum of positions + 1 (what attention sizes its scratch and its work by)."""
     if not (isinstance(k_cache, np.ndarray) and k_cache.dtype in (np.float32, np.float16)
             and k_cache.flags.c_contiguous):
         raise ValueError(f"{op}: the KV cache must be a C-contiguous float32 or float16 NumPy array")
@@ -2591,9 +2597,10 @@ def _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, op):
     positions = np.asarray(positions, dtype=np.int64)
     if slots.shape != (N,) or positions.shape != (N,):
         raise ValueError(f"{op}: slots and positions must have shape ({N},)")
-    if not _all_in_range(slots, positions, S, Tmax):
+    ok, longest, seen = _all_in_range(slots, positions, S, Tmax)
+    if not ok:
         raise IndexError(f"{op}: a slot is outside 0..{S - 1} or a position outside 0..{Tmax - 1}")
-    return slots, positions
+    return slots, positions, longest, seen
 
 
 def _kernel_cache(c: np.ndarray) -> np.ndarray:
@@ -2612,7 +2619,7 @@ def kv_write(k_cache, v_cache, k: np.ndarray, v: np.ndarray, slots, positions) -
     N, KVH, hd = k.shape
     if v.shape != k.shape:
         raise ValueError(f"kv_write: k {k.shape} and v {v.shape} differ")
-    slots, positions = _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, "kv_write")
+    slots, positions, _, _ = _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, "kv_write")
     # Each row written is a cold line in another page: the cost is one memory latency per row, not the bytes.
     # Counted as 2 KiB of work per row (SERIAL_BELOW), so 12 heads go parallel from 8 tokens: per layer,
     # serial / parallel, after the caches were flushed (stories110M heads, 4th session): 1 token 4 / 10 us,
@@ -2712,12 +2719,8 @@ def attention(q, k_cache, v_cache, slots, positions, window: int = 0) -> np.ndar
     KVH = k_cache.shape[1]
     if H % KVH:
         raise ValueError(f"attention: {H} query heads are not a multiple of {KVH} kv heads")
-    slots, positions = _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, "attention")
+    slots, positions, longest, seen = _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, "attention")
     out = np.empty_like(q)
-    if N == 1:  # decode of one sequence: no NumPy reductions (a few microseconds a call on tiny models)
-        longest = seen = int(positions[0]) + 1
-    else:
-        longest, seen = (int(positions.max()) + 1, int(np.sum(positions + 1))) if N else (0, 0)
     if window:
         longest = min(longest, int(window))
     scores = np.empty((N * KVH, H // KVH, longest + 1), np.float32)  # + 1: each head's softmax sum
