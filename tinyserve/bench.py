@@ -258,7 +258,7 @@ def load_for_bench(model: str | None, shape: str | None, backend: str, quant: st
                 return quantize(w, bits, group_size)
 
         return shape, LLM.from_weights(cfg, random_weights(cfg, transform=transform), backend=backend, quant=q,
-                                       timer=timer, kv_dtype=kv_dtype)
+                                       timer=timer, kv_dtype=kv_dtype, consume=True)
     return str(model), load(model, backend=backend, quant=q, group_size=group_size, timer=timer, kv_dtype=kv_dtype)
 
 

@@ -97,8 +97,10 @@ class LLM:
 
     @classmethod
     def from_weights(cls, config: ModelConfig, host_weights, backend: str = DEFAULT_BACKEND, timer=None,
-                     quant: str | None = None, kv_dtype: str = "float32") -> "LLM":
-        """An LLM from weights already in memory (random-weight benchmarks); no tokenizer, no EOS."""
+                     quant: str | None = None, kv_dtype: str = "float32", consume: bool = False) -> "LLM":
+        """An LLM from weights already in memory (random-weight benchmarks); no tokenizer, no EOS. consume: the
+        host weights' layers are taken out as they are placed (model.upload_weights), for a caller that does
+        not keep them."""
         t0 = time.perf_counter()
         self = cls.__new__(cls)
         self.model_dir, self.config, self.backend, self.quant = None, config, backend, quant
@@ -107,7 +109,7 @@ class LLM:
         self.ops = get_ops(backend)
         self.tokenizer = None
         self.generation_defaults = {"temperature": 0.0}
-        self._place(host_weights, t0, timer)
+        self._place(host_weights, t0, timer, consume=consume)
         return self
 
     def _place(self, host_weights, t0, timer, progress: bool = False, consume: bool = False) -> None:
