@@ -218,15 +218,15 @@ def upload_weights(w: Weights, ops, consume: bool = False) -> Weights:
     each layer out of w once it is placed, so that its host arrays can go before the next one is copied (the
     loader's own weights: the peak is then the model and one layer, not the model twice)."""
 
-    def up(a):
-        return None if a is None else (getattr(ops, "upload_weight", None) or ops.upload)(a)
+    def up(a, place=getattr(ops, "upload_weight", None) or ops.upload):
+        return None if a is None else place(a)
 
     layers = []
     for i, layer in enumerate(w.layers):
         if consume:
             w.layers[i] = None
         layers.append(LayerWeights(**{k: up(v) for k, v in vars(stack_projections(layer)).items()}))
-    layer = None
+    layer = None  # the last host layer too can go before the embeddings are placed
     lm_head = up(w.lm_head) if w.lm_head is not w.embed_tokens else None
     embed = up(w.embed_tokens)
     return Weights(
