@@ -221,6 +221,10 @@ KV_CASES = [
     (2, 1, 8, 32, 8, 4, [(0, 3, 17), (1, 20, 1)]),
     (1, 4, 1, 50, 64, 7, [(0, 11, 3)]),
     (4, 1, 2, 30, 6, 1, [(3, 0, 5), (2, 12, 2)]),
+    # hd a multiple of 16: blocks of 16 keys through the vector intrinsics, then 4 at a time, then singles
+    (2, 2, 4, 80, 32, 0, [(0, 60, 2), (1, 0, 3)]),
+    (1, 2, 2, 100, 48, 37, [(0, 70, 4)]),  # a window: the span starts mid-cache
+    (3, 1, 8, 70, 64, 0, [(2, 33, 2), (0, 64, 1), (1, 15, 1)]),
 ]
 
 
