@@ -364,6 +364,8 @@ def test_quantize_row_is_the_spec():
     x = (rng.standard_normal((3, G * ng)) * 10).astype(np.float32)
     x[1, :G] = 0  # a group of zeros: scale 0, values 0
     x[2, G:2 * G] = np.float32(2.5) * np.arange(G, dtype=np.float32) / 127  # exact halves: ties to even
+    x[0, 3 * G + 5] = np.nan  # a NaN: the group's scale is NaN and its values 0, as the spec has them
+    x[0, 4 * G:5 * G] = -np.abs(x[0, 4 * G:5 * G])  # the largest magnitude a negative value
     xq, xs, xsum = np.empty(x.shape, np.int8), np.empty((3, ng), np.float32), np.empty((3, ng), np.int32)
     for n in range(3):
         cpu._quantize_row(x, n, G, xq, xs, xsum)

@@ -1209,13 +1209,29 @@ PREFETCH_A4_4 = 8192
 PREFETCH_A8_4 = 4096
 
 
+@intrinsic
+def _bits_of(typingctx, v):
+    """The int32 whose bits are the float32 v (a bitcast, no conversion)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
 @njit(cache=True, fastmath=False, inline="always")
 def _x_scale(xg, G):
-    """The int8 step of a group of x: max|x| / 127 (float32)."""
-    m = f32(0)
+    """The int8 step of a group of x: max|x| / 127 (float32), as quant.quantize_activations (NaN if a value is).
+
+    |x| as its bits with the sign cleared: for floats that are not NaN the integer order of those bits is
+    the order of the values, and a NaN's bits are above all of them, so the integer maximum is max|x| (or a
+    NaN, as NumPy's max gives). A float max cannot be vectorized (the reduction does not reassociate with
+    NaN) and waits for each compare: 1.2 us a row of 768 values, ~12 us of every batch-16 product at
+    stories110M's width before this."""
+    m = i32(0)
     for j in range(G):
-        m = max(m, abs(xg[j]))
-    return m / f32(127)
+        m = max(m, _bits_of(xg[j]) & i32(0x7FFFFFFF))
+    return _as_f32(m) / f32(127)
 
 
 @njit(cache=True, fastmath=False, inline="always")
