@@ -1828,9 +1828,14 @@ def _pk_block(nx):
     lanes are converted (exact: |sum| < 2^24) and multiply-added by the group's 16 scales times x's scale.
     The high nibbles go in unshifted (byte & 0xF0 = 16 n) into lanes of their own, which are shifted back
     (exactly: multiples of 16) once per group: one instruction less per step, int4 in cache 41 -> 60 GB/s on
-    one thread. Each weight step loaded serves the nx rows of x. The block's bytes are prefetched `ahead`
+    one thread. Each weight step loaded serves the nx rows of x. With one or two rows of x, steps alternate
+    between two sets of lanes (added at the group's end: integers, so the sums are the same): one vpdpbusd
+    waits for the one before on the same lanes (5 cycles), and a single chain per row held a core to 64
+    bytes per 5 cycles and kept its loads from running ahead. The block's bytes are prefetched `ahead`
     bytes on (0: not), and with far > 0 once more, far bytes further, into L2. No overflow: |sum| <= 256 * 255 * 127 and 16 * 32 * 15 * 127 * 4 < 2^31.
     """
+
+    chains = 2 if nx <= 2 else 1  # accumulators per row of x and kind of sum (see the docstring)
 
     @intrinsic
     def block(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros, sstart, asym, ng, G, bits, y,
@@ -1845,6 +1850,8 @@ def _pk_block(nx):
             fsum = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * 16)) for _ in range(nx)]
             isum = [cgutils.alloca_once(builder, vi) for _ in range(nx)]
             hsum = [cgutils.alloca_once(builder, vi) for _ in range(nx)]  # int4: the high nibbles' sums, times 16
+            isum2 = [cgutils.alloca_once(builder, vi) for _ in range(nx)]  # the second chains' (chains == 2)
+            hsum2 = [cgutils.alloca_once(builder, vi) for _ in range(nx)]
             Kp = builder.mul(ngv, Gv)
             xrows = [builder.add(xr, builder.mul(Kp, const(c))) for c in range(nx)]
             srows = [builder.add(sr, builder.mul(ngv, const(c))) for c in range(nx)]
@@ -1872,28 +1879,35 @@ def _pk_block(nx):
                     t = load(xsumty, xsuma, builder.add(srows[c], g), _I32, 4)
                     builder.store(builder.mul(zrow, gen.splat(builder.neg(t), vi)), isum[c])
                 xg = [builder.add(xrows[c], builder.mul(g, Gv)) for c in range(nx)]
+                for c in range(nx):
+                    for a in (hsum,) if chains == 1 else (hsum, isum2, hsum2):
+                        builder.store(ir.Constant(vi, [0] * 16), a[c])
                 with builder.if_else(is8) as (int8, int4):
                     with int8:  # a step: 4 inputs of the 16 rows
-                        with cgutils.for_range(builder, builder.udiv(Gv, const(4))) as step:
-                            k = step.index
-                            w = load(pty, pa, builder.add(gstart, builder.mul(k, const(64))), v64, 64)
-                            for c in range(nx):
-                                dot(c, w, builder.add(xg[c], builder.mul(k, const(4))))
+                        with cgutils.for_range(builder, builder.udiv(Gv, const(4 * chains))) as step:
+                            for u in range(chains):
+                                k = builder.add(builder.mul(step.index, const(chains)), const(u))
+                                w = load(pty, pa, builder.add(gstart, builder.mul(k, const(64))), v64, 64)
+                                for c in range(nx):
+                                    dot(c, w, builder.add(xg[c], builder.mul(k, const(4))), (isum, isum2)[u])
                     with int4:  # a step: 8 inputs, the first 4 in the low nibbles, the next 4 in the high ones
-                        for c in range(nx):
-                            builder.store(ir.Constant(vi, [0] * 16), hsum[c])
-                        with cgutils.for_range(builder, builder.udiv(Gv, const(8))) as step:
-                            k = step.index
-                            b = load(pty, pa, builder.add(gstart, builder.mul(k, const(64))), v64, 64)
-                            lo = builder.and_(b, ir.Constant(v64, [15] * 64))
-                            hi16 = builder.and_(b, ir.Constant(v64, [-16] * 64))  # 16 * the high nibble: no shift
-                            for c in range(nx):
-                                x0 = builder.add(xg[c], builder.mul(k, const(8)))
-                                dot(c, lo, x0)
-                                dot(c, hi16, builder.add(x0, const(4)), hsum)
-                        for c in range(nx):  # the high nibbles' sums are exact multiples of 16
-                            h = builder.ashr(builder.load(hsum[c]), ir.Constant(vi, [4] * 16))
-                            builder.store(builder.add(builder.load(isum[c]), h), isum[c])
+                        with cgutils.for_range(builder, builder.udiv(Gv, const(8 * chains))) as step:
+                            for u in range(chains):
+                                k = builder.add(builder.mul(step.index, const(chains)), const(u))
+                                b = load(pty, pa, builder.add(gstart, builder.mul(k, const(64))), v64, 64)
+                                lo = builder.and_(b, ir.Constant(v64, [15] * 64))
+                                hi16 = builder.and_(b, ir.Constant(v64, [-16] * 64))  # 16 * the high nibble: no shift
+                                for c in range(nx):
+                                    x0 = builder.add(xg[c], builder.mul(k, const(8)))
+                                    dot(c, lo, x0, (isum, isum2)[u])
+                                    dot(c, hi16, builder.add(x0, const(4)), (hsum, hsum2)[u])
+                for c in range(nx):  # the chains' sums together (exact); the high nibbles' are multiples of 16
+                    h = builder.load(hsum[c])
+                    if chains == 2:
+                        h = builder.add(h, builder.load(hsum2[c]))
+                        builder.store(builder.add(builder.load(isum[c]), builder.load(isum2[c])), isum[c])
+                    h = builder.ashr(h, ir.Constant(vi, [4] * 16))  # 0 for int8
+                    builder.store(builder.add(builder.load(isum[c]), h), isum[c])
                 sc = load(sty, sa, zoff, vf, 4)
                 for c in range(nx):
                     sx = gen.splat(load(xsty, xsa, builder.add(srows[c], g), _F32, 4), vf)
