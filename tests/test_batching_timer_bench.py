@@ -204,6 +204,26 @@ def test_bench_cli_json():
     assert rep["results"][0]["shape"] == "stories260K"
 
 
+def test_bench_reports_the_activation_mode(capsys):
+    """--activations int8 (the cpu backend's option) is named in the report: per configuration in --json (quantized
+    layers only: float32 weights keep float activations), in the table's quant column and its first line. The
+    mode is the command's alone: main() puts back the one it found."""
+    from tinyserve import cli as tcli
+    from tinyserve.ops import cpu
+
+    before = cpu.ACTIVATIONS
+    args = ["bench", "--shape", "stories260K", "--backend", "cpu", "--quant", "none,int8", "--activations", "int8",
+            "--batch", "1", "--prompt-tokens", "8", "--gen-tokens", "4", "--repetitions", "1"]
+    assert tcli.main(args + ["--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert [(r["quant"], r["activations"]) for r in rep["results"]] == [("none", "float32"), ("int8", "int8")]
+    assert cpu.ACTIVATIONS == before
+    assert tcli.main(args) == 0
+    table = capsys.readouterr().out
+    assert "int8 activations" in table.splitlines()[0] and "| stories260K | cpu | int8 a8 | 1 |" in table
+    assert cpu.ACTIVATIONS == before
+
+
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "tinyserve", *map(str, args)], capture_output=True, text=True)
 
@@ -229,6 +249,13 @@ def test_bad_prompt_files(stories_dir, tmp_path, content, word):
     r = cli("generate", "--model", stories_dir, "--backend", "numpy", "--prompt-file", f)
     assert r.returncode == 2 and "Traceback" not in r.stderr and word in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_generate_with_int8_activations(stories_dir):
+    r = cli("generate", "--model", stories_dir, "--backend", "cpu", "--quant", "int8", "--activations", "int8",
+            "--prompt", "Once upon a time", "--max-new-tokens", "12", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["generated_tokens"] == 12
 
 
 def test_bad_max_batch(stories_dir):

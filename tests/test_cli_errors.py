@@ -142,6 +142,11 @@ def test_convert_bad_inputs_leave_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
+def test_int8_activations_only_on_the_cpu_backend(stories_dir):
+    assert_user_error(gen(stories_dir, "--activations", "int8"), "--activations", "cpu backend")
+    assert_user_error(gen(stories_dir, "--activations", "int4"), "--activations")
+
+
 def test_unknown_backend(stories_dir):
     assert_user_error(run("generate", "--model", stories_dir, "--backend", "tpu"), "backend")
 

@@ -178,6 +178,7 @@ class BenchResult:
     floor_fraction: float
     compile_s: float
     kv_dtype: str = "float32"
+    activations: str = "float32"  # "int8": the cpu backend's int8-activation option (quantized layers, decode)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -236,8 +237,17 @@ def run_config(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, 
         decode_tok_s=dec, decode_tok_s_sd=float(np.std(decode_rates)), decode_gflop_s=dec * flops_tok / 1e9,
         weight_bytes_per_token=step_bytes / batch, bandwidth_gb_s=bandwidth / 1e9,
         floor_fraction=(step_bytes / bandwidth) / step_time, compile_s=llm.compile_seconds,
-        kv_dtype=llm.kv_dtype,
+        kv_dtype=llm.kv_dtype, activations=activations_of(llm),
     )
+
+
+def activations_of(llm) -> str:
+    """"int8" where the model's quantized layers take the cpu backend's int8-activation path, else "float32"."""
+    if llm.backend != "cpu" or not llm.quant:
+        return "float32"
+    from .ops import cpu
+
+    return cpu.ACTIVATIONS
 
 
 def load_for_bench(model: str | None, shape: str | None, backend: str, quant: str, group_size: int = 128,
@@ -311,9 +321,11 @@ def markdown_table(report: dict) -> str:
     by = report["bandwidth_by_backend"]  # named where it is not only this machine's RAM (cpu, numpy)
     named = len(by) > 1 or "cuda" in by
     where = ", ".join(f"{b + ' ' if named else ''}{bw[0]:.1f} / {bw[1]:.1f} GB/s" for b, bw in by.items())
+    modes = sorted({r.get("activations", "float32") for r in report["results"]})
+    a8 = ", quantized layers with int8 activations (cpu option)" if "int8" in modes else ""
     lines = [
         f"read bandwidth (measured before / after): {where}, {report['threads']} CPU threads, "
-        f"KV cache {report.get('kv_dtype', 'float32')}",
+        f"KV cache {report.get('kv_dtype', 'float32')}{a8}",
         "",
         "| model | backend | quant | batch | prefill tok/s | decode tok/s | weight MB/token | floor fraction | "
         "prefill GFLOP/s | decode GFLOP/s |",
@@ -321,7 +333,8 @@ def markdown_table(report: dict) -> str:
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['model']} | {r['backend']} | {r['quant']} | {r['batch']} | "
+            f"| {r['model']} | {r['backend']} | {r['quant']}{' a8' if r.get('activations') == 'int8' else ''} | "
+            f"{r['batch']} | "
             f"{r['prefill_tok_s']:.1f} ± {r['prefill_tok_s_sd']:.1f} | {r['decode_tok_s']:.1f} ± {r['decode_tok_s_sd']:.1f} | "
             f"{r['weight_bytes_per_token'] / 1e6:.2f} | {r['floor_fraction']:.2f} | {r['prefill_gflop_s']:.1f} | "
             f"{r['decode_gflop_s']:.1f} |"

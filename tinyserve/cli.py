@@ -12,6 +12,7 @@ Errors the user can cause print one line on stderr and exit with status 2 (never
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -32,6 +33,32 @@ def _add_model_args(p, quant=True, kv=False):
         p.add_argument("--zero-point", action="store_true", help="int4 with a zero point per group (asymmetric)")
     if kv:
         _add_kv_arg(p)
+
+
+def _add_activations_arg(p):
+    p.add_argument("--activations", default=None, choices=["float32", "int8"],
+                   help="cpu backend, quantized weights: int8 rounds each layer's input to int8 per group in decode "
+                        "(faster, a bounded error: docs/formats.md); default float32, or TINYSERVE_INT8_ACTIVATIONS=1")
+
+
+@contextlib.contextmanager
+def _activations(args):
+    """The cpu backend's activation mode as --activations asks, for the command's duration."""
+    mode = getattr(args, "activations", None)
+    if mode is None:
+        yield
+        return
+    from . import engine
+
+    if mode == "int8" and any(b.strip() != "cpu" for b in (args.backend or engine.DEFAULT_BACKEND).split(",")):
+        raise TinyserveError("--activations int8 is an option of the cpu backend (--backend cpu)")
+    from .ops import cpu
+
+    old = cpu.set_activations(mode)
+    try:
+        yield
+    finally:
+        cpu.set_activations(old)
 
 
 def _add_kv_arg(p):
@@ -314,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from prompts")
     _add_model_args(g, kv=True)
+    _add_activations_arg(g)
     g.add_argument("--prompt", action="append", help="a prompt (repeat for several; empty: BOS alone)")
     g.add_argument("--prompt-file", help="one prompt per line, or JSONL with per-request parameters")
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -339,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quant", default="none", help="comma-separated: none,int8,int4")
     b.add_argument("--group-size", type=int, default=128)
     _add_kv_arg(b)
+    _add_activations_arg(b)
     b.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8,16")
     b.add_argument("--prompt-tokens", type=int, default=512)
     b.add_argument("--gen-tokens", type=int, default=128)
@@ -372,7 +401,8 @@ def main(argv=None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
-        return args.func(args)
+        with _activations(args):
+            return args.func(args)
     except TinyserveError as e:
         print(f"tinyserve: error: {e}", file=sys.stderr)
         return 2

@@ -919,6 +919,17 @@ def _gemv_q4(x, p, s, z, asym, y, ahead):
 # quant.activation_error_bound the bound; tinyserve/tolerances.py has its rows). float32 weights and the
 # tiled many-row path (prefill) are unchanged. "float32" (the default) keeps every result exactly dequantize(W) @ x up to float32 rounding.
 ACTIVATIONS = "int8" if os.environ.get("TINYSERVE_INT8_ACTIVATIONS", "") not in ("", "0") else "float32"
+ACTIVATION_MODES = ("float32", "int8")
+
+
+def set_activations(mode: str) -> str:
+    """Set ACTIVATIONS ("float32" or "int8") for the models loaded from now on (quantized weights are packed
+    at load for the mode: set it before loading) and the calls they make; returns the mode it replaces."""
+    global ACTIVATIONS
+    if mode not in ACTIVATION_MODES:
+        raise ValueError(f"unknown activation mode {mode!r} (choose {', '.join(ACTIVATION_MODES)})")
+    old, ACTIVATIONS = ACTIVATIONS, mode
+    return old
 
 
 
