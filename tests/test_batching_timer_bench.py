@@ -224,6 +224,17 @@ def test_bench_reports_the_activation_mode(capsys):
     assert cpu.ACTIVATIONS == before
 
 
+def test_step_linears_script_runs():
+    """bench/step_linears.py (a step split into its products and the rest) on a tiny shape: figures present."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "step_linears.py"
+    r = subprocess.run([sys.executable, str(script), "--shape", "stories260K", "--quant", "int8", "--position", "8",
+                        "--steps", "3"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "linears" in r.stdout and "the rest" in r.stdout and "replayed back to back" in r.stdout
+
+
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "tinyserve", *map(str, args)], capture_output=True, text=True)
 
