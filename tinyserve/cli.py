@@ -292,7 +292,8 @@ def cmd_perplexity(args) -> int:
     llm = v.load_llm(args.model, args.backend or engine.DEFAULT_BACKEND, args.quant, args.group_size, args.zero_point,
                      kv_dtype=args.kv_dtype)
     res = v.perplexity(llm, args.text, context=args.context, paragraphs=args.paragraphs,
-                       save_logits=args.save_logits, kl_base=args.kl_base, progress=progress_bar("perplexity"))
+                       save_logits=args.save_logits, kl_base=args.kl_base, progress=progress_bar("perplexity"),
+                       chunk=args.chunk)
     print(json.dumps(res.to_dict()) if args.json else res.table())
     return 0
 
@@ -328,6 +329,10 @@ def _add_validation_parsers(sub) -> None:
     p.add_argument("--text", required=True, help="UTF-8 text; paragraphs separated by blank lines")
     p.add_argument("--context", type=int, default=None, help="tokens per paragraph (default min(model, 512))")
     p.add_argument("--paragraphs", type=int, default=None, help="only the first N paragraphs")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="tokens per forward step (1: every token a decode step, as generation runs them); "
+                        "default: each paragraph in one prefill")
+    _add_activations_arg(p)
     p.add_argument("--save-logits", help="write the logits (safetensors) for a later --kl-base run")
     p.add_argument("--kl-base", help="logits saved by a base run: report KL divergence and top-1 agreement")
     p.add_argument("--json", action="store_true")

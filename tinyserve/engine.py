@@ -206,8 +206,13 @@ class LLM:
             ops.end_step()
         return logits
 
-    def logits(self, token_ids, tap=None) -> np.ndarray:
-        """Logits (T, V) for every position of one sequence, computed in one prefill (teacher forcing)."""
+    def logits(self, token_ids, tap=None, chunk: int | None = None) -> np.ndarray:
+        """Logits (T, V) for every position of one sequence (teacher forcing): in one prefill, or with chunk=k
+        in steps of k tokens over one KV cache, each step attending to the cache of the steps before, as a
+        chunked prefill does (chunk=1: every token a decode step, the path generation takes). The same
+        logits either way up to float32 rounding (other batch sizes take other kernels), except where an
+        option rounds activations in decode steps (the cpu backend's int8 activations). tap: one prefill
+        only."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise TinyserveError("logits() needs at least one token")
@@ -218,7 +223,18 @@ class LLM:
                 f"{ids.size} tokens are more than the model's {self.config.max_position_embeddings} positions"
             )
         cache = KVCache(self.config, 1, ids.size, self.ops, self.kv_dtype)
-        return self.forward(ids, np.arange(ids.size), np.zeros(ids.size, np.int64), cache, tap=tap)
+        if chunk is None:
+            return self.forward(ids, np.arange(ids.size), np.zeros(ids.size, np.int64), cache, tap=tap)
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+            raise TinyserveError(f"chunk must be a positive integer, got {chunk!r}")
+        if tap is not None:
+            raise TinyserveError("tap sees one prefill: it cannot be combined with chunk")
+        parts = []
+        for a in range(0, ids.size, int(chunk)):
+            b = min(ids.size, a + int(chunk))
+            parts.append(np.asarray(self.forward(ids[a:b], np.arange(a, b), np.zeros(b - a, np.int64), cache,
+                                                 phase="decode" if b - a == 1 else "prefill")))
+        return np.concatenate(parts)
 
     # -------------------------------------------------------------------------------------- generation
     def encode_prompt(self, prompt, chat: bool = False) -> list[int]:

@@ -805,14 +805,19 @@ class PerplexityResult:
     seconds: float
     kl: dict | None = None  # with a base run: kl_mean, kl_max, kl_p99, kl_median, top1, base_perplexity, ...
     saved: str | None = None
+    chunk: int | None = None  # tokens per forward step (None: a paragraph in one prefill)
+    activations: str = "float32"  # "int8": the cpu backend's int8-activation option was on
 
     def to_dict(self) -> dict:
         return jsonable(dict(vars(self)))
 
     def table(self) -> str:
         out = [
-            f"tinyserve perplexity: {self.model} (backend {self.backend}, quant {self.quant})",
-            f"  paragraphs        {self.paragraphs} (each BOS + text, truncated to {self.context} tokens)",
+            f"tinyserve perplexity: {self.model} (backend {self.backend}, quant {self.quant}"
+            f"{', int8 activations' if self.activations == 'int8' else ''})",
+            f"  paragraphs        {self.paragraphs} (each BOS + text, truncated to {self.context} tokens, "
+            + ("one prefill each)" if self.chunk is None else f"in steps of {self.chunk} token"
+               f"{'s' if self.chunk > 1 else ''})"),
             f"  predicted tokens  {self.tokens}",
             f"  mean NLL          {self.mean_nll:.4f} nats/token",
             f"  perplexity        {self.perplexity:.4f}",
@@ -871,13 +876,14 @@ def _open_base(path, targets, vocab):
 
 
 def perplexity(llm, text_file, context=None, paragraphs=None, save_logits=None, kl_base=None,
-               progress=None) -> PerplexityResult:
+               progress=None, chunk=None) -> PerplexityResult:
     """Mean NLL and perplexity over the text's paragraphs, like llama-perplexity's KL mode when asked.
 
     Each blank-line-separated paragraph is encoded with the model's tokenizer, BOS first, truncated to
-    `context` tokens (default min(max_position_embeddings, 512)), and run as one teacher-forced prefill; every
-    token after BOS is predicted. save_logits: write the logits of every predicted token (safetensors,
-    float32) for a later kl_base run. progress(done, total) is called after each paragraph.
+    `context` tokens (default min(max_position_embeddings, 512)), and run as one teacher-forced prefill (or
+    in steps of `chunk` tokens, LLM.logits: chunk=1 runs every token as a decode step, the path generation
+    takes); every token after BOS is predicted. save_logits: write the logits of every predicted token
+    (safetensors, float32) for a later kl_base run. progress(done, total) is called after each paragraph.
     """
     cfg = llm.config
     if context is None:
@@ -888,6 +894,8 @@ def perplexity(llm, text_file, context=None, paragraphs=None, save_logits=None, 
         raise TinyserveError(f"--context {context} is more than the model's {cfg.max_position_embeddings} positions")
     if paragraphs is not None and (isinstance(paragraphs, bool) or not isinstance(paragraphs, int) or paragraphs < 1):
         raise TinyserveError(f"--paragraphs must be a positive integer, got {paragraphs!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise TinyserveError(f"--chunk must be a positive integer, got {chunk!r}")
     paras = split_paragraphs(read_text(text_file))
     if not paras:
         raise TinyserveError(f"{text_file} has no text")
@@ -912,7 +920,7 @@ def perplexity(llm, text_file, context=None, paragraphs=None, save_logits=None, 
     kls, top1, base_nll = [], [], 0.0
     try:
         for n, ids in enumerate(seqs):
-            logits = llm.logits(ids)[:-1]  # (T-1, V): row t predicts token t+1
+            logits = llm.logits(ids, chunk=chunk)[:-1]  # (T-1, V): row t predicts token t+1
             lp = log_softmax(logits)
             tgt = np.asarray(ids[1:])
             rows = np.arange(tgt.size)
@@ -936,7 +944,8 @@ def perplexity(llm, text_file, context=None, paragraphs=None, save_logits=None, 
     mean_nll = nll_sum / N
     res = PerplexityResult(str(llm.model_dir), llm.backend, llm.quant or "none", len(seqs), N, context, mean_nll,
                            math.exp(mean_nll), time.perf_counter() - t0,
-                           saved=str(save_logits) if save_logits is not None else None)
+                           saved=str(save_logits) if save_logits is not None else None, chunk=chunk,
+                           activations=_activations_of(llm))
     if base is not None:
         kl = np.concatenate(kls)
         base_mean = base_nll / N
@@ -946,6 +955,13 @@ def perplexity(llm, text_file, context=None, paragraphs=None, save_logits=None, 
                       base_perplexity=math.exp(base_mean), ppl_ratio=math.exp(mean_nll - base_mean),
                       ln_ppl_ratio=mean_nll - base_mean)
     return res
+
+
+def _activations_of(llm) -> str:
+    """"int8" where the model's quantized layers take the cpu backend's int8-activation path, else "float32"."""
+    from .bench import activations_of
+
+    return activations_of(llm)
 
 
 class _LogitsWriter:
