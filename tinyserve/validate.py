@@ -914,7 +914,8 @@ def perplexity(llm, text_file, context=None, paragraphs=None, save_logits=None, 
         writer = _LogitsWriter(save_logits, targets, offsets, V, dict(
             format=LOGITS_FORMAT, format_version=FORMAT_VERSION, config=json.dumps(cfg.to_dict(), sort_keys=True),
             producer=f"tinyserve {__version__}", backend=llm.backend, quant=llm.quant or "none",
-            context=context, paragraphs=len(seqs), text=str(text_file)))
+            context=context, paragraphs=len(seqs), text=str(text_file),
+            chunk="prefill" if chunk is None else str(chunk), activations=_activations_of(llm)))
     t0 = time.perf_counter()
     nll_sum = 0.0
     kls, top1, base_nll = [], [], 0.0
