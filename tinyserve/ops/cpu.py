@@ -1890,9 +1890,24 @@ def _pk_block(nx):
                     t = load(xsumty, xsuma, builder.add(srows[c], g), _I32, 4)
                     builder.store(builder.mul(zrow, gen.splat(builder.neg(t), vi)), isum[c])
                 xg = [builder.add(xrows[c], builder.mul(g, Gv)) for c in range(nx)]
-                for c in range(nx):
-                    for a in (hsum,) if chains == 1 else (hsum, isum2, hsum2):
-                        builder.store(ir.Constant(vi, [0] * 16), a[c])
+                zero = ir.Constant(vi, [0] * 16)
+                for c in range(nx):  # the second chains start at 0
+                    if chains == 2:
+                        builder.store(zero, isum2[c])
+
+                def add_chains(high):
+                    """isum += the second chain's sums, and for int4 the high nibbles' (multiples of 16: exact)."""
+                    for c in range(nx):
+                        total = builder.load(isum[c])
+                        if chains == 2:
+                            total = builder.add(total, builder.load(isum2[c]))
+                        if high:
+                            h = builder.load(hsum[c])
+                            if chains == 2:
+                                h = builder.add(h, builder.load(hsum2[c]))
+                            total = builder.add(total, builder.ashr(h, ir.Constant(vi, [4] * 16)))
+                        builder.store(total, isum[c])
+
                 with builder.if_else(is8) as (int8, int4):
                     with int8:  # a step: 4 inputs of the 16 rows
                         with cgutils.for_range(builder, builder.udiv(Gv, const(4 * chains))) as step:
@@ -1901,7 +1916,11 @@ def _pk_block(nx):
                                 w = load(pty, pa, builder.add(gstart, builder.mul(k, const(64))), v64, 64)
                                 for c in range(nx):
                                     dot(c, w, builder.add(xg[c], builder.mul(k, const(4))), (isum, isum2)[u])
+                        add_chains(False)
                     with int4:  # a step: 8 inputs, the first 4 in the low nibbles, the next 4 in the high ones
+                        for c in range(nx):
+                            for a in (hsum, hsum2)[:chains]:
+                                builder.store(zero, a[c])
                         with cgutils.for_range(builder, builder.udiv(Gv, const(8 * chains))) as step:
                             for u in range(chains):
                                 k = builder.add(builder.mul(step.index, const(chains)), const(u))
@@ -1912,13 +1931,7 @@ def _pk_block(nx):
                                     x0 = builder.add(xg[c], builder.mul(k, const(8)))
                                     dot(c, lo, x0, (isum, isum2)[u])
                                     dot(c, hi16, builder.add(x0, const(4)), (hsum, hsum2)[u])
-                for c in range(nx):  # the chains' sums together (exact); the high nibbles' are multiples of 16
-                    h = builder.load(hsum[c])
-                    if chains == 2:
-                        h = builder.add(h, builder.load(hsum2[c]))
-                        builder.store(builder.add(builder.load(isum[c]), builder.load(isum2[c])), isum[c])
-                    h = builder.ashr(h, ir.Constant(vi, [4] * 16))  # 0 for int8
-                    builder.store(builder.add(builder.load(isum[c]), h), isum[c])
+                        add_chains(True)
                 sc = load(sty, sa, zoff, vf, 4)
                 for c in range(nx):
                     sx = gen.splat(load(xsty, xsa, builder.add(srows[c], g), _F32, 4), vf)
