@@ -237,17 +237,8 @@ def run_config(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, 
         decode_tok_s=dec, decode_tok_s_sd=float(np.std(decode_rates)), decode_gflop_s=dec * flops_tok / 1e9,
         weight_bytes_per_token=step_bytes / batch, bandwidth_gb_s=bandwidth / 1e9,
         floor_fraction=(step_bytes / bandwidth) / step_time, compile_s=llm.compile_seconds,
-        kv_dtype=llm.kv_dtype, activations=activations_of(llm),
+        kv_dtype=llm.kv_dtype, activations=llm.activations,
     )
-
-
-def activations_of(llm) -> str:
-    """"int8" where the model's quantized layers take the cpu backend's int8-activation path, else "float32"."""
-    if llm.backend != "cpu" or not llm.quant:
-        return "float32"
-    from .ops import cpu
-
-    return cpu.ACTIVATIONS
 
 
 def load_for_bench(model: str | None, shape: str | None, backend: str, quant: str, group_size: int = 128,

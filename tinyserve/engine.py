@@ -137,6 +137,16 @@ class LLM:
     def eos_ids(self) -> frozenset:
         return self.tokenizer.eos_ids if self.tokenizer is not None else frozenset()
 
+    @property
+    def activations(self) -> str:
+        """"int8" where this model's quantized layers take the cpu backend's int8-activation path
+        (ops.cpu.ACTIVATIONS), else "float32": what bench and perplexity report."""
+        if self.backend != "cpu" or not self.quant:
+            return "float32"
+        from .ops import cpu
+
+        return cpu.ACTIVATIONS
+
     def _generation_defaults(self) -> dict:
         """Sampling defaults from generation_config.json: the model author's settings, if sampling is on."""
         path = self.model_dir / "generation_config.json"

@@ -915,7 +915,7 @@ def perplexity(llm, text_file, context=None, paragraphs=None, save_logits=None, 
             format=LOGITS_FORMAT, format_version=FORMAT_VERSION, config=json.dumps(cfg.to_dict(), sort_keys=True),
             producer=f"tinyserve {__version__}", backend=llm.backend, quant=llm.quant or "none",
             context=context, paragraphs=len(seqs), text=str(text_file),
-            chunk="prefill" if chunk is None else str(chunk), activations=_activations_of(llm)))
+            chunk="prefill" if chunk is None else str(chunk), activations=llm.activations))
     t0 = time.perf_counter()
     nll_sum = 0.0
     kls, top1, base_nll = [], [], 0.0
@@ -946,7 +946,7 @@ def perplexity(llm, text_file, context=None, paragraphs=None, save_logits=None, 
     res = PerplexityResult(str(llm.model_dir), llm.backend, llm.quant or "none", len(seqs), N, context, mean_nll,
                            math.exp(mean_nll), time.perf_counter() - t0,
                            saved=str(save_logits) if save_logits is not None else None, chunk=chunk,
-                           activations=_activations_of(llm))
+                           activations=llm.activations)
     if base is not None:
         kl = np.concatenate(kls)
         base_mean = base_nll / N
@@ -956,13 +956,6 @@ def perplexity(llm, text_file, context=None, paragraphs=None, save_logits=None, 
                       base_perplexity=math.exp(base_mean), ppl_ratio=math.exp(mean_nll - base_mean),
                       ln_ppl_ratio=mean_nll - base_mean)
     return res
-
-
-def _activations_of(llm) -> str:
-    """"int8" where the model's quantized layers take the cpu backend's int8-activation path, else "float32"."""
-    from .bench import activations_of
-
-    return activations_of(llm)
 
 
 class _LogitsWriter:
