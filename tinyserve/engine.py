@@ -239,9 +239,9 @@ class LLM:
             raise TinyserveError(f"chunk must be a positive integer, got {chunk!r}")
         if tap is not None:
             raise TinyserveError("tap sees one prefill: it cannot be combined with chunk")
-        parts = []
-        for a in range(0, ids.size, int(chunk)):
-            b = min(ids.size, a + int(chunk))
+        parts, step = [], int(chunk)
+        for a in range(0, ids.size, step):
+            b = min(ids.size, a + step)
             parts.append(np.asarray(self.forward(ids[a:b], np.arange(a, b), np.zeros(b - a, np.int64), cache,
                                                  phase="decode" if b - a == 1 else "prefill")))
         return np.concatenate(parts)
