@@ -659,6 +659,23 @@ def test_packed_tiles_equal_the_packed_vnni_kernel(monkeypatch, N, out, k, group
     np.testing.assert_array_equal(tiles, cpu.linear(x, w))
 
 
+@pytest.mark.skipif(not (cpu.AMX and cpu.PACK), reason="no AMX int8 tiles or no AVX-512 VNNI here")
+@pytest.mark.parametrize("fmt,bits,zp", [Q_FORMATS[0], Q_FORMATS[-1]], ids=[Q_FORMATS[0][0], Q_FORMATS[-1][0]])
+@pytest.mark.parametrize("runs", [1, 2, 3, 100])
+def test_packed_tiles_do_not_depend_on_how_blocks_are_split(monkeypatch, runs, fmt, bits, zp):
+    """The tile kernel splits the blocks into runs (one per thread, each loading the tile configuration
+    once): any split, more runs than blocks too, gives the packed VNNI kernel's outputs bit for bit (17 rows
+    of x: a pass of 16 and one of a single row, padded)."""
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "int8")
+    monkeypatch.setattr(cpu, "TILE_RUNS", runs)
+    rng = rng_for("packed tile runs", runs, fmt)
+    w = cpu.PackedWeights(quant.quantize(_weights(rng, 83, 256), bits, 64, zp))
+    x = rng.standard_normal((17, 256)).astype(np.float32)
+    tiles = cpu.linear(x, w)
+    monkeypatch.setattr(cpu, "AMX", False)
+    np.testing.assert_array_equal(tiles, cpu.linear(x, w))
+
+
 @pytest.mark.parametrize("N,k,group", [(1, 32, 32), (5, 100, 32), (16, 384, 128), (3, 512, 256)])
 def test_amx_x_is_quantize_x_in_the_tile_layout(N, k, group):
     """_amx_x quantizes x exactly as _quantize_x does (the VNNI path's x), only laid out for tdpbssd."""

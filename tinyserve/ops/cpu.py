@@ -61,7 +61,7 @@ import types as pytypes  # noqa: E402
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
 from llvmlite.binding import llvm_version_info  # noqa: E402
-from numba import njit, prange, types  # noqa: E402
+from numba import config as numba_config, njit, prange, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
@@ -1407,6 +1407,9 @@ def _amx_setup() -> bool:
 
 
 AMX = _amx_setup()
+# How many runs of blocks the tile kernels split a matrix into: one per thread at most (set_num_threads may
+# lower the count in use; a thread then takes several runs, each loading the tile configuration once).
+TILE_RUNS = numba_config.NUMBA_NUM_THREADS
 _I64 = ir.IntType(64)
 
 
@@ -1882,13 +1885,20 @@ def _pk_block(nx):
                     gen.prefetch(pbase, builder.add(gstart, ah), gbytes, 3)
                     with builder.if_then(builder.icmp_signed(">", fa, const(0))):  # and further on, into L2
                         gen.prefetch(pbase, builder.add(gstart, builder.add(ah, fa)), gbytes, 2)
-                # the lanes start at -zero * xsum: zero per row (asym), else 128 (int8) or 8 (int4)
+                # the lanes start at -zero * xsum: zero per row (asym: a vector multiply), else 128 (int8) or 8
+                # (int4: a scalar multiply, then broadcast)
                 zoff = builder.add(ss, builder.mul(g, const(16)))
-                zrow = builder.select(asy, builder.zext(load(zty, za, zoff, _vec(_I8, 16), 1), vi),
-                                      gen.splat(builder.select(is8, ir.Constant(_I32, 128), ir.Constant(_I32, 8)), vi))
-                for c in range(nx):
-                    t = load(xsumty, xsuma, builder.add(srows[c], g), _I32, 4)
-                    builder.store(builder.mul(zrow, gen.splat(builder.neg(t), vi)), isum[c])
+                with builder.if_else(asy) as (with_zeros, symmetric):
+                    with with_zeros:
+                        zrow = builder.zext(load(zty, za, zoff, _vec(_I8, 16), 1), vi)
+                        for c in range(nx):
+                            t = load(xsumty, xsuma, builder.add(srows[c], g), _I32, 4)
+                            builder.store(builder.mul(zrow, gen.splat(builder.neg(t), vi)), isum[c])
+                    with symmetric:
+                        zero = builder.select(is8, ir.Constant(_I32, 128), ir.Constant(_I32, 8))
+                        for c in range(nx):
+                            t = load(xsumty, xsuma, builder.add(srows[c], g), _I32, 4)
+                            builder.store(gen.splat(builder.mul(builder.neg(t), zero), vi), isum[c])
                 xg = [builder.add(xrows[c], builder.mul(g, Gv)) for c in range(nx)]
                 zero = ir.Constant(vi, [0] * 16)
                 for c in range(nx):  # the second chains start at 0
@@ -1958,10 +1968,11 @@ _pk_rows16 = _pk_block(16)  # int8's widest: 16 + 16 vectors of sums (int4 at 16
 
 @intrinsic
 def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros, sstart, asym, ng, G, bits, T, y,
-              ystart, ystride, ahead, cfg, cstart):
+              ystart, ystride, ahead):
     """_pk_rowsN's product for one block of 16 packed weight rows and T <= 16 rows of x, the integer sums on
-    AMX tiles: the same arguments (T for N) plus the tile configuration, 64 bytes at cfg[cstart]
-    (_pk_tile_config: T rows, chunks of kc = min(G, 64) inputs).
+    AMX tiles: the same arguments (T for N). The caller has loaded the tile configuration
+    (_pk_tile_config(min(G, 64))) and gives xq 16 rows from xrow on, rows T and after zeros (the tiles
+    compute 16 rows; only T are scaled and written).
 
     An int8 block is already the B operand tdpbsud wants: kc / 4 steps of 64 bytes hold 4 inputs of the 16 rows
     each, i.e. a (kc / 4) x 64-byte tile, contiguous. An int4 step holds 8 inputs, the first 4 in the low
@@ -1978,17 +1989,16 @@ def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros
     (docs/performance.md, "Eighth session"). The block's bytes are prefetched `ahead` bytes on (0: not)."""
 
     def codegen(context, builder, sig, args):
-        (pa, ps, xa, xr, xsuma, xsa, sr, sa, za, ss, asy, ngv, Gv, bitsv, Tv, ya, ys, ystr, ah, cfga, cst) = args
+        (pa, ps, xa, xr, xsuma, xsa, sr, sa, za, ss, asy, ngv, Gv, bitsv, Tv, ya, ys, ystr, ah) = args
         gen = _Gen(context, builder, ps.type)
         const, load = gen.const, gen.load
         vi, vf, v64 = _vec(_I32, 16), _vec(_F32, 16), _vec(_I8, 64)
-        pty, xty, xsumty, xsty, sty, zty, yty, cfgty = (sig.args[i] for i in (0, 2, 4, 5, 7, 8, 15, 19))
+        pty, xty, xsumty, xsty, sty, zty, yty = (sig.args[i] for i in (0, 2, 4, 5, 7, 8, 15))
         fsum = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * 16)) for _ in range(16)]
         sums = cgutils.alloca_once(builder, ir.ArrayType(vi, 16))  # the tile of sums, row c = x's row c
         sums.align = 64
         unpacked = cgutils.alloca_once(builder, ir.ArrayType(v64, 32))  # int4: two 16-row B tiles, in turn
         unpacked.align = 64
-        _amx_asm(builder, "ldtilecfg ($0)", [_amx_ptr(context, builder, cfgty, cfga, cst)], "r")
         Kp = builder.mul(ngv, Gv)
         kc = builder.select(builder.icmp_signed(">=", Gv, const(64)), const(64), Gv)
         is8 = builder.icmp_unsigned("==", bitsv, ir.Constant(bitsv.type, 8))
@@ -2032,18 +2042,28 @@ def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros
         def group_scaled(g, buf):
             """The stored sums of group g (buf) started at -zero * xsum, converted and multiply-added into fsum."""
             zoff = builder.add(ss, builder.mul(g, const(16)))
-            zrow = builder.select(asy, builder.zext(load(zty, za, zoff, _vec(_I8, 16), 1), vi),
-                                  gen.splat(builder.select(is8, ir.Constant(_I32, 128), ir.Constant(_I32, 8)), vi))
             sc = load(sty, sa, zoff, vf, 4)
-            for c in range(16):
-                with builder.if_then(builder.icmp_signed(">", Tv, const(c))):
-                    xo = builder.add(builder.add(sr, builder.mul(ngv, const(c))), g)
-                    start = builder.mul(zrow, gen.splat(builder.neg(load(xsumty, xsuma, xo, _I32, 4)), vi))
-                    row = builder.load(builder.gep(buf, [ir.Constant(_I32, 0), ir.Constant(_I32, c)]), align=64)
-                    isum = builder.add(start, row)
-                    sx = gen.splat(load(xsty, xsa, xo, _F32, 4), vf)
-                    builder.store(gen.muladd(builder.sitofp(isum, vf), builder.fmul(sc, sx), builder.load(fsum[c])),
-                                  fsum[c])
+
+            def rows(start_of):
+                for c in range(16):
+                    with builder.if_then(builder.icmp_signed(">", Tv, const(c))):
+                        xo = builder.add(builder.add(sr, builder.mul(ngv, const(c))), g)
+                        start = start_of(builder.neg(load(xsumty, xsuma, xo, _I32, 4)))
+                        row = builder.load(builder.gep(buf, [ir.Constant(_I32, 0), ir.Constant(_I32, c)]), align=64)
+                        isum = builder.add(start, row)
+                        sx = gen.splat(load(xsty, xsa, xo, _F32, 4), vf)
+                        builder.store(gen.muladd(builder.sitofp(isum, vf), builder.fmul(sc, sx),
+                                                 builder.load(fsum[c])), fsum[c])
+
+            # the start -zero * xsum: per row of weights with zero points (a vector multiply), else one zero
+            # for all (128 or 8: a scalar multiply, then broadcast; the vector multiply is the slow one)
+            with builder.if_else(asy) as (with_zeros, symmetric):
+                with with_zeros:
+                    zrow = builder.zext(load(zty, za, zoff, _vec(_I8, 16), 1), vi)
+                    rows(lambda t: builder.mul(zrow, gen.splat(t, vi)))
+                with symmetric:
+                    zero = builder.select(is8, ir.Constant(_I32, 128), ir.Constant(_I32, 8))
+                    rows(lambda t: gen.splat(builder.mul(t, zero), vi))
 
         # int8: groups in pairs, on two accumulator tiles (tmm0, tmm3; x and weights in tmm1, tmm2 and tmm4,
         # tmm5), so one group's products run while the other's wait; each group's sums are then scaled in
@@ -2086,20 +2106,21 @@ def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros
         return context.get_dummy_value()
 
     sig = types.void(blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros, sstart, asym, ng, G, bits, T, y, ystart,
-                     ystride, ahead, cfg, cstart)
+                     ystride, ahead)
     return sig, codegen
 
 
 @functools.lru_cache(maxsize=None)
 def _pk_tile_config(kc: int) -> np.ndarray:
-    """The tile configurations of _pk_tiles, one per T = 0 .. 16 rows of x (row T, 64 bytes; palette 1): tmm0
-    the sums, T rows x 16 int32; tmm1 x, T rows x kc bytes; tmm2 the block's chunk, kc / 4 rows x 64 bytes;
-    tmm3-5 the same for the second group of a pair."""
-    cfg = np.zeros((17, 64), np.uint8)
-    for T in range(1, 17):
-        cfg[T, 0] = 1
-        for t, (r, colsb) in enumerate(((T, 64), (T, kc), (kc // 4, 64)) * 2):  # tmm3-5: the second group's
-            cfg[T, 16 + 2 * t], cfg[T, 17 + 2 * t], cfg[T, 48 + t] = colsb & 0xFF, colsb >> 8, r
+    """The tile configuration of _pk_tiles (64 bytes; palette 1): tmm0 the sums, 16 rows x 16 int32; tmm1 x,
+    16 rows x kc bytes; tmm2 the block's chunk, kc / 4 rows x 64 bytes; tmm3-5 the same for the second group
+    of a pair. Always 16 rows of x (fewer are padded with zeros), so that one configuration serves every
+    block and pass: loading one (ldtilecfg) waits for every tile instruction before it to finish."""
+    cfg = np.zeros(64, np.uint8)
+    cfg[0] = 1
+    for t, (r, colsb) in enumerate(((16, 64), (16, kc), (kc // 4, 64)) * 2):  # tmm3-5: the second group's
+        cfg[16 + 2 * t], cfg[17 + 2 * t], cfg[48 + t] = colsb & 0xFF, colsb >> 8, r
+    cfg.flags.writeable = False
     return cfg
 
 
@@ -2155,13 +2176,20 @@ def _gemv_pk(x, G, blocks, scales, zeros, asym, bits, y, yat, ahead, far):
 
 
 @parallel_kernel(fastmath=False)
-def _gemv_pk_tiles(x, G, blocks, scales, zeros, asym, bits, y, yat, ahead, cfg):
-    """_gemv_pk with the integer sums on AMX tiles (_pk_tiles): x quantized as there, then, parallel over
-    blocks, the rows of x 16 at a time; the other arguments as there. Bit for bit _gemv_pk's results (tested).
-    cfg: _pk_tile_config(min(G, 64)), flat."""
+def _gemv_pk_tiles(x, G, blocks, scales, zeros, asym, bits, y, yat, ahead, cfg, runs):
+    """_gemv_pk with the integer sums on AMX tiles (_pk_tiles): x quantized as there (into rows padded to a
+    multiple of 16 with zeros, which the tiles read and nothing uses), then, parallel over runs of blocks (one
+    run per thread: `runs`, at most), the tile configuration loaded once per run, and per block the rows of x
+    16 at a time; the other arguments as there. Bit for bit _gemv_pk's results, however the blocks are split
+    (tested). cfg: _pk_tile_config(min(G, 64)).
+
+    Once per run, not once per block: ldtilecfg waits for every tile instruction before it, so once per block
+    it drained the tile loads still waiting on memory at each block's end (stories110M int8 batch-16 decode
+    steps 0.93-0.97x the time; docs/performance.md, "Eleventh session")."""
     N, Kp = x.shape
     ng = Kp // G
-    xq = np.empty((N, Kp), np.int8)
+    xq = np.empty((-(-N // 16) * 16, Kp), np.int8)
+    xq[N:] = 0
     xs = np.empty((N, ng), np.float32)
     xsum = np.empty((N, ng), np.int32)
     for n in prange(N):
@@ -2170,12 +2198,14 @@ def _gemv_pk_tiles(x, G, blocks, scales, zeros, asym, bits, y, yat, ahead, cfg):
     bb = blocks.shape[1] * 64
     pf, xf, xsf, xsumf, sf, zf = (blocks.reshape(-1), xq.reshape(-1), xs.reshape(-1), xsum.reshape(-1),
                                   scales.reshape(-1), zeros.reshape(-1))
-    for b in prange(nb):
-        y0, ys = N * yat[b, 0] + yat[b, 1], yat[b, 2]
-        for t0 in range(0, N, 16):
-            T = min(16, N - t0)
-            _pk_tiles(pf, b * bb, xf, t0 * Kp, xsumf, xsf, t0 * ng, sf, zf, b * ng * 16, asym, ng, G, bits, T, y,
-                      y0 + t0 * ys, ys, ahead if t0 == 0 else 0, cfg, 64 * T)
+    runs = min(nb, runs)
+    for r in prange(runs):
+        _tile_config(cfg)
+        for b in range(r * nb // runs, (r + 1) * nb // runs):
+            y0, ys = N * yat[b, 0] + yat[b, 1], yat[b, 2]
+            for t0 in range(0, N, 16):
+                _pk_tiles(pf, b * bb, xf, t0 * Kp, xsumf, xsf, t0 * ng, sf, zf, b * ng * 16, asym, ng, G, bits,
+                          min(16, N - t0), y, y0 + t0 * ys, ys, ahead if t0 == 0 else 0)
 
 
 _NO_BLOCK_ZEROS = np.zeros((1, 1, 1), np.uint8)  # the zeros argument of symmetric packed kernels (unused)
@@ -2217,7 +2247,7 @@ def _linear_packed(xp, w, y, parts=None):
     yat = whole if parts is None else _block_outputs(nb, parts)
     if AMX and N >= (AMX_MIN_ROWS if w.bits == 8 else AMX_MIN_ROWS_Q4):  # the same results, the sums on tiles
         _run(_gemv_pk_tiles, N * w.nbytes, xp, *front, out.reshape(-1), yat, PREFETCH_AMX,
-             _pk_tile_config(min(w.group_size, 64)).reshape(-1))
+             _pk_tile_config(min(w.group_size, 64)), TILE_RUNS)
     else:
         _run(_gemv_pk, N * w.nbytes, xp, *front, out.reshape(-1), yat, *_pk_prefetch(w.bits))
     if out is not y:
