@@ -1488,7 +1488,9 @@ def _amx_config(rows: int, T: int, kc: int) -> np.ndarray:
     return cfg
 
 
-PREFETCH_AMX = 8192  # bytes ahead in the run of 16 weight rows a tile block reads (2-16 KiB measured: 8-16 best)
+# Bytes ahead in the run of 16 weight rows a tile block reads (the packed tile kernel: into L2 per chunk, 4-32
+# KiB measured, 8-16 best; the row-major one: into L1 per group, 2-16 KiB, 8-16 best)
+PREFETCH_AMX = 8192
 
 
 @parallel_kernel(fastmath=False)  # no FMA contraction: the parallel and serial builds must round alike
@@ -1986,7 +1988,10 @@ def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros
     of tiles (tmm0-2, tmm3-5), so one group's products run while the other's wait on their accumulator, and a
     pair's products are issued before the previous pair's sums are scaled, so the tiles and the vector units
     work at the same time: stories110M int8 batch-16 decode steps 0.93x, then 0.90-0.95x the time
-    (docs/performance.md, "Eighth session"). The block's bytes are prefetched `ahead` bytes on (0: not)."""
+    (docs/performance.md, "Eighth session"). Each chunk's bytes are prefetched `ahead` bytes on into L2 (0:
+    not): a chunk at a time rather than a group's 32 lines at once, which asked for more lines than the L1
+    cache has fill buffers for (stories110M int8, 49 matrices at 16 rows from memory, 0.94-0.95x the time;
+    int4 the same)."""
 
     def codegen(context, builder, sig, args):
         (pa, ps, xa, xr, xsuma, xsa, sr, sa, za, ss, asy, ngv, Gv, bitsv, Tv, ya, ys, ystr, ah) = args
@@ -2012,11 +2017,12 @@ def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros
             """Tiles acc (tmm) = the int32 sums of group g: tilezero, then per chunk x into ta, the weights into
             tb, tdpbsud."""
             gstart = builder.add(ps, builder.mul(g, gbytes))
-            with builder.if_then(builder.icmp_signed(">", ah, const(0))):
-                gen.prefetch(pbase, builder.add(gstart, ah), gbytes, 3)
             _amx_asm(builder, f"tilezero %tmm{acc}")
             with cgutils.for_range(builder, builder.udiv(Gv, kc)) as chunk:
                 k = builder.mul(chunk.index, kc)
+                with builder.if_then(builder.icmp_signed(">", ah, const(0))):  # this chunk's bytes, ahead on
+                    cbytes = builder.select(is8, builder.mul(kc, const(16)), builder.mul(kc, const(8)))
+                    gen.prefetch(pbase, builder.add(builder.add(gstart, builder.mul(chunk.index, cbytes)), ah), cbytes, 2)
                 px = builder.gep(xbase, [builder.add(xr, builder.add(builder.mul(g, Gv), k))])
                 wptr = cgutils.alloca_once(builder, _I8.as_pointer())
                 with builder.if_else(is8) as (int8, int4):
