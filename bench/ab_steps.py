@@ -1,7 +1,7 @@
 """Two trees of tinyserve on the same random weights, decode steps alternating in one process.
 
     python bench/ab_steps.py --old REV [--shape stories110M] [--quant int8] [--batch 16] [--kv-dtype float32]
-                             [--steps 24] [--position 32]
+                             [--steps 24] [--position 32] [--linears]
 
 On a shared machine two runs of `tinyserve bench` a minute apart differ by 10-30%, more than most changes
 are worth. Here the old tree (git revision REV of this repository, exported with `git archive` into a
@@ -10,11 +10,16 @@ same random weights (`bench.load_for_bench`), and their decode steps alternate (
 on caches of their own: neighbouring steps see the same machine, so the figure is the median over pairs of
 new step time / old step time, with its quartiles. Options such as TINYSERVE_INT8_ACTIVATIONS apply to both
 trees (set them in the environment). Numba compiles the old tree's kernels on first use (cached afterwards).
+
+--linears: instead of whole steps, one pass over the model's matrices (each layer's stacked q/k/v, o,
+stacked gate/up and down, then the output head), one `linear` call each on `--batch` random rows: a step's
+products alone, streamed from memory one after another, as in a step.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import subprocess
@@ -35,6 +40,30 @@ def export_old(rev: str, into: Path) -> None:
     (into / "tinyserve").rename(into / "tinyserve_old")
 
 
+def _linear_pass(llm, rows: int):
+    """A function that runs one `linear` call per weight matrix of llm (in step order) on `rows` random rows."""
+    ops, w = llm.ops, llm.weights
+    parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    mats = []
+    for layer in w.layers:
+        for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            m = getattr(layer, n)
+            mats += [m] if m is not None else [getattr(layer, part) for part in parts[n]]  # not stacked
+    mats.append(w.lm_head)
+    rng = np.random.default_rng(0)
+    xs = {}
+    for m in mats:
+        k = m.shape[1]
+        if k not in xs:
+            xs[k] = rng.standard_normal((rows, k)).astype(np.float32)
+
+    def run(i):
+        for m in mats:
+            ops.linear(xs[m.shape[1]], m)
+
+    return run
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--old", required=True, help="git revision to compare the working tree with")
@@ -45,6 +74,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=24, help="pairs of decode steps")
     p.add_argument("--position", type=int, default=32,
                    help="position of the first decode step: each token attends to this many cache rows and more")
+    p.add_argument("--linears", action="store_true", help="time passes over the matrices, not decode steps")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -60,19 +90,28 @@ def main() -> int:
         models = {"old": old_bench.load_for_bench(None, args.shape, "cpu", args.quant, **kv)[1],
                   "new": new_bench.load_for_bench(None, args.shape, "cpu", args.quant, **kv)[1]}
         B = args.batch
-        context = args.position + args.steps + 4
-        caches = {k: m.new_cache(B, context) for k, m in models.items()}
-        tokens, slots = np.arange(B) + 7, np.arange(B)
+        if args.linears:
+            step = {k: _linear_pass(m, B) for k, m in models.items()}
+        else:
+            context = args.position + args.steps + 4
+            caches = {k: m.new_cache(B, context) for k, m in models.items()}
+            tokens, slots = np.arange(B) + 7, np.arange(B)
+
+            def decode(k, i):
+                models[k].forward(tokens, np.full(B, args.position + i), slots, caches[k], phase="decode")
+
+            step = {k: functools.partial(decode, k) for k in models}
         times = {"old": [], "new": []}
         for i in range(args.steps + 2):  # the first two pairs warm the caches up and are dropped
             for k in (("old", "new") if i % 2 == 0 else ("new", "old")):
                 t0 = time.perf_counter()
-                models[k].forward(tokens, np.full(B, args.position + i), slots, caches[k], phase="decode")
+                step[k](i)
                 times[k].append(time.perf_counter() - t0)
         old, new = (np.array(times[k][2:]) for k in ("old", "new"))
         ratio = new / old
         env = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("TINYSERVE_"))
-        print(f"{args.shape} {args.quant} batch {B} kv {args.kv_dtype} position {args.position} {env}: step old {np.median(old) * 1e3:.2f} ms, "
+        what = "linears" if args.linears else f"kv {args.kv_dtype} position {args.position}"
+        print(f"{args.shape} {args.quant} batch {B} {what} {env}: {'pass' if args.linears else 'step'} old {np.median(old) * 1e3:.2f} ms, "
               f"new {np.median(new) * 1e3:.2f} ms; new / old, median of {len(ratio)} pairs {np.median(ratio):.3f} "
               f"[quartiles {np.percentile(ratio, 25):.3f}, {np.percentile(ratio, 75):.3f}]")
     return 0
