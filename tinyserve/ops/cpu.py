@@ -2022,7 +2022,8 @@ def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros
                 k = builder.mul(chunk.index, kc)
                 with builder.if_then(builder.icmp_signed(">", ah, const(0))):  # this chunk's bytes, ahead on
                     cbytes = builder.select(is8, builder.mul(kc, const(16)), builder.mul(kc, const(8)))
-                    gen.prefetch(pbase, builder.add(builder.add(gstart, builder.mul(chunk.index, cbytes)), ah), cbytes, 2)
+                    cstart = builder.add(gstart, builder.mul(chunk.index, cbytes))
+                    gen.prefetch(pbase, builder.add(cstart, ah), cbytes, 2)
                 px = builder.gep(xbase, [builder.add(xr, builder.add(builder.mul(g, Gv), k))])
                 wptr = cgutils.alloca_once(builder, _I8.as_pointer())
                 with builder.if_else(is8) as (int8, int4):
