@@ -232,6 +232,11 @@ def check_ops():
     C.kv_write(dk, dv, up(k), up(v), up(sl), up(ps))
     ref.kv_write(hk, hv, k, v, sl, ps)
     check("kv_write", "kv_write", np.stack([down(dk), down(dv)]), np.stack([hk, hv]))
+    q4 = f32(4, H, hd)
+    got = down(C.rope_kv_write(up(q4), up(k), up(v), dk, dv, up(sl), up(ps), up(inv)))
+    want = ref.rope_kv_write(q4, k, v, hk, hv, sl, ps, inv)
+    check("rope_kv_write", "rope_kv_write", np.concatenate([got.ravel(), down(dk).ravel(), down(dv).ravel()]),
+          np.concatenate([want.ravel(), hk.ravel(), hv.ravel()]))
     for case, sl, ps, win in [("attention decode x3", [0, 1, 2], [T - 1, T // 2, 3], 0),
                               ("attention prefill", [1] * min(T, 64), list(range(min(T, 64))), 0),  # noqa: E501
                               ("attention window", [0, 1, 2], [T - 1, T // 2, 3], 5)]:

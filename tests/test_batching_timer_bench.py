@@ -109,15 +109,17 @@ def test_timer_counts_are_exact(stories_dir):
     timer.per_step = {}
     llm.generate("Once upon a time", max_new_tokens=1, temperature=0.0)
     per = timer.per_step
-    # one forward step: per layer 4 linears (q, k and v stacked; o; gate and up stacked; down), 2 ropes,
-    # 1 cache write, 1 attention, 1 swiglu, and 2 residual adds each with the norm after it (add_rmsnorm: the
-    # MLP's norm, then the next layer's input norm or the final one); the first layer's input norm alone
+    # one forward step: per layer 4 linears (q, k and v stacked; o; gate and up stacked; down), 1 rope of q
+    # and k with their cache write (rope_kv_write), 1 attention, 1 swiglu, and 2 residual adds each with the
+    # norm after it (add_rmsnorm: the MLP's norm, then the next layer's input norm or the final one); the first
+    # layer's input norm alone
     assert per[("linear", "qkv")] == L and per[("linear", "attention")] == L and per[("linear", "mlp")] == 2 * L
     assert per[("linear", "logits")] == 1
     assert per[("rmsnorm", "qkv")] == 1 and ("rmsnorm", "mlp") not in per and ("rmsnorm", "logits") not in per
     assert per[("add_rmsnorm", "mlp")] == L and per[("add_rmsnorm", "qkv")] == L - 1
     assert per[("add_rmsnorm", "logits")] == 1
-    assert per[("rope", "qkv")] == 2 * L and per[("kv_write", "qkv")] == L and per[("attention", "attention")] == L
+    assert per[("rope_kv_write", "qkv")] == L and per[("attention", "attention")] == L
+    assert ("rope", "qkv") not in per and ("kv_write", "qkv") not in per
     assert per[("swiglu", "mlp")] == L and ("add", "residual") not in per
     assert per[("take_rows", "embedding")] == 1 and per[("take_rows", "logits")] == 1
     rep = timer.report().as_dict()
@@ -132,6 +134,8 @@ def test_timer_counts_are_exact(stories_dir):
     act = n_prompt * 4 * L * ((D + q + 2 * kv) + (q + D) + (D + 2 * F) + (F + D)) + 1 * 4 * (D + cfg.vocab_size)
     assert rep["ops"]["linear"]["bytes"] == weight_bytes + act
     assert rep["ops"]["linear"]["calls"] == 4 * L + 1
+    # rope_kv_write: q read and written, k and v read (float32) and written into the float32 cache
+    assert rep["ops"]["rope_kv_write"]["bytes"] == n_prompt * L * (2 * 4 * q + 2 * (4 + 4) * kv)
     assert rep["phases"]["prefill"]["calls"] == 1 and "decode" not in rep["phases"]
     assert len(rep["requests"]) == 1 and rep["requests"][0]["generated_tokens"] == 1
     assert "op" in timer.report().table()

@@ -264,6 +264,42 @@ def test_kv_write_and_attention(S, KVH, G, Tmax, hd, window, runs, dtype):
     assert np.max(np.abs(got - want)) <= tol
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("S,KVH,G,Tmax,hd,window,runs", KV_CASES)
+def test_rope_kv_write_is_rope_then_kv_write(S, KVH, G, Tmax, hd, window, runs, dtype):
+    """The fused op returns rope(q) and writes rope(k) and v, bit for bit what cpu.rope twice and cpu.kv_write
+    give (the same products and roundings), and so the reference's values (rope and kv_write are exact
+    against it here: test_rope, test_kv_write_and_attention)."""
+    rng = rng_for("rope_kv_write", S, KVH, G, hd, window, np.dtype(dtype).itemsize)
+    slots, positions = _kv_case(rng, S, KVH, Tmax, hd, runs)
+    N, H = slots.size, KVH * G
+    inv = (1.0 / (10000.0 ** (np.arange(0, hd, 2, dtype=np.float32) / hd))).astype(np.float32)
+    kc = rng.standard_normal((S, KVH, Tmax, hd)).astype(dtype)
+    vc = rng.standard_normal((S, KVH, Tmax, hd)).astype(dtype)
+    q, k, v = (rng.standard_normal((N, n, hd)).astype(np.float32) for n in (H, KVH, KVH))
+    caches = {name: (kc.copy(), vc.copy()) for name in ("fused", "apart", "reference")}
+    got = cpu.rope_kv_write(q, k, v, *caches["fused"], slots, positions, inv)
+    apart = cpu.rope(q, positions, inv)
+    cpu.kv_write(*caches["apart"], cpu.rope(k, positions, inv), v, slots, positions)
+    want = reference.rope_kv_write(q, k, v, *caches["reference"], slots, positions, inv)
+    np.testing.assert_array_equal(got, apart)
+    np.testing.assert_allclose(got, want, rtol=2 * EPS, atol=1e-6)
+    for a, b, r in zip(caches["fused"], caches["apart"], caches["reference"]):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a.astype(np.float32), r.astype(np.float32), rtol=2 * EPS, atol=1e-6)
+
+
+def test_rope_kv_write_rejects_bad_input():
+    kc, one = np.zeros((1, 1, 4, 2), np.float32), np.ones((1, 1, 2), np.float32)
+    inv = np.ones(1, np.float32)
+    with pytest.raises(IndexError):
+        cpu.rope_kv_write(one, one, one, kc, kc.copy(), [0], [4], inv)
+    with pytest.raises(ValueError, match="frequencies"):
+        cpu.rope_kv_write(one, one, one, kc, kc.copy(), [0], [0], np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu.rope_kv_write(one, np.ones((2, 1, 2), np.float32), one, kc, kc.copy(), [0], [0], inv)
+
+
 def test_kv_write_rejects_out_of_range():
     kc = np.zeros((1, 1, 4, 2), np.float32)
     with pytest.raises(IndexError):

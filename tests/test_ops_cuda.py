@@ -104,6 +104,12 @@ def _worker_ops() -> list[dict]:
     C.kv_write(kc, vc, up(k), up(v), up(slots), up(pos))
     ref.kv_write(hk, hv, k, v, slots, pos)
     check("kv_write", "kv_write", np.stack([down(kc), down(vc)]), np.stack([hk, hv]))
+    # rope_kv_write: rope(q) returned, rope(k) and v written (2 query heads per KV head, head dim 4)
+    q2, inv2 = f32(3, 2 * KVH, hd), inv[:hd // 2].copy()
+    got_q = down(C.rope_kv_write(up(q2), up(k), up(v), kc, vc, up(slots), up(pos), up(inv2)))
+    want_q = ref.rope_kv_write(q2, k, v, hk, hv, slots, pos, inv2)
+    check("rope_kv_write", "rope_kv_write", np.concatenate([got_q.ravel(), down(kc).ravel(), down(vc).ravel()]),
+          np.concatenate([want_q.ravel(), hk.ravel(), hv.ravel()]))
     check("zeros", "add", down(C.zeros((3, 5))), np.zeros((3, 5), np.float32))
 
     # attention: a prefill of 6 tokens (several key chunks), and a mixed step (a prompt continuing in slot 1

@@ -77,7 +77,8 @@ def test_validate_float64_reference(models):
     assert "float64" in rep.meta["reference"]
 
 
-@pytest.mark.parametrize("op_name, layer, stage", [("add", 1, "attn"), ("swiglu", 0, "mlp"), ("rope", 1, "attn")])
+@pytest.mark.parametrize("op_name, layer, stage", [("add", 1, "attn"), ("swiglu", 0, "mlp"), ("rope", 1, "attn"),
+                                                    ("rope_kv_write", 0, "attn")])
 def test_validate_names_the_layer_of_a_bug(models, op_name, layer, stage):
     """A bug in one layer's op: validate fails and names that layer and block, not an earlier or later one."""
     import tinyserve

@@ -273,9 +273,9 @@ def forward(w: Weights, cfg: ModelConfig, ops, token_ids, positions, slots, cach
         q = q.reshape(N, H, hd)  # (N, H*hd) -> (N, H, hd): one row of hd values per head
         k = k.reshape(N, KVH, hd)
         v = v.reshape(N, KVH, hd)
-        q = ops.rope(q, positions, w.inv_freq)  # (N, H, hd) rotated by position
-        k = ops.rope(k, positions, w.inv_freq)  # (N, KVH, hd)
-        ops.kv_write(cache.k[i], cache.v[i], k, v, slots, positions)  # cache[slot, :, pos] = k, v
+        # q and k rotated by position (RoPE), and this step's keys and values stored in the cache: one op that
+        # is q = ops.rope(q, ...); k = ops.rope(k, ...); ops.kv_write(cache.k[i], cache.v[i], k, v, ...)
+        q = ops.rope_kv_write(q, k, v, cache.k[i], cache.v[i], slots, positions, w.inv_freq)  # (N, H, hd)
         a = ops.attention(q, cache.k[i], cache.v[i], slots, positions, window)  # (N, H, hd)
         a = ops.linear(a.reshape(N, H * hd), layer.o_proj, layer.o_bias)  # (N, H*hd) -> (N, D)
         if tap:

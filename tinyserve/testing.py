@@ -8,7 +8,8 @@
 `check_op(name, fn)` calls `fn` with the same arguments as the reference op of that name
 (tinyserve/ops/reference.py, the executable specification) on randomized cases and compares the outputs:
 NMSE = sum((y - ref)^2) / sum(ref^2) and the largest absolute difference, against the op's tolerance in
-tinyserve/tolerances.py. For ops that write in place (kv_write) the arrays written are compared.
+tinyserve/tolerances.py. For ops that write in place (kv_write) the arrays written are compared (rope_kv_write:
+its result and the caches it wrote).
 
 To see what a kernel does to a whole model, `SwappedOps(base_ops, name=fn)` is an ops object whose
 attribute `name` is your function and everything else the backend's; `tinyserve validate --kernel
@@ -58,7 +59,8 @@ class SwappedOps:
     the QuantizedTensor it holds (unpacked on each call: a copy, slow but exact). A replaced rmsnorm or add
     also does the work of add_rmsnorm (the model's residual add and the norm after it, fused), unless
     add_rmsnorm is replaced too: add_rmsnorm is then add followed by rmsnorm, each the replaced one or the
-    backend's, so a swapped-in norm sees every norm of the model.
+    backend's, so a swapped-in norm sees every norm of the model. Likewise a replaced rope or kv_write does
+    the work of rope_kv_write (rope of q and k, and the cache write), unless rope_kv_write is replaced too.
     """
 
     def __init__(self, base, **overrides):
@@ -75,6 +77,14 @@ class SwappedOps:
                 return s, rmsnorm(s, weight, eps)
 
             overrides["add_rmsnorm"] = add_rmsnorm
+        if ("rope" in overrides or "kv_write" in overrides) and "rope_kv_write" not in overrides:
+            rope, kv_write = overrides.get("rope", base.rope), overrides.get("kv_write", base.kv_write)
+
+            def rope_kv_write(q, k, v, k_cache, v_cache, slots, positions, inv_freq):
+                kv_write(k_cache, v_cache, rope(k, positions, inv_freq), v, slots, positions)
+                return rope(q, positions, inv_freq)
+
+            overrides["rope_kv_write"] = rope_kv_write
         self._base = base
         self._overrides = dict(overrides)
 
@@ -342,6 +352,19 @@ def _cases_kv_write(rng, n):
                (kc, vc, _normal(rng, (N, KVH, hd)), _normal(rng, (N, KVH, hd)), slots, positions))
 
 
+def _cases_rope_kv_write(rng, n):
+    for i in range(n):
+        KVH, G, hd = _pick(rng, (1, 2, 3)), _pick(rng, (1, 2, 4, 8)), _pick(rng, (2, 6, 8, 64))
+        S, Tmax, slots, positions, desc = _kv_layout(rng)
+        N = slots.size
+        inv_freq = (1.0 / (np.float32(10000.0) ** (np.arange(0, hd, 2).astype(np.float32) / np.float32(hd)))).astype(
+            np.float32)
+        kc, vc = _normal(rng, (S, KVH, Tmax, hd)), _normal(rng, (S, KVH, Tmax, hd))
+        yield (f"S={S} KVH={KVH} G={G} Tmax={Tmax} hd={hd} {desc}", "float32",
+               (_normal(rng, (N, KVH * G, hd)), _normal(rng, (N, KVH, hd)), _normal(rng, (N, KVH, hd)), kc, vc,
+                slots, positions, inv_freq))
+
+
 def _cases_attention(rng, n):
     for i in range(n):
         KVH, G, hd = _pick(rng, (1, 2, 3)), _pick(rng, (1, 2, 3, 4)), _pick(rng, (4, 6, 8, 16, 64))
@@ -409,6 +432,7 @@ CASE_MAKERS = {
     "linear": _cases_linear,
     "rope": _cases_rope,
     "kv_write": _cases_kv_write,
+    "rope_kv_write": _cases_rope_kv_write,
     "attention": _cases_attention,
     "swiglu": _cases_swiglu,
     "add": _cases_add,
@@ -452,6 +476,11 @@ def check_op(name: str, fn, cases: int = 12, seed: int = 0, formats=None, ops=No
         if name == "kv_write":  # in place: compare the caches it wrote
             want = np.stack([want_args[0], want_args[1]])
             got = np.stack([np.asarray(down(got_args[0])), np.asarray(down(got_args[1]))])
+        elif name == "rope_kv_write":  # rope(q) returned, and the caches written: compared as one array
+            want = np.concatenate([want.ravel(), want_args[3].ravel(), want_args[4].ravel()])
+            got = None if got is None else np.concatenate(
+                [np.asarray(down(got)).ravel(), np.asarray(down(got_args[3])).ravel(),
+                 np.asarray(down(got_args[4])).ravel()])
         elif isinstance(want, tuple):  # add_rmsnorm: (sum, norm), compared as one array
             want = np.stack(want)
             got = None if not isinstance(got, tuple) or len(got) != 2 else np.stack([np.asarray(down(g)) for g in got])

@@ -68,6 +68,9 @@ def op_cost(name: str, key, shape) -> tuple[int, int]:
         return 2 * 4 * size, 6 * size
     if name == "kv_write":
         return 2 * (4 + key) * size, 0  # keys and values, each read (float32) and written (key: the cache's itemsize)
+    if name == "rope_kv_write":  # rope of q (shape), and kv_write of the rotated keys (key: itemsize, k's shape)
+        itemsize, k_size = key[0], int(np.prod(key[1]))
+        return 2 * 4 * size + 2 * (4 + itemsize) * k_size, 6 * (size + k_size)
     if name in ("swiglu", "add"):
         return 3 * 4 * size, (5 if name == "swiglu" else 1) * size
     if name == "take_rows":
@@ -303,13 +306,14 @@ _RECORDS = {
     "take_rows": lambda a: (id(a[0]), (a[1].shape[0], a[0].shape[-1])),  # which table, shape of the rows out
     "rope": lambda a: (None, a[0].shape),
     "kv_write": lambda a: (a[0].dtype.itemsize, a[2].shape),        # the cache's itemsize, shape of the new keys
+    "rope_kv_write": lambda a: ((a[3].dtype.itemsize, a[1].shape), a[0].shape),  # (itemsize, k's shape), q's
     "attention": lambda a: (a[1:5], a[0].shape),                    # (k_cache, v_cache, slots, positions), q
     "swiglu": lambda a: (None, a[0].shape),
     "add": lambda a: (None, a[0].shape),
 }
 
 
-_FIXED_ROLES = {"rope": "qkv", "kv_write": "qkv", "swiglu": "mlp", "add": "residual"}
+_FIXED_ROLES = {"rope": "qkv", "kv_write": "qkv", "rope_kv_write": "qkv", "swiglu": "mlp", "add": "residual"}
 
 
 def weight_roles(weights) -> dict:
@@ -356,6 +360,8 @@ class Timer:
             wid = id(key[0])
         elif name == "take_rows":  # the embedding table, or the hidden states picked for the head
             wid = key if ("take_rows", key) in self.weight_roles else None
+        elif name == "rope_kv_write":  # (the cache's itemsize, k's shape): a value, not an object
+            wid = key
         else:
             wid = id(key)
         tally = self.tallies.get((name, wid, shape))

@@ -95,6 +95,9 @@ TOLERANCES: dict[tuple[str, str, str, str], Tol] = {
         _CPU + "0"),
     ("op", "rope", "float32", "max_rel"): Tol(
         1e-6, "a few roundings per element: 16 u", _CPU + "0"),
+    # rope_kv_write's result and the caches it wrote, compared together: rope's values, and copies
+    ("op", "rope_kv_write", "float32", "nmse"): Tol(1e-12, "rope's (the cache holds rope(k) and v)", _CPU + "0"),
+    ("op", "rope_kv_write", "float32", "max_rel"): Tol(1e-6, "rope's (the cache holds rope(k) and v)", _CPU + "0"),
     ("op", "attention", "float32", "nmse"): Tol(
         1e-10, "dot products of hd terms, sums over up to 8192 keys: ~sqrt(n)·u relative each",
         _CPU + "2.3e-13"),

@@ -59,6 +59,7 @@ OP_NAMES = (
     "linear",  # x @ W.T (+ b); W float32, a quantized tensor, or Stacked (then one output per part)
     "rope",
     "kv_write",
+    "rope_kv_write",  # rope(q), and k rotated and stored in the cache with v: rope twice and kv_write in one call
     "attention",
     "swiglu",
     "add",

@@ -459,6 +459,14 @@ def kv_write(k_cache, v_cache, k, v, slots, positions) -> None:
         _kv_write_kernel[_grid(n, LAUNCH.threads), LAUNCH.threads, _stream()](k_cache, v_cache, k, v, slots, positions)
 
 
+def rope_kv_write(q, k, v, k_cache, v_cache, slots, positions, inv_freq):
+    """rope(q), and rope(k) and v stored at (slot, position) of the caches: the reference's composition of
+    rope and kv_write, their kernels launched one after the other (on the GPU a launch costs the same in one
+    wrapper or three, and decode steps are replayed as CUDA graphs)."""
+    kv_write(k_cache, v_cache, rope(k, positions, inv_freq), v, slots, positions)
+    return rope(q, positions, inv_freq)
+
+
 # ------------------------------------------------------------------------------------------ rmsnorm
 _NORM_THREADS = LAUNCH.threads
 

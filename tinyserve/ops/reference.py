@@ -105,6 +105,19 @@ def kv_write(k_cache, v_cache, k: np.ndarray, v: np.ndarray, slots: np.ndarray, 
         v_cache[slots, :, positions, :] = v
 
 
+def rope_kv_write(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache, v_cache, slots: np.ndarray,
+                  positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """RoPE on a step's queries and keys, and its keys and values stored in the cache, as one op: writes
+    kv_write(k_cache, v_cache, rope(k), v, slots, positions) and returns rope(q). (N, H, hd), (N, KVH, hd) x 2,
+    the caches, (N,), (N,), (hd/2,) -> (N, H, hd).
+
+    The forward pass makes one call where it would make three (as add_rmsnorm does two): at one token a step
+    a call costs more than its work, and a fast backend computes each position's angles once for both.
+    """
+    kv_write(k_cache, v_cache, rope(k, positions, inv_freq), v, slots, positions)
+    return rope(q, positions, inv_freq)
+
+
 def attention(q, k_cache, v_cache, slots, positions, window: int = 0) -> np.ndarray:
     """Causal grouped-query attention over the KV cache. Returns (N, H, hd).
 
