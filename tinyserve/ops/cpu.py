@@ -2582,6 +2582,17 @@ def add_rmsnorm(x: np.ndarray, branch: np.ndarray, weight: np.ndarray, eps: floa
     return s, out
 
 
+@njit(cache=True, fastmath=False, inline="always")
+def _rotate(xr, c, s, orow):
+    """orow = xr with each (i, i + hd/2) pair rotated: (a, b) -> (a c - b s, b c + a s), in float32."""
+    half = xr.shape[0] // 2
+    for i in range(half):
+        a = xr[i]
+        b = xr[i + half]
+        orow[i] = a * c[i] - b * s[i]
+        orow[i + half] = b * c[i] + a * s[i]
+
+
 @parallel_kernel(fastmath=False)
 def _rope(x, cos, sin, out):
     """Rotate each (i, i + hd/2) pair of every head by the token's angle. Parallel over tokens.
@@ -2589,18 +2600,9 @@ def _rope(x, cos, sin, out):
     cos, sin: (N, hd/2), computed by the wrapper exactly as the reference does (float32 angles).
     """
     N, nh, hd = x.shape
-    half = hd // 2
     for n in prange(N):
-        c = cos[n]
-        s = sin[n]
         for h in range(nh):
-            xr = x[n, h]
-            orow = out[n, h]
-            for i in range(half):
-                a = xr[i]
-                b = xr[i + half]
-                orow[i] = a * c[i] - b * s[i]
-                orow[i + half] = b * c[i] + a * s[i]
+            _rotate(x[n, h], cos[n], sin[n], out[n, h])
 
 
 def rope(x: np.ndarray, positions, inv_freq: np.ndarray) -> np.ndarray:
@@ -2637,6 +2639,15 @@ def _rope_tables(positions: np.ndarray, inv_freq: np.ndarray):
     return cos, sin
 
 
+@njit(cache=True, inline="always")
+def _prefetch_cache_rows(k_cache, v_cache, s, t, KVH):
+    """Ask for the cache rows (slot s, position t) of every head: each is a cold line in another page, so all
+    of them first, then the writes."""
+    for h in range(KVH):
+        _prefetch(k_cache[s, h, t], 0)
+        _prefetch(v_cache[s, h, t], 0)
+
+
 @parallel_kernel(fastmath=False)
 def _kv_write(k_cache, v_cache, k, v, slots, positions):
     """cache[slots[n], :, positions[n], :] = k[n], v[n]: one token per task (a float16 cache, as uint16 bits,
@@ -2645,9 +2656,7 @@ def _kv_write(k_cache, v_cache, k, v, slots, positions):
     for n in prange(N):
         s = slots[n]
         t = positions[n]
-        for h in range(KVH):  # each row of the cache it writes is in another page: ask for all of them first
-            _prefetch(k_cache[s, h, t], 0)
-            _prefetch(v_cache[s, h, t], 0)
+        _prefetch_cache_rows(k_cache, v_cache, s, t, KVH)
         for h in range(KVH):
             kd, vd, ks, vs = k_cache[s, h, t], v_cache[s, h, t], k[n, h], v[n, h]
             for d in range(hd):
@@ -2723,20 +2732,12 @@ def _rope_kv_write(q, k, v, k_cache, v_cache, cos, sin, slots, positions, qout):
     for n in prange(N):
         s = slots[n]
         t = positions[n]
-        for h in range(KVH):  # each row of the cache it writes is in another page: ask for all of them first
-            _prefetch(k_cache[s, h, t], 0)
-            _prefetch(v_cache[s, h, t], 0)
+        _prefetch_cache_rows(k_cache, v_cache, s, t, KVH)
         c = cos[n]
         sn = sin[n]
         for h in range(H):
-            xr = q[n, h]
-            orow = qout[n, h]
-            for i in range(half):
-                a = xr[i]
-                b = xr[i + half]
-                orow[i] = a * c[i] - b * sn[i]
-                orow[i + half] = b * c[i] + a * sn[i]
-        for h in range(KVH):
+            _rotate(q[n, h], c, sn, qout[n, h])
+        for h in range(KVH):  # _rotate's products, each rounded to the cache's type as _kv_write stores it
             kr, kd, vs, vd = k[n, h], k_cache[s, h, t], v[n, h], v_cache[s, h, t]
             for i in range(half):
                 a = kr[i]
