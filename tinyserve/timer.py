@@ -360,7 +360,7 @@ class Timer:
             wid = id(key[0])
         elif name == "take_rows":  # the embedding table, or the hidden states picked for the head
             wid = key if ("take_rows", key) in self.weight_roles else None
-        elif name == "rope_kv_write":  # (the cache's itemsize, k's shape): a value, not an object
+        elif name in _FIXED_ROLES:  # no weight: the key is a value (None, the cache's itemsize, shapes)
             wid = key
         else:
             wid = id(key)
