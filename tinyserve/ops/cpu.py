@@ -348,6 +348,22 @@ class _Gen:
         u = self.b.insert_element(ir.Constant(vty, None), v, ir.Constant(_I32, 0))
         return self.b.shuffle_vector(u, u, ir.Constant(_vec(_I32, vty.count), [0] * vty.count))
 
+    def sum_starts(self, asym, is8, zero_points, body):
+        """Emit body(start_of) for the packed kernels' integer sums, which start at -zero * xsum to take off
+        what the stored bytes carry on top of the weight integers: start_of(-xsum) is that start as 16 int32
+        lanes, one per weight row. With zero points (asym) a vector multiply by zero_points() (the rows'
+        zeros as 16 int32); else one zero for all rows, 128 (int8: w + 128 stored) or 8 (int4: n - 8), as a
+        scalar multiply then broadcast: a vector multiply per row of x and group (vpmulld, two micro-ops, 10
+        cycles) was the slow part of the AMX kernel's scaling (docs/performance.md, "Eleventh session")."""
+        b, vi = self.b, _vec(_I32, 16)
+        with b.if_else(asym) as (with_zeros, symmetric):
+            with with_zeros:
+                zrow = zero_points()
+                body(lambda neg_xsum: b.mul(zrow, self.splat(neg_xsum, vi)))
+            with symmetric:
+                zero = b.select(is8, ir.Constant(_I32, 128), ir.Constant(_I32, 8))
+                body(lambda neg_xsum: self.splat(b.mul(neg_xsum, zero), vi))
+
     def muladd(self, a, b, c):
         """a * b + c on float32 vectors: fused where the CPU has FMA (elsewhere llvm.fma would become a
         slow library call, so a multiply and an add)."""
@@ -1887,20 +1903,15 @@ def _pk_block(nx):
                     gen.prefetch(pbase, builder.add(gstart, ah), gbytes, 3)
                     with builder.if_then(builder.icmp_signed(">", fa, const(0))):  # and further on, into L2
                         gen.prefetch(pbase, builder.add(gstart, builder.add(ah, fa)), gbytes, 2)
-                # the lanes start at -zero * xsum: zero per row (asym: a vector multiply), else 128 (int8) or 8
-                # (int4: a scalar multiply, then broadcast)
+                # the lanes start at -zero * xsum (_Gen.sum_starts)
                 zoff = builder.add(ss, builder.mul(g, const(16)))
-                with builder.if_else(asy) as (with_zeros, symmetric):
-                    with with_zeros:
-                        zrow = builder.zext(load(zty, za, zoff, _vec(_I8, 16), 1), vi)
-                        for c in range(nx):
-                            t = load(xsumty, xsuma, builder.add(srows[c], g), _I32, 4)
-                            builder.store(builder.mul(zrow, gen.splat(builder.neg(t), vi)), isum[c])
-                    with symmetric:
-                        zero = builder.select(is8, ir.Constant(_I32, 128), ir.Constant(_I32, 8))
-                        for c in range(nx):
-                            t = load(xsumty, xsuma, builder.add(srows[c], g), _I32, 4)
-                            builder.store(gen.splat(builder.mul(builder.neg(t), zero), vi), isum[c])
+
+                def start_lanes(start_of):
+                    for c in range(nx):
+                        t = load(xsumty, xsuma, builder.add(srows[c], g), _I32, 4)
+                        builder.store(start_of(builder.neg(t)), isum[c])
+
+                gen.sum_starts(asy, is8, lambda: builder.zext(load(zty, za, zoff, _vec(_I8, 16), 1), vi), start_lanes)
                 xg = [builder.add(xrows[c], builder.mul(g, Gv)) for c in range(nx)]
                 zero = ir.Constant(vi, [0] * 16)
                 for c in range(nx):  # the second chains start at 0
@@ -2062,15 +2073,8 @@ def _pk_tiles(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros
                         builder.store(gen.muladd(builder.sitofp(isum, vf), builder.fmul(sc, sx),
                                                  builder.load(fsum[c])), fsum[c])
 
-            # the start -zero * xsum: per row of weights with zero points (a vector multiply), else one zero
-            # for all (128 or 8: a scalar multiply, then broadcast; the vector multiply is the slow one)
-            with builder.if_else(asy) as (with_zeros, symmetric):
-                with with_zeros:
-                    zrow = builder.zext(load(zty, za, zoff, _vec(_I8, 16), 1), vi)
-                    rows(lambda t: builder.mul(zrow, gen.splat(t, vi)))
-                with symmetric:
-                    zero = builder.select(is8, ir.Constant(_I32, 128), ir.Constant(_I32, 8))
-                    rows(lambda t: gen.splat(builder.mul(t, zero), vi))
+            # the start -zero * xsum (_Gen.sum_starts)
+            gen.sum_starts(asy, is8, lambda: builder.zext(load(zty, za, zoff, _vec(_I8, 16), 1), vi), rows)
 
         # int8: groups in pairs, on two accumulator tiles (tmm0, tmm3; x and weights in tmm1, tmm2 and tmm4,
         # tmm5), so one group's products run while the other's wait; each group's sums are then scaled in
@@ -2584,13 +2588,14 @@ def add_rmsnorm(x: np.ndarray, branch: np.ndarray, weight: np.ndarray, eps: floa
 
 @njit(cache=True, fastmath=False, inline="always")
 def _rotate(xr, c, s, orow):
-    """orow = xr with each (i, i + hd/2) pair rotated: (a, b) -> (a c - b s, b c + a s), in float32."""
+    """orow = xr with each (i, i + hd/2) pair rotated: (a, b) -> (a c - b s, b c + a s), in float32, stored as
+    orow's elements are (_cache_value: float32 as it is; a float16 cache row's uint16 bits rounded)."""
     half = xr.shape[0] // 2
     for i in range(half):
         a = xr[i]
         b = xr[i + half]
-        orow[i] = a * c[i] - b * s[i]
-        orow[i + half] = b * c[i] + a * s[i]
+        orow[i] = _cache_value(a * c[i] - b * s[i], orow)
+        orow[i + half] = _cache_value(b * c[i] + a * s[i], orow)
 
 
 @parallel_kernel(fastmath=False)
@@ -2728,22 +2733,15 @@ def _rope_kv_write(q, k, v, k_cache, v_cache, cos, sin, slots, positions, qout):
     stores them: the same products and roundings as the three calls, one token per task."""
     N, H, hd = q.shape
     KVH = k.shape[1]
-    half = hd // 2
     for n in prange(N):
         s = slots[n]
         t = positions[n]
         _prefetch_cache_rows(k_cache, v_cache, s, t, KVH)
-        c = cos[n]
-        sn = sin[n]
         for h in range(H):
-            _rotate(q[n, h], c, sn, qout[n, h])
-        for h in range(KVH):  # _rotate's products, each rounded to the cache's type as _kv_write stores it
-            kr, kd, vs, vd = k[n, h], k_cache[s, h, t], v[n, h], v_cache[s, h, t]
-            for i in range(half):
-                a = kr[i]
-                b = kr[i + half]
-                kd[i] = _cache_value(a * c[i] - b * sn[i], kd)
-                kd[i + half] = _cache_value(b * c[i] + a * sn[i], kd)
+            _rotate(q[n, h], cos[n], sin[n], qout[n, h])
+        for h in range(KVH):  # the rotated key straight into the cache row, rounded to its type as _kv_write does
+            _rotate(k[n, h], cos[n], sin[n], k_cache[s, h, t])
+            vs, vd = v[n, h], v_cache[s, h, t]
             for d in range(hd):
                 vd[d] = _cache_value(vs[d], vd)
 
