@@ -42,13 +42,14 @@ def export_old(rev: str, into: Path) -> None:
 
 def _linear_pass(llm, rows: int):
     """A function that runs one `linear` call per weight matrix of llm (in step order) on `rows` random rows."""
+    from tinyserve.model import STACKS
+
     ops, w = llm.ops, llm.weights
-    parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
     mats = []
     for layer in w.layers:
-        for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-            m = getattr(layer, n)
-            mats += [m] if m is not None else [getattr(layer, part) for part in parts[n]]  # not stacked
+        for group in ("qkv", "o", "gate_up", "down"):
+            m = getattr(layer, f"{group}_proj")
+            mats += [m] if m is not None else [getattr(layer, f"{p}_proj") for p in STACKS[group]]  # not stacked
     mats.append(w.lm_head)
     rng = np.random.default_rng(0)
     xs = {}
@@ -111,8 +112,9 @@ def main() -> int:
         ratio = new / old
         env = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("TINYSERVE_"))
         what = "linears" if args.linears else f"kv {args.kv_dtype} position {args.position}"
-        print(f"{args.shape} {args.quant} batch {B} {what} {env}: {'pass' if args.linears else 'step'} old {np.median(old) * 1e3:.2f} ms, "
-              f"new {np.median(new) * 1e3:.2f} ms; new / old, median of {len(ratio)} pairs {np.median(ratio):.3f} "
+        print(f"{args.shape} {args.quant} batch {B} {what} {env}: {'pass' if args.linears else 'step'} old "
+              f"{np.median(old) * 1e3:.2f} ms, new {np.median(new) * 1e3:.2f} ms; new / old, median of "
+              f"{len(ratio)} pairs {np.median(ratio):.3f} "
               f"[quartiles {np.percentile(ratio, 25):.3f}, {np.percentile(ratio, 75):.3f}]")
     return 0
 
