@@ -198,6 +198,35 @@ def test_bench_runs_on_a_tiny_shape():
             assert key in r
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["bandwidth_gb_s"] > 0
     assert "| stories260K | numpy | none | 2 |" in markdown_table(rep)
+    one, two = rep["results"]
+    assert one["decode_vs_batch1"] == 1.0
+    assert two["decode_vs_batch1"] == pytest.approx(two["decode_tok_s"] / one["decode_tok_s"], rel=1e-12)
+
+
+def test_bench_batches_take_turns_and_the_ratio_is_of_their_means(monkeypatch):
+    """The batch sizes of a model alternate repetition by repetition (drift falls on all of them), and
+    decode_vs_batch1 is the mean aggregate decode rate over batch 1's, from this run's measurements."""
+    from tinyserve import bench
+
+    order = []
+    rates = {1: iter([(100.0, 10.0), (100.0, 30.0)]), 4: iter([(100.0, 50.0), (100.0, 70.0)])}
+
+    def fake(llm, batch, prompt_tokens, gen_tokens, context):
+        order.append(batch)
+        return next(rates[batch])
+
+    monkeypatch.setattr(bench, "measure_once", fake)
+    rep = bench.run_bench(shape="stories260K", backends=("numpy",), quants=("none",), batches=(1, 4), prompt_tokens=8,
+                          gen_tokens=4, repetitions=2, progress=False)
+    assert order == [1, 4, 1, 4]
+    one, four = rep["results"]
+    assert (one["decode_tok_s"], four["decode_tok_s"]) == (20.0, 60.0)
+    assert four["decode_vs_batch1"] == 3.0 and four["decode_tok_s_sd"] == 10.0
+    assert "| 3.00x |" in bench.markdown_table(rep)
+    rates = {4: iter([(100.0, 50.0)])}  # without batch 1 in the run there is nothing to compare with
+    rep = bench.run_bench(shape="stories260K", backends=("numpy",), quants=("none",), batches=(4,), prompt_tokens=8,
+                          gen_tokens=4, repetitions=1, progress=False)
+    assert rep["results"][0]["decode_vs_batch1"] is None
 
 
 def test_bench_cli_json():

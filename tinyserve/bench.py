@@ -3,7 +3,9 @@
 For each configuration (model or shape, backend, quantization, batch) it measures, in one run:
 - prefill: one prompt of `prompt_tokens` tokens through one forward call -> tokens/s and GFLOP/s;
 - decode: `batch` sequences that each hold the prompt in their KV cache, stepping `gen_tokens` times
-  together (greedy) -> aggregate tokens/s, mean and standard deviation over the repetitions;
+  together (greedy) -> aggregate tokens/s, mean and standard deviation over the repetitions, and where
+  batch 1 is measured too, the aggregate over batch 1's (decode_vs_batch1). The batch sizes of a model take
+  turns repetition by repetition (1, 16, 1, 16, ...), so a shared machine's drift falls on all of them;
 - the weight bytes one decode step reads (every linear weight once, plus the norms), divided by the batch:
   bytes per token; and the floor: (weight bytes per step) / (measured read bandwidth) is the least time a
   step can take when it is limited by memory. floor_fraction = floor / measured step time: 1.0 would mean
@@ -179,6 +181,7 @@ class BenchResult:
     compile_s: float
     kv_dtype: str = "float32"
     activations: str = "float32"  # "int8": the cpu backend's int8-activation option (quantized layers, decode)
+    decode_vs_batch1: float | None = None  # decode tok/s / the batch-1 decode tok/s of the same run (if measured)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -196,49 +199,63 @@ def copy_slot(cache, src: int, dst: int) -> bool:
     return True
 
 
-def run_config(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, repetitions: int,
-               bandwidth: float, progress=None) -> BenchResult:
-    cfg = llm.config
+def _context(llm, name: str, prompt_tokens: int, gen_tokens: int) -> int:
     context = prompt_tokens + gen_tokens + 1
-    if context > cfg.max_position_embeddings:
-        raise TinyserveError(
-            f"{name}: prompt + generated tokens ({context}) exceed the model's {cfg.max_position_embeddings} positions"
-        )
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(3, cfg.vocab_size, prompt_tokens)
+    if context > llm.config.max_position_embeddings:
+        raise TinyserveError(f"{name}: prompt + generated tokens ({context}) exceed the model's "
+                             f"{llm.config.max_position_embeddings} positions")
+    return context
+
+
+def measure_once(llm, batch: int, prompt_tokens: int, gen_tokens: int, context: int) -> tuple[float, float]:
+    """One repetition: (prefill tokens/s of one prompt, aggregate decode tokens/s of `batch` sequences)."""
+    prompt = np.random.default_rng(0).integers(3, llm.config.vocab_size, prompt_tokens)
+    cache = llm.new_cache(batch, context)
+    t0 = time.perf_counter()
+    logits = llm.forward(prompt, np.arange(prompt_tokens), np.zeros(prompt_tokens, np.int64), cache,
+                         rows=[prompt_tokens - 1], phase="prefill")
+    prefill = prompt_tokens / (time.perf_counter() - t0)
+    for s in range(1, batch):  # every sequence holds the same prompt
+        if not copy_slot(cache, 0, s):
+            llm.forward(prompt, np.arange(prompt_tokens), np.full(prompt_tokens, s), cache, rows=[prompt_tokens - 1])
+    tokens = np.full(batch, int(np.argmax(logits[0])), dtype=np.int64)
+    slots = np.arange(batch)
+    t0 = time.perf_counter()
+    for t in range(gen_tokens):
+        logits = llm.forward(tokens, np.full(batch, prompt_tokens + t), slots, cache, phase="decode")
+        tokens = np.argmax(logits, axis=1)  # greedy: the sampling cost of temperature 0
+    return prefill, batch * gen_tokens / (time.perf_counter() - t0)
+
+
+def _result(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, rates: list, bandwidth: float
+            ) -> BenchResult:
+    """A configuration's figures from its repetitions' (prefill, decode) rates."""
+    prefill_rates, decode_rates = [r[0] for r in rates], [r[1] for r in rates]
     step_bytes = weight_bytes_per_step(llm.weights)
     flops_tok = linear_flops_per_token(llm.weights)
-    prefill_rates, decode_rates = [], []
-    for rep in range(repetitions):
-        cache = llm.new_cache(batch, context)
-        t0 = time.perf_counter()
-        logits = llm.forward(prompt, np.arange(prompt_tokens), np.zeros(prompt_tokens, np.int64), cache,
-                             rows=[prompt_tokens - 1], phase="prefill")
-        prefill_rates.append(prompt_tokens / (time.perf_counter() - t0))
-        for s in range(1, batch):  # every sequence holds the same prompt
-            if not copy_slot(cache, 0, s):
-                llm.forward(prompt, np.arange(prompt_tokens), np.full(prompt_tokens, s), cache,
-                            rows=[prompt_tokens - 1])
-        tokens = np.full(batch, int(np.argmax(logits[0])), dtype=np.int64)
-        slots = np.arange(batch)
-        t0 = time.perf_counter()
-        for t in range(gen_tokens):
-            logits = llm.forward(tokens, np.full(batch, prompt_tokens + t), slots, cache, phase="decode")
-            tokens = np.argmax(logits, axis=1)  # greedy: the sampling cost of temperature 0
-        decode_rates.append(batch * gen_tokens / (time.perf_counter() - t0))
-        if progress:
-            progress()
     pre, dec = float(np.mean(prefill_rates)), float(np.mean(decode_rates))
     step_time = batch / dec
     return BenchResult(
         model=name, backend=llm.backend, quant=llm.quant or "none", batch=batch, prompt_tokens=prompt_tokens,
-        gen_tokens=gen_tokens, repetitions=repetitions,
+        gen_tokens=gen_tokens, repetitions=len(rates),
         prefill_tok_s=pre, prefill_tok_s_sd=float(np.std(prefill_rates)), prefill_gflop_s=pre * flops_tok / 1e9,
         decode_tok_s=dec, decode_tok_s_sd=float(np.std(decode_rates)), decode_gflop_s=dec * flops_tok / 1e9,
         weight_bytes_per_token=step_bytes / batch, bandwidth_gb_s=bandwidth / 1e9,
         floor_fraction=(step_bytes / bandwidth) / step_time, compile_s=llm.compile_seconds,
         kv_dtype=llm.kv_dtype, activations=llm.activations,
     )
+
+
+def run_config(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, repetitions: int,
+               bandwidth: float, progress=None) -> BenchResult:
+    """One configuration, its repetitions back to back."""
+    context = _context(llm, name, prompt_tokens, gen_tokens)
+    rates = []
+    for _ in range(repetitions):
+        rates.append(measure_once(llm, batch, prompt_tokens, gen_tokens, context))
+        if progress:
+            progress()
+    return _result(llm, name, batch, prompt_tokens, gen_tokens, rates, bandwidth)
 
 
 def load_for_bench(model: str | None, shape: str | None, backend: str, quant: str, group_size: int = 128,
@@ -280,9 +297,17 @@ def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batch
     results = []
     for backend, quant in combos:
         name, llm = load_for_bench(model, shape, backend, quant, group_size, kv_dtype=kv_dtype)
-        for b in batches:
-            results.append(run_config(llm, name, b, prompt_tokens, gen_tokens, repetitions, bandwidth[backend][0],
-                                      progress=lambda: tick(f"{backend}/{quant}/b{b}")))
+        context = _context(llm, name, prompt_tokens, gen_tokens)
+        rates = {b: [] for b in batches}
+        for _ in range(repetitions):  # the batch sizes take turns: the machine's drift falls on all of them
+            for b in batches:
+                rates[b].append(measure_once(llm, b, prompt_tokens, gen_tokens, context))
+                tick(f"{backend}/{quant}/b{b}")
+        ours = [_result(llm, name, b, prompt_tokens, gen_tokens, rates[b], bandwidth[backend][0]) for b in batches]
+        one = next((r for r in ours if r.batch == 1), None)
+        for r in ours:  # aggregate decode against one sequence's, both measured in this run
+            r.decode_vs_batch1 = r.decode_tok_s / one.decode_tok_s if one is not None else None
+        results += ours
         del llm
     for b, bw in bandwidth.items():  # and after
         bw.append(backend_bandwidth(b))
@@ -318,15 +343,17 @@ def markdown_table(report: dict) -> str:
         f"read bandwidth (measured before / after): {where}, {report['threads']} CPU threads, "
         f"KV cache {report.get('kv_dtype', 'float32')}{a8}",
         "",
-        "| model | backend | quant | batch | prefill tok/s | decode tok/s | weight MB/token | floor fraction | "
-        "prefill GFLOP/s | decode GFLOP/s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | backend | quant | batch | prefill tok/s | decode tok/s | vs batch 1 | weight MB/token | "
+        "floor fraction | prefill GFLOP/s | decode GFLOP/s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
+        ratio = r.get("decode_vs_batch1")
         lines.append(
             f"| {r['model']} | {r['backend']} | {r['quant']}{' a8' if r.get('activations') == 'int8' else ''} | "
             f"{r['batch']} | "
             f"{r['prefill_tok_s']:.1f} ± {r['prefill_tok_s_sd']:.1f} | {r['decode_tok_s']:.1f} ± {r['decode_tok_s_sd']:.1f} | "
+            f"{'' if ratio is None or r['batch'] == 1 else f'{ratio:.2f}x'} | "
             f"{r['weight_bytes_per_token'] / 1e6:.2f} | {r['floor_fraction']:.2f} | {r['prefill_gflop_s']:.1f} | "
             f"{r['decode_gflop_s']:.1f} |"
         )
