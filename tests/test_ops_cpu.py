@@ -175,20 +175,67 @@ def test_rope(N, nh, hd):
     np.testing.assert_allclose(cpu.rope(x, pos, inv), reference.rope(x, pos, inv), rtol=2 * EPS, atol=1e-6)
 
 
-def test_rope_tables_follow_the_positions_not_the_array():
-    """rope keeps the cos/sin tables of its last call (a step calls it twice per layer with the same
-    positions); a positions array changed in place, or another dtype or frequency array, recomputes them."""
+def test_rope_follows_its_positions_and_frequencies():
+    """rope computes its cos/sin tables from the call's positions and frequencies, bit for bit the reference's:
+    a positions array changed in place, another dtype or another frequency array give the reference's too."""
     rng = rng_for("rope-cache")
     x = rng.standard_normal((3, 2, 8)).astype(np.float32)
     inv = (1.0 / 10000 ** (np.arange(0, 8, 2) / 8)).astype(np.float32)
     pos = np.array([1, 5, 9])
-    for _ in range(2):  # the second call reuses the tables
-        np.testing.assert_array_equal(cpu.rope(x, pos, inv), reference.rope(x, pos, inv))
+    np.testing.assert_array_equal(cpu.rope(x, pos, inv), reference.rope(x, pos, inv))
     pos[1] = 700  # same array, new content
     np.testing.assert_array_equal(cpu.rope(x, pos, inv), reference.rope(x, pos, inv))
     np.testing.assert_array_equal(cpu.rope(x, pos.astype(np.int32), inv), reference.rope(x, pos, inv))
     inv2 = inv * np.float32(0.5)
     np.testing.assert_array_equal(cpu.rope(x, pos, inv2), reference.rope(x, pos, inv2))
+
+
+@pytest.mark.parametrize("hd,base", [(64, 10000.0), (128, 500000.0), (6, 1e6)])
+def test_rope_tables_by_position_are_the_per_call_tables(hd, base):
+    """rope_kv_write's tables by position (rows 0..n-1 computed at once) hold, in every row, the numbers the
+    reference computes for a call holding that position alone or in a run: NumPy's float32 angles, cos and
+    sin are elementwise. If a NumPy version ever computed a row differently by its neighbours, this fails."""
+    inv = (1.0 / base ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
+    cos, sin = cpu._rope_tables(np.arange(20000), inv)
+    for p in list(range(0, 64)) + list(range(64, 20000, 97)):
+        c1, s1 = cpu._rope_tables(np.array([p]), inv)
+        np.testing.assert_array_equal(c1[0], cos[p])
+        np.testing.assert_array_equal(s1[0], sin[p])
+    for start, n in ((5, 3), (999, 33), (19000, 129)):
+        c, s = cpu._rope_tables(np.arange(start, start + n), inv)
+        np.testing.assert_array_equal(c, cos[start:start + n])
+        np.testing.assert_array_equal(s, sin[start:start + n])
+
+
+def test_rope_kv_write_keeps_tables_for_read_only_frequencies():
+    """A read-only frequency array (the model's) gets tables by position, kept and grown as positions grow
+    (at most to the cache's length); a writable one, tables of its call (it may change in place). Either way
+    q and the cache rows are the reference's, bit for bit."""
+    rng = rng_for("rope-tables")
+    hd, Tmax = 8, 3000
+    inv = (1.0 / 10000 ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
+    frozen = inv.copy()
+    frozen.flags.writeable = False
+    slots = np.array([0, 1])
+
+    def check(freq, positions):
+        pos = np.array(positions)
+        q, k, v = (rng.standard_normal((2, n, hd)).astype(np.float32) for n in (2, 1, 1))
+        got = [np.zeros((2, 1, Tmax, hd), np.float32) for _ in range(2)]
+        want = [c.copy() for c in got]
+        out = cpu.rope_kv_write(q, k, v, *got, slots, pos, freq)
+        np.testing.assert_array_equal(out, reference.rope_kv_write(q, k, v, *want, slots, pos, np.array(freq)))
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+
+    for positions in ([0, 1], [70, 5], [200, 1000], [2999, 3]):  # in the table, then beyond it, to the cache's end
+        check(frozen, positions)
+        check(inv, positions)
+    assert cpu._POSITION_TABLES[id(frozen)][0] is frozen
+    assert cpu._POSITION_TABLES[id(frozen)][1].shape == (Tmax, hd // 2)  # grown, never past the cache
+    assert id(inv) not in cpu._POSITION_TABLES
+    inv[0] *= np.float32(0.5)  # a writable array changed in place: its next call sees the new values
+    check(inv, [7, 8])
 
 
 def test_take_rows_swiglu_add():

@@ -2625,23 +2625,39 @@ def rope(x: np.ndarray, positions, inv_freq: np.ndarray) -> np.ndarray:
     return out
 
 
-_rope_last: list = [None, None, None, None]  # positions (dtype and bytes), inv_freq, cos, sin of the last call
-
-
 def _rope_tables(positions: np.ndarray, inv_freq: np.ndarray):
     """cos and sin of positions x inv_freq, exactly as the reference computes them (float32 NumPy); the
-    rotation is then the same four products and two sums, so rope's result is the reference's, bit for bit.
-
-    A step calls rope twice per layer with the same positions and frequencies: the tables of the last call
-    are kept and reused when both are equal (stories260K: 10 calls a token, ~5 us of cos/sin each)."""
-    key = (positions.dtype.str, positions.tobytes())
-    last_key, last_freq, cos, sin = _rope_last
-    if last_freq is inv_freq and last_key == key:
-        return cos, sin
+    rotation is then the same four products and two sums, so rope's result is the reference's, bit for bit."""
     angles = positions.astype(np.float32)[:, None] * np.asarray(inv_freq, dtype=np.float32)[None, :]
-    cos, sin = np.cos(angles), np.sin(angles)
-    _rope_last[:] = [key, inv_freq, cos, sin]
-    return cos, sin
+    return np.cos(angles), np.sin(angles)
+
+
+# rope_kv_write's cos and sin by position: rows 0..n-1 of _rope_tables(arange(n), inv_freq), kept for each
+# read-only frequency array (the model's: upload makes every weight read-only) and grown as positions grow.
+# The kernel reads row positions[n] for token n: the same numbers as per-call tables (the angles and NumPy's
+# float32 cos and sin are elementwise, whatever array a row is computed in; a test checks it bit for bit),
+# without a NumPy call per op. Tables made per call cost a stories110M decode step 6-7 us a layer and 30-70
+# us at its first, between kernels that had just flushed the caches (docs/performance.md, "Twelfth session").
+# A writable frequency array may change in place, so it gets tables of its call's tokens instead.
+_POSITION_TABLES: dict = {}  # id(inv_freq) -> (inv_freq, cos (n, hd/2), sin (n, hd/2)); a few models' worth
+
+
+def _position_tables(positions: np.ndarray, inv_freq: np.ndarray, longest: int, limit: int):
+    """(cos, sin, rows): the tables, and the row of each token (positions, or 0..N-1 for a call's own tables).
+    longest: the largest position + 1 (from _check_cache); limit: the cache's length (the tables' most)."""
+    entry = _POSITION_TABLES.get(id(inv_freq))
+    if entry is not None and entry[0] is inv_freq and entry[1].shape[0] >= longest:
+        return entry[1], entry[2], positions
+    if inv_freq.flags.writeable:
+        cos, sin = _rope_tables(positions, inv_freq)
+        return cos, sin, np.arange(positions.shape[0])
+    have = entry[1].shape[0] if entry is not None and entry[0] is inv_freq else 0
+    n = min(limit, max(longest, 2 * have, 64))  # doubling: a sequence's growth recomputes O(log T) times
+    cos, sin = _rope_tables(np.arange(n), inv_freq)
+    if len(_POSITION_TABLES) >= 8 and id(inv_freq) not in _POSITION_TABLES:
+        _POSITION_TABLES.pop(next(iter(_POSITION_TABLES)))  # the oldest model's
+    _POSITION_TABLES[id(inv_freq)] = (inv_freq, cos, sin)
+    return cos, sin, positions
 
 
 @njit(cache=True, inline="always")
@@ -2728,19 +2744,22 @@ def kv_write(k_cache, v_cache, k: np.ndarray, v: np.ndarray, slots, positions) -
 
 
 @parallel_kernel(fastmath=False)
-def _rope_kv_write(q, k, v, k_cache, v_cache, cos, sin, slots, positions, qout):
+def _rope_kv_write(q, k, v, k_cache, v_cache, cos, sin, rows, slots, positions, qout):
     """_rope of q into qout, and _rope of k and v stored at cache[slots[n], :, positions[n], :] as _kv_write
-    stores them: the same products and roundings as the three calls, one token per task."""
+    stores them: the same products and roundings as the three calls, one token per task. Token n's angles
+    are row rows[n] of cos and sin (_position_tables)."""
     N, H, hd = q.shape
     KVH = k.shape[1]
     for n in prange(N):
         s = slots[n]
         t = positions[n]
+        c = cos[rows[n]]
+        sn = sin[rows[n]]
         _prefetch_cache_rows(k_cache, v_cache, s, t, KVH)
         for h in range(H):
-            _rotate(q[n, h], cos[n], sin[n], qout[n, h])
+            _rotate(q[n, h], c, sn, qout[n, h])
         for h in range(KVH):  # the rotated key straight into the cache row, rounded to its type as _kv_write does
-            _rotate(k[n, h], cos[n], sin[n], k_cache[s, h, t])
+            _rotate(k[n, h], c, sn, k_cache[s, h, t])
             vs, vd = v[n, h], v_cache[s, h, t]
             for d in range(hd):
                 vd[d] = _cache_value(vs[d], vd)
@@ -2761,12 +2780,12 @@ def rope_kv_write(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache, v_cache,
     if hd % 2 or inv_freq.shape != (hd // 2,):
         raise ValueError(f"rope_kv_write: head dim {hd} needs {hd // 2} frequencies, got {inv_freq.shape}")
     KVH = k.shape[1]
-    slots, positions, _, _ = _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, "rope_kv_write")
-    cos, sin = _rope_tables(positions, inv_freq)
+    slots, positions, longest, _ = _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, "rope_kv_write")
+    cos, sin, rows = _position_tables(positions, inv_freq, longest, k_cache.shape[2])
     out = np.empty_like(q)
     # work: rope's bytes, and kv_write's rows counted as there (each a cold line in another page)
     _run(_rope_kv_write, 4 * q.size + 2 * N * KVH * 2048, q, k, v, _kernel_cache(k_cache), _kernel_cache(v_cache),
-         cos, sin, slots, positions, out)
+         cos, sin, rows, slots, positions, out)
     return out
 
 
