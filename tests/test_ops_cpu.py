@@ -238,6 +238,34 @@ def test_rope_kv_write_keeps_tables_for_read_only_frequencies():
     check(inv, [7, 8])
 
 
+def test_fast_paths_are_the_general_paths():
+    """swiglu, add_rmsnorm, rope_kv_write and attention take the forward pass's arrays (C-contiguous float32,
+    read-only weights, int64 slots and positions) without conversions; anything else goes through the general
+    path's conversions first. Both give the same numbers, bit for bit."""
+    rng = rng_for("fast-paths")
+    g, u, x, b = (rng.standard_normal((3, 40)).astype(np.float32) for _ in range(4))
+    w = rng.standard_normal(40).astype(np.float32)
+    frozen = w.copy()
+    frozen.flags.writeable = False
+    assert cpu._plain(g) and cpu._plain_weight(frozen, 40) and not cpu._plain_weight(w, 40)
+    wide = np.concatenate([g, u], axis=1)  # column views: not C-contiguous, so the general path
+    assert not cpu._plain(wide[:, :40])
+    np.testing.assert_array_equal(cpu.swiglu(g, u), cpu.swiglu(wide[:, :40], wide[:, 40:]))
+    np.testing.assert_array_equal(cpu.swiglu(g, u), cpu.swiglu(g.astype(np.float64), u))
+    for got, want in zip(cpu.add_rmsnorm(x, b, frozen, 1e-5), cpu.add_rmsnorm(x, b, w, 1e-5)):
+        np.testing.assert_array_equal(got, want)
+    hd, Tmax = 8, 16
+    q, k, v = (rng.standard_normal((2, n, hd)).astype(np.float32) for n in (4, 2, 2))
+    inv = (1.0 / 10000 ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
+    caches = [[np.zeros((2, 2, Tmax, hd), np.float32) for _ in range(2)] for _ in range(2)]
+    fast = cpu.rope_kv_write(q, k, v, *caches[0], np.array([0, 1]), np.array([3, 9]), inv)
+    slow = cpu.rope_kv_write(q.astype(np.float64), k, v, *caches[1], [0, 1], [3, 9], inv)  # float64 q: general
+    np.testing.assert_array_equal(fast, slow)
+    np.testing.assert_array_equal(caches[0], caches[1])
+    np.testing.assert_array_equal(cpu.attention(fast, *caches[0], np.array([0, 1]), np.array([3, 9])),
+                                  cpu.attention(fast.astype(np.float64), *caches[1], [0, 1], [3, 9]))
+
+
 def test_take_rows_swiglu_add():
     rng = rng_for("misc")
     table = rng.standard_normal((50, 9)).astype(np.float32)

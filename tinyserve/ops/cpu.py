@@ -77,6 +77,10 @@ from . import Stacked, split_columns  # noqa: E402
 REDUCE = {"reassoc", "contract"}
 f32 = np.float32
 i32 = np.int32
+# dtype objects, for the wrappers' fast paths: comparing a dtype with a dtype is cheap, with a type (np.float32)
+# it builds a dtype first
+F32_DTYPE, I64_DTYPE = np.dtype(np.float32), np.dtype(np.int64)
+CACHE_DTYPES = (F32_DTYPE, np.dtype(np.float16))
 
 # A linear layer with at least this many rows (tokens) uses the tiled matrix-matrix kernels; fewer rows
 # use the matrix-vector kernels, which read each weight once per row of x and never unpack a panel.
@@ -2354,6 +2358,21 @@ def _padded(x: np.ndarray, kp: int) -> np.ndarray:
     return xp
 
 
+def _plain(a, ndim: int = 2) -> bool:
+    """a is what the kernels take as it is: a C-contiguous float32 NumPy array of ndim dimensions (every
+    activation of the forward pass). The ops' fast paths check this with attribute reads instead of the
+    general paths' 6-10 NumPy calls (asarray, reshape, ascontiguousarray): stories260K decode steps 0.91x,
+    larger models within the noise, their calls meeting cold caches either way (docs/performance.md,
+    "Twelfth session")."""
+    return type(a) is np.ndarray and a.ndim == ndim and a.dtype == F32_DTYPE and a.flags.c_contiguous
+
+
+def _plain_weight(w, n: int) -> bool:
+    """w is a weight vector as upload leaves it (read-only, C-contiguous float32) of n values."""
+    return (type(w) is np.ndarray and w.shape == (n,) and w.dtype == F32_DTYPE and not w.flags.writeable
+            and w.flags.c_contiguous)
+
+
 def _one_row(x, w, bias):
     """One row of x through a weight, stacked or not (the decode step of one sequence: every matrix of the
     step), or None where the short path does not apply (then linear's general path runs). The same kernel call
@@ -2573,6 +2592,10 @@ def _add_rmsnorm(x, b, weight, eps, s, out):
 def add_rmsnorm(x: np.ndarray, branch: np.ndarray, weight: np.ndarray, eps: float) -> tuple:
     """The residual add and the RMSNorm after it: (x + branch, rmsnorm(x + branch)), one pass and one call.
     (N, D), (N, D), (D,) -> (N, D), (N, D)."""
+    if _plain(x) and _plain(branch) and x.shape == branch.shape and _plain_weight(weight, x.shape[1]):
+        s, out = np.empty(x.shape, np.float32), np.empty(x.shape, np.float32)  # the forward pass's case
+        _run(_add_rmsnorm, 8 * x.size, x, branch, weight, np.float32(eps), s, out)
+        return s, out
     x, branch = np.asarray(x), np.asarray(branch)
     if x.ndim != 2 or x.shape != branch.shape or x.dtype != np.float32 or branch.dtype != np.float32:
         s = add(x, branch)  # other shapes or dtypes: as the two ops do them
@@ -2701,16 +2724,17 @@ def _all_in_range(slots, positions, S, T):
 def _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, op):
     """(slots, positions) as int64 arrays, after checking them and the caches; and the largest position + 1
     and the sum of positions + 1 (what attention sizes its scratch and its work by)."""
-    if not (isinstance(k_cache, np.ndarray) and k_cache.dtype in (np.float32, np.float16)
-            and k_cache.flags.c_contiguous):
+    if not (isinstance(k_cache, np.ndarray) and k_cache.dtype in CACHE_DTYPES and k_cache.flags.c_contiguous):
         raise ValueError(f"{op}: the KV cache must be a C-contiguous float32 or float16 NumPy array")
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype or not v_cache.flags.c_contiguous:
         raise ValueError(f"{op}: k_cache and v_cache must have the same shape and dtype")
     S, ckvh, Tmax, chd = k_cache.shape
     if (ckvh, chd) != (KVH, hd):
         raise ValueError(f"{op}: cache holds {ckvh} heads of {chd}, the step has {KVH} of {hd}")
-    slots = np.asarray(slots, dtype=np.int64)  # no copy when they already are int64 arrays
-    positions = np.asarray(positions, dtype=np.int64)
+    if type(slots) is not np.ndarray or slots.dtype != I64_DTYPE:  # (int64 arrays, the engine's: as they are)
+        slots = np.asarray(slots, dtype=np.int64)
+    if type(positions) is not np.ndarray or positions.dtype != I64_DTYPE:
+        positions = np.asarray(positions, dtype=np.int64)
     if slots.shape != (N,) or positions.shape != (N,):
         raise ValueError(f"{op}: slots and positions must have shape ({N},)")
     ok, longest, seen = _all_in_range(slots, positions, S, Tmax)
@@ -2721,7 +2745,7 @@ def _check_cache(k_cache, v_cache, slots, positions, N, KVH, hd, op):
 
 def _kernel_cache(c: np.ndarray) -> np.ndarray:
     """A cache as the kernels take it: float32 as it is, float16 as its uint16 bits (no copy)."""
-    return c.view(np.uint16) if c.dtype == np.float16 else c
+    return c if c.dtype == F32_DTYPE else c.view(np.uint16)
 
 
 def kv_write(k_cache, v_cache, k: np.ndarray, v: np.ndarray, slots, positions) -> None:
@@ -2771,9 +2795,8 @@ def rope_kv_write(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache, v_cache,
     bit rope and kv_write one after the other. (N, H, hd), (N, KVH, hd) x 2, caches, (N,), (N,), (hd/2,)
     -> (N, H, hd). A decode step's three calls a layer cost more than their work (stories110M int8 at one
     token, in the step: rope 2 x 8.8 us, kv_write 12 us)."""
-    q = np.ascontiguousarray(q, dtype=np.float32)
-    k = np.ascontiguousarray(k, dtype=np.float32)
-    v = np.ascontiguousarray(v, dtype=np.float32)
+    if not (_plain(q, 3) and _plain(k, 3) and _plain(v, 3)):  # (the forward pass's are)
+        q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v))
     N, _, hd = q.shape
     if k.ndim != 3 or k.shape[0] != N or k.shape[2] != hd or v.shape != k.shape:
         raise ValueError(f"rope_kv_write: q {q.shape}, k {k.shape} and v {v.shape} do not fit together")
@@ -3028,7 +3051,8 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
 
 def attention(q, k_cache, v_cache, slots, positions, window: int = 0) -> np.ndarray:
     """Causal grouped-query attention over the KV cache (see ops/reference.py). Returns (N, H, hd)."""
-    q = np.ascontiguousarray(q, dtype=np.float32)
+    if not _plain(q, 3):
+        q = np.ascontiguousarray(q, dtype=np.float32)
     N, H, hd = q.shape
     KVH = k_cache.shape[1]
     if H % KVH:
@@ -3059,6 +3083,10 @@ def _swiglu(gate, up, out):
 
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """SwiGLU's gating: silu(gate) * up. (N, F), (N, F) -> (N, F)."""
+    if _plain(gate) and _plain(up) and gate.shape == up.shape:  # the forward pass's case: no conversions
+        out = np.empty(gate.shape, np.float32)
+        _run(_swiglu, 8 * gate.size, gate, up, out)
+        return out
     gate = np.asarray(gate)
     if np.shape(up) != gate.shape:
         raise ValueError(f"swiglu: gate {gate.shape} and up {np.shape(up)} differ")
