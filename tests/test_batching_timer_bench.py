@@ -227,6 +227,12 @@ def test_bench_batches_take_turns_and_the_ratio_is_of_their_means(monkeypatch):
     rep = bench.run_bench(shape="stories260K", backends=("numpy",), quants=("none",), batches=(4,), prompt_tokens=8,
                           gen_tokens=4, repetitions=1, progress=False)
     assert rep["results"][0]["decode_vs_batch1"] is None
+    order.clear()  # a size given twice is measured once, in the order first given
+    rates = {4: iter([(100.0, 40.0)]), 1: iter([(100.0, 10.0)])}
+    rep = bench.run_bench(shape="stories260K", backends=("numpy",), quants=("none",), batches=(4, 1, 4),
+                          prompt_tokens=8, gen_tokens=4, repetitions=1, progress=False)
+    assert order == [4, 1] and [r["batch"] for r in rep["results"]] == [4, 1]
+    assert rep["results"][0]["decode_vs_batch1"] == 4.0
 
 
 def test_bench_cli_json():

@@ -284,6 +284,7 @@ def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batch
               gen_tokens=128, repetitions=3, group_size=128, progress=True, kv_dtype="float32") -> dict:
     """Every combination; returns {"bandwidth_gb_s": [before, after], "results": [BenchResult dicts]}."""
     combos = [(b, q) for b in backends for q in quants]
+    batches = tuple(dict.fromkeys(batches))  # each size once (its repetitions are pooled by size)
     total = len(combos) * len(batches) * repetitions
     done = [0]
     bar = progress_bar("bench") if progress else None
