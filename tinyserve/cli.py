@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--group-size", type=int, default=128)
     _add_kv_arg(b)
     _add_activations_arg(b)
-    b.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8,16 (their repetitions take turns; with 1 among them, each is also reported as a multiple of batch 1's decode rate)")
+    b.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8,16 (their repetitions take "
+                   "turns; with 1 among them, each is also reported as a multiple of batch 1's decode rate)")
     b.add_argument("--prompt-tokens", type=int, default=512)
     b.add_argument("--gen-tokens", type=int, default=128)
     b.add_argument("--repetitions", type=int, default=3)
