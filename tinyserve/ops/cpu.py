@@ -2592,20 +2592,17 @@ def _add_rmsnorm(x, b, weight, eps, s, out):
 def add_rmsnorm(x: np.ndarray, branch: np.ndarray, weight: np.ndarray, eps: float) -> tuple:
     """The residual add and the RMSNorm after it: (x + branch, rmsnorm(x + branch)), one pass and one call.
     (N, D), (N, D), (D,) -> (N, D), (N, D)."""
-    if _plain(x) and _plain(branch) and x.shape == branch.shape and _plain_weight(weight, x.shape[1]):
-        s, out = np.empty(x.shape, np.float32), np.empty(x.shape, np.float32)  # the forward pass's case
-        _run(_add_rmsnorm, 8 * x.size, x, branch, weight, np.float32(eps), s, out)
-        return s, out
-    x, branch = np.asarray(x), np.asarray(branch)
-    if x.ndim != 2 or x.shape != branch.shape or x.dtype != np.float32 or branch.dtype != np.float32:
-        s = add(x, branch)  # other shapes or dtypes: as the two ops do them
-        return s, rmsnorm(s, weight, eps)
-    N, D = x.shape
-    if weight.shape != (D,):
-        raise ValueError(f"add_rmsnorm: weight shape {weight.shape} does not match the last axis {D}")
-    s, out = np.empty((N, D), np.float32), np.empty((N, D), np.float32)
-    _run(_add_rmsnorm, 8 * x.size, np.ascontiguousarray(x), np.ascontiguousarray(branch),
-         _weight(np.asarray(weight, dtype=np.float32)), np.float32(eps), s, out)
+    if not (_plain(x) and _plain(branch) and x.shape == branch.shape and _plain_weight(weight, x.shape[1])):
+        x, branch = np.asarray(x), np.asarray(branch)  # (the forward pass's arrays need none of this)
+        if x.ndim != 2 or x.shape != branch.shape or x.dtype != np.float32 or branch.dtype != np.float32:
+            s = add(x, branch)  # other shapes or dtypes: as the two ops do them
+            return s, rmsnorm(s, weight, eps)
+        if weight.shape != (x.shape[1],):
+            raise ValueError(f"add_rmsnorm: weight shape {weight.shape} does not match the last axis {x.shape[1]}")
+        x, branch = np.ascontiguousarray(x), np.ascontiguousarray(branch)
+        weight = _weight(np.asarray(weight, dtype=np.float32))
+    s, out = np.empty(x.shape, np.float32), np.empty(x.shape, np.float32)
+    _run(_add_rmsnorm, 8 * x.size, x, branch, weight, np.float32(eps), s, out)
     return s, out
 
 
@@ -2668,16 +2665,16 @@ _POSITION_TABLES: dict = {}  # id(inv_freq) -> (inv_freq, cos (n, hd/2), sin (n,
 def _position_tables(positions: np.ndarray, inv_freq: np.ndarray, longest: int, limit: int):
     """(cos, sin, rows): the tables, and the row of each token (positions, or 0..N-1 for a call's own tables).
     longest: the largest position + 1 (from _check_cache); limit: the cache's length (the tables' most)."""
-    entry = _POSITION_TABLES.get(id(inv_freq))
-    if entry is not None and entry[0] is inv_freq and entry[1].shape[0] >= longest:
+    entry = _POSITION_TABLES.get(id(inv_freq))  # (an entry holds its array: its id cannot pass to another)
+    if entry is not None and entry[1].shape[0] >= longest:
         return entry[1], entry[2], positions
     if inv_freq.flags.writeable:
         cos, sin = _rope_tables(positions, inv_freq)
         return cos, sin, np.arange(positions.shape[0])
-    have = entry[1].shape[0] if entry is not None and entry[0] is inv_freq else 0
+    have = entry[1].shape[0] if entry is not None else 0
     n = min(limit, max(longest, 2 * have, 64))  # doubling: a sequence's growth recomputes O(log T) times
     cos, sin = _rope_tables(np.arange(n), inv_freq)
-    if len(_POSITION_TABLES) >= 8 and id(inv_freq) not in _POSITION_TABLES:
+    if len(_POSITION_TABLES) >= 8 and entry is None:
         _POSITION_TABLES.pop(next(iter(_POSITION_TABLES)))  # the oldest model's
     _POSITION_TABLES[id(inv_freq)] = (inv_freq, cos, sin)
     return cos, sin, positions
@@ -2692,20 +2689,26 @@ def _prefetch_cache_rows(k_cache, v_cache, s, t, KVH):
         _prefetch(v_cache[s, h, t], 0)
 
 
+@njit(cache=True, inline="always")
+def _store_row(src, dst):
+    """dst[:] = src, each value stored as dst's elements are (_cache_value: float32 as it is; a float16 cache
+    row's uint16 bits rounded)."""
+    for d in range(src.shape[0]):
+        dst[d] = _cache_value(src[d], dst)
+
+
 @parallel_kernel(fastmath=False)
 def _kv_write(k_cache, v_cache, k, v, slots, positions):
     """cache[slots[n], :, positions[n], :] = k[n], v[n]: one token per task (a float16 cache, as uint16 bits,
     gets each value rounded to float16)."""
-    N, KVH, hd = k.shape
+    N, KVH = k.shape[0], k.shape[1]
     for n in prange(N):
         s = slots[n]
         t = positions[n]
         _prefetch_cache_rows(k_cache, v_cache, s, t, KVH)
         for h in range(KVH):
-            kd, vd, ks, vs = k_cache[s, h, t], v_cache[s, h, t], k[n, h], v[n, h]
-            for d in range(hd):
-                kd[d] = _cache_value(ks[d], kd)
-                vd[d] = _cache_value(vs[d], vd)
+            _store_row(k[n, h], k_cache[s, h, t])
+            _store_row(v[n, h], v_cache[s, h, t])
 
 
 @njit(cache=True)
@@ -2772,7 +2775,7 @@ def _rope_kv_write(q, k, v, k_cache, v_cache, cos, sin, rows, slots, positions, 
     """_rope of q into qout, and _rope of k and v stored at cache[slots[n], :, positions[n], :] as _kv_write
     stores them: the same products and roundings as the three calls, one token per task. Token n's angles
     are row rows[n] of cos and sin (_position_tables)."""
-    N, H, hd = q.shape
+    N, H = q.shape[0], q.shape[1]
     KVH = k.shape[1]
     for n in prange(N):
         s = slots[n]
@@ -2784,9 +2787,7 @@ def _rope_kv_write(q, k, v, k_cache, v_cache, cos, sin, rows, slots, positions, 
             _rotate(q[n, h], c, sn, qout[n, h])
         for h in range(KVH):  # the rotated key straight into the cache row, rounded to its type as _kv_write does
             _rotate(k[n, h], c, sn, k_cache[s, h, t])
-            vs, vd = v[n, h], v_cache[s, h, t]
-            for d in range(hd):
-                vd[d] = _cache_value(vs[d], vd)
+            _store_row(v[n, h], v_cache[s, h, t])
 
 
 def rope_kv_write(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache, v_cache, slots, positions,
@@ -3084,18 +3085,17 @@ def _swiglu(gate, up, out):
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """SwiGLU's gating: silu(gate) * up. (N, F), (N, F) -> (N, F)."""
     if _plain(gate) and _plain(up) and gate.shape == up.shape:  # the forward pass's case: no conversions
-        out = np.empty(gate.shape, np.float32)
-        _run(_swiglu, 8 * gate.size, gate, up, out)
-        return out
-    gate = np.asarray(gate)
-    if np.shape(up) != gate.shape:
-        raise ValueError(f"swiglu: gate {gate.shape} and up {np.shape(up)} differ")
-    F = gate.shape[-1] if gate.ndim else 1
-    g2 = np.ascontiguousarray(gate.reshape(-1, F), dtype=np.float32)
-    u2 = np.ascontiguousarray(np.asarray(up).reshape(-1, F), dtype=np.float32)
-    out = np.empty_like(g2)
+        g2, u2 = gate, up
+    else:
+        gate = np.asarray(gate)
+        if np.shape(up) != gate.shape:
+            raise ValueError(f"swiglu: gate {gate.shape} and up {np.shape(up)} differ")
+        F = gate.shape[-1] if gate.ndim else 1
+        g2 = np.ascontiguousarray(gate.reshape(-1, F), dtype=np.float32)
+        u2 = np.ascontiguousarray(np.asarray(up).reshape(-1, F), dtype=np.float32)
+    out = np.empty(g2.shape, np.float32)
     _run(_swiglu, 8 * g2.size, g2, u2, out)  # bytes read: gate and up
-    return out.reshape(gate.shape)
+    return out if out.shape == gate.shape else out.reshape(gate.shape)
 
 
 @parallel_kernel(fastmath=False)
