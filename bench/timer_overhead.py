@@ -1,6 +1,10 @@
 """Cost of the instrumented timer: decode tokens/s with the timer on vs off, measured in one run.
 
     python bench/timer_overhead.py [--shape stories110M] [--quant int8] [--tokens 200] [--rounds 8]
+                                   [--batch 1] [--kv-dtype float32] [--activations float32]
+
+--batch B decodes B sequences together (each step one token of each, through the matrix-matrix kernels, as
+in #4's 16-sequence workload): the same op calls a step as batch 1, in a longer step.
 
 Four settings take turns step by step on the same model and cache, in cycles of four consecutive decode
 steps (the order rotates from round to round):
@@ -72,17 +76,19 @@ class ClockOnly(Forwarding):
 SETTINGS = ("off", "forward", "clock", "on")
 
 
-def decode_round(llm, timer, tokens: int, first: int, prompt: int = 32) -> list[dict]:
-    """Decode `tokens` steps of one sequence, the settings taking turns (starting with SETTINGS[first]):
+def decode_round(llm, timer, tokens: int, first: int, prompt: int = 32, batch: int = 1) -> list[dict]:
+    """Decode `tokens` steps of `batch` sequences, the settings taking turns (starting with SETTINGS[first]):
     one {setting: seconds of its step} per complete cycle."""
-    cache = llm.new_cache(1, prompt + tokens + 1)
+    cache = llm.new_cache(batch, prompt + tokens + 1)
     ids = np.arange(3, 3 + prompt) % llm.config.vocab_size
     real = llm.ops
     proxies = {"off": real, "forward": Forwarding(real), "clock": ClockOnly(real), "on": real}
     order = SETTINGS[first:] + SETTINGS[:first]
     llm.timer = None
-    logits = llm.forward(ids, np.arange(prompt), np.zeros(prompt, np.int64), cache, rows=[prompt - 1])
-    tok = np.array([int(np.argmax(logits[0]))])
+    for s in range(batch):  # every sequence holds the same prompt
+        logits = llm.forward(ids, np.arange(prompt), np.full(prompt, s, np.int64), cache, rows=[prompt - 1])
+    tok = np.full(batch, int(np.argmax(logits[0])), np.int64)
+    slots = np.arange(batch)
     cycles, cycle = [], {}
     try:
         for t in range(tokens):
@@ -90,8 +96,8 @@ def decode_round(llm, timer, tokens: int, first: int, prompt: int = 32) -> list[
             llm.timer = timer if setting == "on" else None
             llm.ops = proxies[setting]
             t0 = time.perf_counter()
-            logits = llm.forward(tok, [prompt + t], [0], cache, phase="decode")
-            tok = np.array([int(np.argmax(logits[0]))])
+            logits = llm.forward(tok, np.full(batch, prompt + t), slots, cache, phase="decode")
+            tok = np.argmax(logits, axis=1)
             cycle[setting] = time.perf_counter() - t0
             if len(cycle) == len(order):
                 cycles.append(cycle)
@@ -119,13 +125,22 @@ def main() -> int:
     ap.add_argument("--quant", default="int8")
     ap.add_argument("--tokens", type=int, default=200, help="decode steps per round")
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    ap.add_argument("--kv-dtype", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--activations", default="float32", choices=["float32", "int8"],
+                    help="the cpu backend's int8-activation option for quantized layers")
     args = ap.parse_args()
-    name, llm = load_for_bench(None, args.shape, args.backend, args.quant)
-    decode_round(llm, Timer(), 8, 0)  # warm caches and pages
+    if args.batch < 1:
+        ap.error("--batch must be >= 1")
+    from tinyserve.ops import cpu
+
+    cpu.set_activations(args.activations)  # before loading: int8 activations repack the weights at load
+    name, llm = load_for_bench(None, args.shape, args.backend, args.quant, kv_dtype=args.kv_dtype)
+    decode_round(llm, Timer(), 8, 0, batch=args.batch)  # warm caches and pages
     timer = Timer()  # one timer for the whole run, as in a real one
     cycles = []
     for r in range(args.rounds):
-        cycles += decode_round(llm, timer, args.tokens, r % len(SETTINGS))
+        cycles += decode_round(llm, timer, args.tokens, r % len(SETTINGS), batch=args.batch)
     t0 = time.perf_counter()
     timer.flush()  # what the timer still holds is part of its cost: added to the last cycle's step
     cycles[-1]["on"] += time.perf_counter() - t0
@@ -143,8 +158,10 @@ def main() -> int:
     calls = sum(v["calls"] for v in steps.values()) / timer.phase_calls["decode"]
     print(f"timer cost per op call in a loop: {1e6 * (timed - bare):.2f} us (a tiny add: {1e6 * bare:.2f} us bare, "
           f"{1e6 * timed:.2f} us timed); {calls:.0f} op calls per step")
-    print(f"{name} {args.backend} {args.quant}: decode {1 / mean['off']:.1f} tok/s with the timer off, "
-          f"{1 / mean['on']:.1f} on (means of {len(cycles)} cycles of {len(SETTINGS)} steps, {args.rounds} rounds); "
+    setting = f"{name} {args.backend} {args.quant}" + (" a8" if args.activations == "int8" else "") + (
+        f" {args.kv_dtype} cache" if args.kv_dtype != "float32" else "")
+    print(f"{setting}, batch {args.batch}: decode {args.batch / mean['off']:.1f} tok/s with the timer off, "
+          f"{args.batch / mean['on']:.1f} on (means of {len(cycles)} cycles of {len(SETTINGS)} steps, {args.rounds} rounds); "
           f"per step, median of each cycle's ratio to its off step: "
           + ", ".join(f"{s} {paired[s]:+.2f}%" for s in SETTINGS[1:])
           + f"; the means: on {100 * (mean['on'] / mean['off'] - 1):+.2f}%")
