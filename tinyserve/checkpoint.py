@@ -17,13 +17,14 @@ file. Nothing here ever unpickles anything: `.bin` / `.pt` checkpoints are refus
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
+from .config import is_int, parse_json, read_json
 from .errors import TinyserveError
 
 _DTYPES = {
@@ -38,6 +39,33 @@ _DTYPES = {
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # get() reads these as float32
+
+
+def _is_str_dict(d) -> bool:
+    return isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in d.items())
+
+
+def _entry(path, name, e, data_len: int) -> tuple:
+    """(dtype, shape, begin) of a header entry, checked: dtype a known name, shape a list of ints >= 0,
+    data_offsets [begin, end] within the data and exactly the shape's bytes (sizes in Python ints, so a huge
+    shape cannot wrap around). Anything else is a TinyserveError naming the file and the tensor."""
+    bad = f"{path}: tensor {name}"
+    if not isinstance(e, dict):
+        raise TinyserveError(f"{path}: corrupt entry for tensor {name} (expected an object)")
+    dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise TinyserveError(f"{bad} has unsupported dtype {dtype!r}")
+    itemsize = np.dtype(_DTYPES[dtype]).itemsize
+    if (not isinstance(shape, list) or len(shape) > 64 or not all(is_int(s) and s >= 0 for s in shape)
+            or math.prod(s or 1 for s in shape) * itemsize >= 2**63):  # NumPy's limits, even for an empty tensor
+        raise TinyserveError(f"{bad}: shape must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) for o in offsets):
+        raise TinyserveError(f"{bad}: data_offsets must be two integers [begin, end], got {offsets!r}")
+    begin, end = offsets
+    if not (0 <= begin <= end <= data_len) or end - begin != math.prod(shape) * itemsize:
+        raise TinyserveError(f"{bad} lies outside the file or does not match its shape (truncated or corrupt file?)")
+    return dtype, tuple(shape), begin
 
 
 class SafetensorsFile:
@@ -54,31 +82,18 @@ class SafetensorsFile:
                 (n,) = struct.unpack("<Q", head)
                 if n > size - 8 or n > 100_000_000:
                     raise TinyserveError(f"{self.path}: corrupt safetensors header (length {n}, file size {size})")
-                header = json.loads(f.read(n).decode("utf-8"))
+                raw = f.read(n)
         except OSError as e:
             raise TinyserveError(f"cannot read {self.path}: {e.strerror}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise TinyserveError(f"{self.path}: corrupt safetensors header (not JSON)") from None
+        header = parse_json(raw, f"{self.path}: corrupt safetensors header (not JSON)")
         if not isinstance(header, dict):
             raise TinyserveError(f"{self.path}: corrupt safetensors header")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not _is_str_dict(self.metadata):
+            raise TinyserveError(f"{self.path}: corrupt safetensors header (__metadata__ must map strings to strings)")
         self.data_start = 8 + n
         data_len = size - self.data_start
-        self.entries = {}
-        for name, e in header.items():
-            try:
-                dtype, shape, (begin, end) = e["dtype"], [int(s) for s in e["shape"]], e["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise TinyserveError(f"{self.path}: corrupt entry for tensor {name}") from None
-            if dtype not in _DTYPES:
-                raise TinyserveError(f"{self.path}: tensor {name} has unsupported dtype {dtype}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
-            if not (0 <= begin <= end <= data_len) or end - begin != nbytes:
-                raise TinyserveError(
-                    f"{self.path}: tensor {name} lies outside the file or does not match its shape "
-                    "(truncated or corrupt file?)"
-                )
-            self.entries[name] = (dtype, tuple(shape), begin)
+        self.entries = {name: _entry(self.path, name, e, data_len) for name, e in header.items()}
         self._mmap = None
 
     def names(self):
@@ -92,7 +107,7 @@ class SafetensorsFile:
         dtype, shape, begin = self.entries[name]
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         start = self.data_start + begin
         a = np.frombuffer(self._mmap, dtype=_DTYPES[dtype], count=count, offset=start)
         return a.reshape(shape)
@@ -121,11 +136,12 @@ class Checkpoint:
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise TinyserveError(f"{index}: corrupt shard index (expected a 'weight_map' object)") from None
+            d = read_json(index, "corrupt shard index")
+            weight_map = d.get("weight_map") if isinstance(d, dict) else None
+            if not _is_str_dict(weight_map):
+                raise TinyserveError(f"{index}: corrupt shard index (expected a 'weight_map' object of tensor "
+                                     "name -> file name)")
+            files = sorted(set(weight_map.values()))
             for f in files:
                 if not (self.dir / f).is_file():
                     raise TinyserveError(f"{index}: lists shard {f}, which is missing")
@@ -166,15 +182,25 @@ class Checkpoint:
     def shape(self, name) -> tuple:
         return self.location[name].shape(name)
 
-    def get(self, name, shape=None) -> np.ndarray:
+    def get(self, name, shape=None, dtypes=None) -> np.ndarray:
+        """The tensor (SafetensorsFile.get), checked against the shape the config gives and, with dtypes, the
+        stored types allowed (e.g. FLOAT_DTYPES for weights: an integer tensor there is a corrupt file)."""
         if name not in self.location:
             raise TinyserveError(f"{self.dir}: tensor {name} is missing from the checkpoint")
+        dtype = self.location[name].entries[name][0]
+        if dtypes is not None and dtype not in dtypes:
+            expected = ", ".join(dtypes[:-1]) + " or " + dtypes[-1] if len(dtypes) > 1 else dtypes[0]
+            raise TinyserveError(f"{self.dir}: tensor {name} is stored as {dtype}; expected {expected}")
         a = self.location[name].get(name)
         if shape is not None and tuple(a.shape) != tuple(shape):
             raise TinyserveError(
                 f"{self.dir}: tensor {name} has shape {tuple(a.shape)}, the config says {tuple(shape)}"
             )
         return a
+
+    def get_float(self, name, shape=None) -> np.ndarray:
+        """A weight, norm or bias: a float tensor, read as float32."""
+        return self.get(name, shape, FLOAT_DTYPES)
 
     def get_raw(self, name) -> np.ndarray:
         if name not in self.location:

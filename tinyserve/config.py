@@ -83,18 +83,80 @@ class ModelConfig:
         return d
 
 
+def parse_json(data: bytes, what: str):
+    """JSON from a file's bytes; anything unreadable is a TinyserveError "{what}: reason" (`what` names the
+    file). json.loads raises ValueError for bad text, bad UTF-8 and numbers of thousands of digits, and
+    RecursionError for absurd nesting."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        reason = "not UTF-8 text"
+    except RecursionError:
+        reason = "nested too deeply"
+    except ValueError as e:  # json.JSONDecodeError, or Python's limit on the digits of an integer
+        reason = str(e).split(";")[0]
+    raise TinyserveError(f"{what}: {reason}")
+
+
+def read_json(path: Path, what: str = "not valid JSON"):
+    """The JSON value of a file (parse_json), or a TinyserveError naming the file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise TinyserveError(f"cannot read {path}: {e.strerror}") from None
+    return parse_json(data, f"{path}: {what}")
+
+
+def is_int(v) -> bool:
+    """An integer from JSON (bool is an int in Python; not here)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_positive_number(v) -> bool:
+    """A finite number > 0 (not a bool, not a string; an int too large for a float is not finite)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v)) and v > 0
+    except OverflowError:
+        return False
+
+
 def _positive_int(d: dict, key: str, where: str, default=None) -> int:
     v = d.get(key, default)
     if v is None:
         raise TinyserveError(f"{where}: '{key}' is missing")
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+    if not is_int(v) or v <= 0:
         raise TinyserveError(f"{where}: '{key}' must be a positive integer, got {v!r}")
     return v
+
+
+def _bool(d: dict, key: str, where: str, default: bool = False) -> bool:
+    v = d.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise TinyserveError(f"{where}: '{key}' must be true or false, got {v!r}")
+    return v
+
+
+def token_ids(d: dict, key: str, where, vocab_size: int | None = None, many: bool = True) -> tuple[int, ...]:
+    """d[key] as a tuple of token ids: null/absent (()), an id, or (many) a list of ids; each an integer in
+    0..vocab_size-1 (when vocab_size is given)."""
+    v = d.get(key)
+    ids = () if v is None else tuple(v) if many and isinstance(v, list) else (v,)
+    for i in ids:
+        if not is_int(i) or i < 0 or (vocab_size is not None and i >= vocab_size):
+            expect = "a token id" + (f" in 0..{vocab_size - 1}" if vocab_size else "")
+            raise TinyserveError(f"{where}: '{key}' must be {expect}{' or a list of them' if many else ''}, got {v!r}")
+    return ids
 
 
 def _rope_settings(d: dict, where: str) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling) from either config.json generation."""
     params = d.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise TinyserveError(f"{where}: rope_parameters must be an object or null, got {params!r}")
     if isinstance(params, dict) and "rope_type" in params and "rope_theta" in params:  # transformers 5
         theta = params["rope_theta"]
         scaling = None if params.get("rope_type", "default") == "default" else dict(params)
@@ -102,8 +164,8 @@ def _rope_settings(d: dict, where: str) -> tuple[float, dict | None]:
         theta = d.get("rope_theta", 10000.0)
         scaling = d.get("rope_scaling")
         scaling = dict(scaling) if isinstance(scaling, dict) else scaling
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0:
-        raise TinyserveError(f"{where}: rope_theta must be a positive number, got {theta!r}")
+    if not _is_positive_number(theta):
+        raise TinyserveError(f"{where}: rope_theta must be a positive finite number, got {theta!r}")
     if scaling is None:
         return float(theta), None
     if not isinstance(scaling, dict):
@@ -122,10 +184,16 @@ def _rope_settings(d: dict, where: str) -> tuple[float, dict | None]:
     )
     for key in need:
         v = scaling.get(key)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-            raise TinyserveError(f"{where}: rope_scaling.{key} must be a positive number, got {v!r}")
-    if rope_type == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
-        raise TinyserveError(f"{where}: rope_scaling.high_freq_factor must exceed low_freq_factor")
+        if not _is_positive_number(v):
+            raise TinyserveError(f"{where}: rope_scaling.{key} must be a positive finite number, got {v!r}")
+    if rope_type == "llama3":
+        old_len = scaling["original_max_position_embeddings"]
+        if not is_int(old_len):
+            raise TinyserveError(
+                f"{where}: rope_scaling.original_max_position_embeddings must be a positive integer, got {old_len!r}"
+            )
+        if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+            raise TinyserveError(f"{where}: rope_scaling.high_freq_factor must exceed low_freq_factor")
     return float(theta), scaling
 
 
@@ -133,8 +201,11 @@ def config_from_dict(d: dict, where: str = "config.json") -> ModelConfig:
     """Validate a parsed config.json and build a ModelConfig (TinyserveError on anything wrong)."""
     if not isinstance(d, dict):
         raise TinyserveError(f"{where}: expected a JSON object")
-    archs = d.get("architectures") or []
-    arch = archs[0] if isinstance(archs, list) and archs else MODEL_TYPES.get(d.get("model_type"))
+    archs, model_type = d.get("architectures") or [], d.get("model_type")
+    if isinstance(archs, list) and archs:
+        arch = archs[0]
+    else:
+        arch = MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
     if arch not in SUPPORTED_ARCHITECTURES:
         name = arch or d.get("model_type") or "(none given)"
         raise TinyserveError(
@@ -163,25 +234,29 @@ def config_from_dict(d: dict, where: str = "config.json") -> ModelConfig:
         raise TinyserveError(f"{where}: rms_norm_eps must be a small positive number, got {eps!r}")
     theta, scaling = _rope_settings(d, where)
 
+    V, L = _positive_int(d, "vocab_size", where), _positive_int(d, "num_hidden_layers", where)
     window = None
-    if arch == "MistralForCausalLM" or (arch == "Qwen2ForCausalLM" and d.get("use_sliding_window")):
+    qwen_window = arch == "Qwen2ForCausalLM" and _bool(d, "use_sliding_window", where)
+    if arch == "MistralForCausalLM" or qwen_window:
         window = d.get("sliding_window")
         if window is not None:
             window = _positive_int({"sliding_window": window}, "sliding_window", where)
-    if arch == "Qwen2ForCausalLM" and d.get("use_sliding_window") and d.get("max_window_layers", 0) not in (0, None):
+    if qwen_window and d.get("max_window_layers") is not None:
+        mwl = d["max_window_layers"]
+        if not is_int(mwl) or mwl < 0:
+            raise TinyserveError(f"{where}: 'max_window_layers' must be a non-negative integer, got {mwl!r}")
         # Qwen2 applies the window only from layer max_window_layers on; one window for all layers is not that.
-        if d.get("max_window_layers") < d.get("num_hidden_layers", 0):
+        if 0 < mwl < L:
             raise TinyserveError(f"{where}: Qwen2 sliding window on only some layers is not supported")
 
-    eos = d.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    bias = bool(d.get("attention_bias", False))
+    bos_ids = token_ids(d, "bos_token_id", where, V, many=False)
+    bias = _bool(d, "attention_bias", where)
     cfg = ModelConfig(
         architecture=arch,
-        vocab_size=_positive_int(d, "vocab_size", where),
+        vocab_size=V,
         hidden_size=D,
         intermediate_size=_positive_int(d, "intermediate_size", where),
-        num_hidden_layers=_positive_int(d, "num_hidden_layers", where),
+        num_hidden_layers=L,
         num_attention_heads=H,
         num_key_value_heads=KVH,
         head_dim=hd,
@@ -189,13 +264,13 @@ def config_from_dict(d: dict, where: str = "config.json") -> ModelConfig:
         rms_norm_eps=float(eps),
         rope_theta=theta,
         rope_scaling=scaling,
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        tie_word_embeddings=_bool(d, "tie_word_embeddings", where),
         attention_bias=bias or arch == "Qwen2ForCausalLM",
         o_bias=bias and arch != "Qwen2ForCausalLM",
-        mlp_bias=bool(d.get("mlp_bias", False)),
+        mlp_bias=_bool(d, "mlp_bias", where),
         sliding_window=window,
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_ids=tuple(int(e) for e in eos_ids if isinstance(e, int)),
+        bos_token_id=bos_ids[0] if bos_ids else None,
+        eos_token_ids=token_ids(d, "eos_token_id", where, V),
         torch_dtype=str(d.get("torch_dtype", d.get("dtype", "float32"))),
         raw=d,
     )
@@ -220,11 +295,7 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raise TinyserveError(f"model directory not found: {model_dir}")
     if not path.is_file():
         raise TinyserveError(f"no config.json in {model_dir}")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TinyserveError(f"{path}: not valid JSON ({e})") from None
-    return config_from_dict(d, where=str(path))
+    return config_from_dict(read_json(path), where=str(path))
 
 
 def rope_inv_freq(cfg: ModelConfig):

@@ -96,7 +96,8 @@ def hf_name(layer: int, name: str) -> str:
 
 
 def load_weights(ckpt: Checkpoint, cfg: ModelConfig, read_linear=None, progress=None) -> Weights:
-    """Read every tensor the config asks for, checking each shape against the config.
+    """Read every tensor the config asks for, checking each shape against the config (and that weights,
+    norms and biases are float tensors).
 
     read_linear(ckpt, name, shape) -> float32 array or quantized tensor decides how the big matrices are
     held (float, quantized while loading, or read already quantized); by default they are float32.
@@ -104,7 +105,7 @@ def load_weights(ckpt: Checkpoint, cfg: ModelConfig, read_linear=None, progress=
     if read_linear is None:
 
         def read_linear(ckpt, name, shape):
-            return ckpt.get(name, shape)
+            return ckpt.get_float(name, shape)
 
     D, V = cfg.hidden_size, cfg.vocab_size
     shapes = linear_shapes(cfg)
@@ -114,23 +115,23 @@ def load_weights(ckpt: Checkpoint, cfg: ModelConfig, read_linear=None, progress=
         biases = {}
         if cfg.attention_bias:
             for n in ("q", "k", "v"):
-                biases[f"{n}_bias"] = ckpt.get(hf_name(i, f"{n}_proj")[: -len("weight")] + "bias", (shapes[f"{n}_proj"][0],))
+                biases[f"{n}_bias"] = ckpt.get_float(hf_name(i, f"{n}_proj")[: -len("weight")] + "bias", (shapes[f"{n}_proj"][0],))
         if cfg.o_bias:
-            biases["o_bias"] = ckpt.get(hf_name(i, "o_proj")[: -len("weight")] + "bias", (D,))
+            biases["o_bias"] = ckpt.get_float(hf_name(i, "o_proj")[: -len("weight")] + "bias", (D,))
         if cfg.mlp_bias:
             for n in ("gate", "up", "down"):
-                biases[f"{n}_bias"] = ckpt.get(hf_name(i, f"{n}_proj")[: -len("weight")] + "bias", (shapes[f"{n}_proj"][0],))
+                biases[f"{n}_bias"] = ckpt.get_float(hf_name(i, f"{n}_proj")[: -len("weight")] + "bias", (shapes[f"{n}_proj"][0],))
         layers.append(stack_projections(  # stacked now, so the separate matrices are never all held at once
             LayerWeights(
-                input_layernorm=ckpt.get(f"model.layers.{i}.input_layernorm.weight", (D,)),
-                post_attention_layernorm=ckpt.get(f"model.layers.{i}.post_attention_layernorm.weight", (D,)),
+                input_layernorm=ckpt.get_float(f"model.layers.{i}.input_layernorm.weight", (D,)),
+                post_attention_layernorm=ckpt.get_float(f"model.layers.{i}.post_attention_layernorm.weight", (D,)),
                 **lin,
                 **biases,
             )
         ))
         if progress is not None:
             progress(i + 1, cfg.num_hidden_layers)
-    embed = ckpt.get("model.embed_tokens.weight", (V, D))
+    embed = ckpt.get_float("model.embed_tokens.weight", (V, D))
     if cfg.tie_word_embeddings:  # the output head is the embedding table (or a quantized copy of it)
         # A quantized checkpoint of a tied model stores the quantized copy as lm_head.weight.
         head = "lm_head.weight" if "lm_head.weight" in ckpt else "model.embed_tokens.weight"
@@ -141,7 +142,7 @@ def load_weights(ckpt: Checkpoint, cfg: ModelConfig, read_linear=None, progress=
     return Weights(
         embed_tokens=embed,
         layers=layers,
-        norm=ckpt.get("model.norm.weight", (D,)),
+        norm=ckpt.get_float("model.norm.weight", (D,)),
         lm_head=lm_head,
         inv_freq=rope_inv_freq(cfg),
     )

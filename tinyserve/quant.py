@@ -30,6 +30,7 @@ QuantizedTensors with exactly the same numbers.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,9 +112,9 @@ class QuantizedTensor(QuantFormat):
 
 def check_format(bits, group_size, zero_point=False) -> None:
     """Raise a TinyserveError unless (bits, group_size, zero_point) is a format this module defines."""
-    if bits not in BITS:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits not in BITS:
         raise TinyserveError(f"quantization bits must be 8 or 4, got {bits!r}")
-    if group_size not in GROUP_SIZES:
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size not in GROUP_SIZES:
         raise TinyserveError(f"quantization group size must be one of 32, 64, 128, 256, got {group_size!r}")
     if zero_point and bits != 4:
         raise TinyserveError("zero points are only defined for int4 (int8 is symmetric)")
@@ -238,6 +239,17 @@ def checkpoint_metadata(qts) -> dict:
     return {METADATA_KEY: " + ".join(labels) if labels else "none"}
 
 
+_LABEL = re.compile(r"int(8|4|4-asym) g(32|64|128|256)")
+
+
+def check_label(label, where) -> str:
+    """A checkpoint's tinyserve_quant metadata, checked: what checkpoint_metadata writes ("int4 g128",
+    "int4 g128 + int8 g32" for mixed formats, or "none")."""
+    if not isinstance(label, str) or (label != "none" and not all(_LABEL.fullmatch(p) for p in label.split(" + "))):
+        raise TinyserveError(f"{where}: metadata {METADATA_KEY} is {label!r}, not a quantization label like 'int4 g128'")
+    return label
+
+
 def is_quantized(ckpt, name: str) -> bool:
     """Whether the checkpoint holds `name` in tinyserve's quantized layout (it has a `name_scale`)."""
     return name + SCALE_SUFFIX in ckpt
@@ -256,7 +268,7 @@ def read_quantized(ckpt, name: str, shape) -> QuantizedTensor:
     if name + SCALE_SUFFIX not in ckpt:
         raise TinyserveError(f"{where}: tensor {name} has no {name + SCALE_SUFFIX}: it is not quantized")
     data = np.asarray(ckpt.get_raw(name))
-    scales = np.asarray(ckpt.get(name + SCALE_SUFFIX))  # float16 scales widen to float32 exactly
+    scales = np.asarray(ckpt.get(name + SCALE_SUFFIX, dtypes=("F32", "F16")))  # float16 widens to float32 exactly
     zeros = np.asarray(ckpt.get_raw(name + ZERO_SUFFIX)) if name + ZERO_SUFFIX in ckpt else None
     bad = f"{where}: quantized tensor {name}"
     if data.dtype == np.int8:
@@ -296,7 +308,7 @@ def make_read_linear(bits: int | None, group_size: int | None = 128, zero_point:
     def read_linear(ckpt, name, shape):
         if is_quantized(ckpt, name):
             return read_quantized(ckpt, name, shape)
-        w = ckpt.get(name, shape)
+        w = ckpt.get_float(name, shape)
         if bits is None:
             return w
         try:

@@ -17,25 +17,37 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from .config import ModelConfig
+from .config import ModelConfig, read_json, token_ids
 from .errors import TinyserveError
 
 
-def _token_content(t):
-    """tokenizer_config.json gives special tokens as strings or as {"content": ...} objects."""
-    if isinstance(t, dict):
-        return t.get("content")
-    return t
+def _token_content(tc: dict, key: str, path: Path) -> str | None:
+    """tokenizer_config.json gives special tokens as strings or as {"content": ...} objects (or null)."""
+    t = tc.get(key)
+    text = t.get("content") if isinstance(t, dict) else t
+    if text is not None and not isinstance(text, str):
+        raise TinyserveError(f'{path}: {key} must be a string or an object with a "content" string, got {t!r}')
+    return text
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TinyserveError(f"{path}: cannot read as JSON ({e})") from None
+    d = read_json(path, "cannot read as JSON")
     if not isinstance(d, dict):
         raise TinyserveError(f"{path}: expected a JSON object")
     return d
+
+
+def _chat_template(value, path: Path) -> str | None:
+    """The template text of tokenizer_config.json's chat_template: a string, or a list of {"name", "template"}
+    objects (the one named "default", else the first)."""
+    if isinstance(value, list):
+        if not all(isinstance(t, dict) for t in value):
+            raise TinyserveError(f'{path}: chat_template must be a string or a list of {{"name", "template"}} objects')
+        named = {t.get("name"): t.get("template") for t in value}
+        value = named.get("default") or next(iter(named.values()), None)
+    if value is not None and not isinstance(value, str):
+        raise TinyserveError(f"{path}: chat_template must be a string, got {type(value).__name__}")
+    return value
 
 
 class Tokenizer:
@@ -54,23 +66,23 @@ class Tokenizer:
         self.tokenizer_config = _read_json(tc_path) if tc_path.is_file() else {}
         gc_path = model_dir / "generation_config.json"
         gen = _read_json(gc_path) if gc_path.is_file() else {}
+        vocab = cfg.vocab_size if cfg else None
+        gen_bos = token_ids(gen, "bos_token_id", gc_path, vocab, many=False)
+        gen_eos = token_ids(gen, "eos_token_id", gc_path, vocab)
 
         tc = self.tokenizer_config
-        bos_text, eos_text = _token_content(tc.get("bos_token")), _token_content(tc.get("eos_token"))
+        bos_text, eos_text = _token_content(tc, "bos_token", tc_path), _token_content(tc, "eos_token", tc_path)
         self.bos_token = bos_text
         self.eos_token = eos_text
         self.bos_id = self.hf.token_to_id(bos_text) if bos_text else None
-        if self.bos_id is None:
-            self.bos_id = gen.get("bos_token_id", cfg.bos_token_id if cfg else None)
+        if self.bos_id is None and "bos_token_id" in gen:
+            self.bos_id = gen_bos[0] if gen_bos else None
+        elif self.bos_id is None and cfg is not None:
+            self.bos_id = cfg.bos_token_id
         if self.bos_id is not None and self.bos_token is None:
             self.bos_token = self.hf.id_to_token(self.bos_id)
 
-        eos = set()
-        for src in (gen.get("eos_token_id"), list(cfg.eos_token_ids) if cfg else None):
-            if isinstance(src, int):
-                eos.add(src)
-            elif isinstance(src, list):
-                eos.update(e for e in src if isinstance(e, int))
+        eos = set(gen_eos) | set(cfg.eos_token_ids if cfg else ())
         if eos_text and self.hf.token_to_id(eos_text) is not None:
             eos.add(self.hf.token_to_id(eos_text))
         self.eos_ids = frozenset(eos)
@@ -81,11 +93,11 @@ class Tokenizer:
         probe = self.hf.encode("a", add_special_tokens=True).ids
         self._post_adds_bos = bool(probe) and self.bos_id is not None and probe[0] == self.bos_id
         add_bos = tc.get("add_bos_token")
+        if add_bos is not None and not isinstance(add_bos, bool):
+            raise TinyserveError(f"{tc_path}: add_bos_token must be true or false, got {add_bos!r}")
         self._add_bos_by_hand = bool(add_bos) and not self._post_adds_bos and self.bos_id is not None
-        self.chat_template = tc.get("chat_template")
-        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in self.chat_template if isinstance(t, dict)}
-            self.chat_template = named.get("default") or next(iter(named.values()), None)
+        self._tc_path = tc_path
+        self._chat_template = tc.get("chat_template")  # checked when used (a broken one only stops --chat)
         self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
 
     # ------------------------------------------------------------------------------------------ encode
@@ -104,11 +116,17 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------------------------------- chat
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template (None when there is none); TinyserveError when tokenizer_config.json's is
+        not a template."""
+        return _chat_template(self._chat_template, self._tc_path)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render messages with the model's Jinja chat template, as transformers does."""
-        if not self.chat_template:
+        source = self.chat_template
+        if not source:
             raise TinyserveError("this model has no chat template (tokenizer_config.json has no 'chat_template')")
-        import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
@@ -123,15 +141,18 @@ class Tokenizer:
         )
         env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
         try:
-            template = env.from_string(self.chat_template)
+            template = env.from_string(source)
             return template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
-        except jinja2.TemplateError as e:
-            raise TinyserveError(f"chat template failed: {e}") from None
+        except TinyserveError:  # the template's own raise_exception(...)
+            raise
+        except Exception as e:  # a template is the model author's code: any error in it is the model's
+            reason = (str(e).splitlines() or [""])[0]
+            raise TinyserveError(f"{self._tc_path}: chat_template failed ({type(e).__name__}: {reason})") from None
 
     def encode_chat(self, user_text: str) -> list[int]:
         """Token ids of one user message in the chat format, ready for the assistant's reply."""
