@@ -373,8 +373,8 @@ def measure_gflops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def roofline_plot(path: str, timer_report: dict, bandwidth: float, peak_flops: float, title: str = "") -> None:
-    """Each op's achieved GFLOP/s against its arithmetic intensity, under the measured ceilings."""
+def pyplot():
+    """matplotlib.pyplot, drawing to files (the Agg backend); a TinyserveError where matplotlib is missing."""
     try:
         import matplotlib
 
@@ -382,6 +382,12 @@ def roofline_plot(path: str, timer_report: dict, bandwidth: float, peak_flops: f
         import matplotlib.pyplot as plt
     except ImportError:
         raise TinyserveError("--plot needs matplotlib (pip install 'tinyserve[plot]')") from None
+    return plt
+
+
+def roofline_plot(path: str, timer_report: dict, bandwidth: float, peak_flops: float, title: str = "") -> None:
+    """Each op's achieved GFLOP/s against its arithmetic intensity, under the measured ceilings."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     xs = np.logspace(-2, 3, 200)
     ax.loglog(xs, np.minimum(xs * bandwidth, peak_flops) / 1e9, "k-", label="measured ceilings")

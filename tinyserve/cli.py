@@ -105,6 +105,8 @@ def _read_prompt_file(path) -> list[dict]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise TinyserveError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+            except (ValueError, RecursionError):  # what json's parser refuses beyond syntax
+                raise TinyserveError(f"{path}:{n}: malformed JSON line (number too long or nesting too deep)") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
                 raise TinyserveError(f'{path}:{n}: a JSON line needs a "prompt" string')
             unknown = set(obj) - {"prompt", "max_new_tokens", "stop", "seed", "chat", *SAMPLING_KEYS}
@@ -149,10 +151,15 @@ def cmd_generate(args) -> int:
     if stream:
         sys.stdout.write(items[0]["prompt"] if not args.chat else "")
         sys.stdout.flush()
-    for ev in llm.stream(reqs, max_batch=args.max_batch, context=args.context):
-        if stream and ev.text:
-            sys.stdout.write(ev.text)
-            sys.stdout.flush()
+    try:
+        for ev in llm.stream(reqs, max_batch=args.max_batch, context=args.context):
+            if stream and ev.text:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+    except (TinyserveError, MemoryError):
+        if stream:  # end the echoed prompt's line: the error gets one of its own
+            sys.stdout.write("\n")
+        raise
     results = sorted(llm.last_generator.results(), key=lambda r: r.request_id)
     if stream:
         sys.stdout.write("\n")
@@ -191,6 +198,8 @@ def cmd_bench(args) -> int:
             raise TinyserveError(f"--quant: unknown quantization {q!r} (none, int8, int4)")
     if args.plot and backends[0] == "cuda":
         raise TinyserveError("--plot draws the CPU's ceilings (RAM bandwidth, BLAS GFLOP/s): use it with a CPU backend")
+    if args.plot:
+        bench.pyplot()  # matplotlib is there, before the benchmark runs
     batches = _csv(args.batch, "batch", int)
     if any(b <= 0 for b in batches):
         raise TinyserveError("--batch sizes must be positive")

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -17,14 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import Checkpoint
-from .config import ModelConfig, load_config
+from .config import ModelConfig, load_config, read_json
 from .errors import TinyserveError
-from .generate import Generator, Request, RequestResult
+from .generate import Generator, Request, RequestResult, stop_strings
 from .kv_cache import KVCache, cache_bytes, default_context, kv_dtype
 from .model import forward, load_weights, upload_weights
 from .ops import get_ops
 from .progress import progress_bar
-from .sampling import SamplingParams
+from .sampling import SamplingParams, is_integer
 from .tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +59,7 @@ class LLM:
         kv_dtype: str = "float32",
     ):
         t0 = time.perf_counter()
+        _check_load_args(model_dir, backend, quant, zero_point)
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.config: ModelConfig = load_config(self.model_dir)
         self.backend = backend
@@ -84,11 +84,11 @@ class LLM:
             if bits is None:
                 raise TinyserveError(f"unknown quantization {quant!r} (choose none, int8 or int4)")
             read_linear = make_read_linear(bits, group_size, zero_point)
-        elif self.ckpt.metadata.get("tinyserve_quant"):  # a checkpoint written by `tinyserve quantize`
-            from .quant import make_read_linear
+        elif "tinyserve_quant" in self.ckpt.metadata:  # a checkpoint written by `tinyserve quantize`
+            from .quant import check_label, make_read_linear
 
             read_linear = make_read_linear(None, None, None)
-            self.quant = self.ckpt.metadata["tinyserve_quant"]
+            self.quant = check_label(self.ckpt.metadata["tinyserve_quant"], self.model_dir)
         bar = progress_bar("loading") if progress else None
         host = load_weights(self.ckpt, self.config, read_linear=read_linear, progress=bar)
         self._place(host, t0, timer, progress, consume=True)
@@ -150,11 +150,11 @@ class LLM:
     def _generation_defaults(self) -> dict:
         """Sampling defaults from generation_config.json: the model author's settings, if sampling is on."""
         path = self.model_dir / "generation_config.json"
-        try:
-            gc = json.loads(path.read_text()) if path.is_file() else {}
-        except (OSError, json.JSONDecodeError):
-            raise TinyserveError(f"{path}: not valid JSON") from None
-        if not isinstance(gc, dict) or not gc.get("do_sample"):
+        gc = read_json(path) if path.is_file() else {}
+        do_sample = gc.get("do_sample") if isinstance(gc, dict) else None
+        if do_sample is not None and not isinstance(do_sample, bool):
+            raise TinyserveError(f"{path}: do_sample must be true or false, got {do_sample!r}")
+        if not do_sample:
             return {"temperature": 0.0}
         out = {k: gc[k] for k in SAMPLING_KEYS if gc.get(k) is not None}
         out.setdefault("temperature", 1.0)
@@ -163,23 +163,25 @@ class LLM:
     # ------------------------------------------------------------------------------------------- model
     def new_cache(self, slots: int, context: int | None = None) -> KVCache:
         """A KV cache with `slots` sequences of `context` positions (default: the model's, capped)."""
+        capped = False
         if context is None:
             context, capped = default_context(self.config, slots, dtype=self.kv_dtype)
-            if capped:
-                print(
-                    f"note: context capped at {context} tokens (the model allows {self.config.max_position_embeddings}) "
-                    f"to keep the KV cache at {cache_bytes(self.config, slots, context, self.kv_dtype) / 2**30:.1f} GiB; "
-                    "pass a context length to change it",
-                    file=sys.stderr,
-                )
-        elif not isinstance(context, int) or context <= 0:
+        elif not is_integer(context) or context <= 0:
             raise TinyserveError(f"context must be a positive integer, got {context!r}")
         elif context > self.config.max_position_embeddings:
             raise TinyserveError(
                 f"context {context} is longer than the model's max_position_embeddings "
                 f"({self.config.max_position_embeddings})"
             )
-        return KVCache(self.config, slots, context, self.ops, self.kv_dtype)
+        cache = KVCache(self.config, slots, int(context), self.ops, self.kv_dtype)
+        if capped:  # noted once the cache exists: one too large for memory fails with its error alone
+            print(
+                f"note: context capped at {context} tokens (the model allows {self.config.max_position_embeddings}) "
+                f"to keep the KV cache at {cache_bytes(self.config, slots, context, self.kv_dtype) / 2**30:.1f} GiB; "
+                "pass a context length to change it",
+                file=sys.stderr,
+            )
+        return cache
 
     def forward(self, token_ids, positions, slots, cache, rows=None, tap=None, phase="prefill") -> np.ndarray:
         """model.forward on host int arrays; returns host float32 logits (R, V).
@@ -223,11 +225,16 @@ class LLM:
         logits either way up to float32 rounding (other batch sizes take other kernels), except where an
         option rounds activations in decode steps (the cpu backend's int8 activations). tap: one prefill
         only."""
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        bad = TinyserveError(f"token ids must be integers in 0..{self.config.vocab_size - 1}")
+        try:
+            ids = np.asarray(token_ids).reshape(-1)
+        except ValueError:  # a ragged list
+            raise bad from None
         if ids.size == 0:
             raise TinyserveError("logits() needs at least one token")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise TinyserveError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+        if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise bad
+        ids = ids.astype(np.int64)
         if ids.size > self.config.max_position_embeddings:
             raise TinyserveError(
                 f"{ids.size} tokens are more than the model's {self.config.max_position_embeddings} positions"
@@ -248,10 +255,16 @@ class LLM:
 
     # -------------------------------------------------------------------------------------- generation
     def encode_prompt(self, prompt, chat: bool = False) -> list[int]:
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+        if isinstance(prompt, (list, tuple)):
+            if not all(is_integer(t) for t in prompt):
+                raise TinyserveError("a prompt given as a list must hold integer token ids only")
             return [int(t) for t in prompt]
         if not isinstance(prompt, str):
             raise TinyserveError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TinyserveError("a prompt must be valid Unicode text (it holds a lone surrogate)") from None
         return self.tokenizer.encode_chat(prompt) if chat else self.tokenizer.encode(prompt)
 
     def sampling_params(self, **given) -> SamplingParams:
@@ -261,20 +274,19 @@ class LLM:
         return SamplingParams(**{k: values[k] for k in (*SAMPLING_KEYS, "seed") if k in values}).validate()
 
     def request(self, prompt, max_new_tokens=128, stop=None, chat=False, id=None, **sampling) -> Request:
-        if isinstance(stop, str):
-            stop = (stop,)
-        stop = tuple(s for s in (stop or ()) if s)
         return Request(
             prompt_ids=self.encode_prompt(prompt, chat),
             params=self.sampling_params(**sampling),
             max_new_tokens=max_new_tokens,
-            stop=stop,
+            stop=stop_strings(stop),
             id=id,
         )
 
     def stream(self, requests, max_batch: int | None = None, context: int | None = None):
         """Run requests with continuous batching; yields generate.Event objects as tokens are made."""
-        requests = list(requests)
+        requests = list(requests) if hasattr(requests, "__iter__") else None
+        if requests is None or not all(isinstance(r, Request) for r in requests):
+            raise TinyserveError("stream() takes a list of requests made by LLM.request()")
         if max_batch is None:
             max_batch = max(1, min(len(requests), 8))
         gen = Generator(self, max_batch=max_batch, context=context, timer=self.timer)
@@ -300,11 +312,15 @@ class LLM:
         on_event=None,
     ) -> list[RequestResult]:
         """Generate continuations of one prompt or several (of any lengths) at once, in input order."""
-        single = isinstance(prompts, str) or (
-            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer))
-        )
+        if on_event is not None and not callable(on_event):
+            raise TinyserveError(f"on_event must be a function of one generate.Event, got {type(on_event).__name__}")
+        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and is_integer(prompts[0]))
         if single:
             prompts = [prompts]
+        elif isinstance(prompts, (bytes, bytearray)) or not hasattr(prompts, "__iter__"):
+            raise TinyserveError(
+                f"prompts must be a string, a list of token ids, or a list of those, got {type(prompts).__name__}"
+            )
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty, seed=seed)
         reqs = [self.request(p, max_new_tokens, stop, chat, id=i, **sampling) for i, p in enumerate(prompts)]
@@ -314,8 +330,22 @@ class LLM:
         return sorted(self.last_generator.results(), key=lambda r: r.request_id)  # ids are input positions
 
 
+def _check_load_args(model_dir, backend, quant, zero_point) -> None:
+    """The types of load()'s arguments (their values are checked where they are used)."""
+    if model_dir is not None and not isinstance(model_dir, (str, os.PathLike)):
+        raise TinyserveError(f"model_dir must be a path (str or os.PathLike), got {type(model_dir).__name__}")
+    if not isinstance(backend, str):
+        raise TinyserveError(f"backend must be a string such as 'cpu', got {backend!r}")
+    if quant is not None and not isinstance(quant, str):
+        raise TinyserveError(f"quant must be None or a string such as 'int8', got {quant!r}")
+    if not isinstance(zero_point, bool):
+        raise TinyserveError(f"zero_point must be True or False, got {zero_point!r}")
+
+
 def _check_kv_dtype(name, backend: str) -> str:
     """The KV cache's dtype, checked: "float32" (default) or "float16" (cpu and numpy backends)."""
+    if not isinstance(name, str):
+        raise TinyserveError(f"kv_dtype must be 'float32' or 'float16', got {name!r}")
     try:
         kv_dtype(name)
     except ValueError as e:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import TinyserveError
-from .sampling import Sampler, SamplingParams
+from .sampling import NonFiniteLogits, Sampler, SamplingParams, is_integer
 from .tokenizer import StreamDecoder
 
 
@@ -36,6 +36,20 @@ class Request:
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()
     id: object = None
+
+
+def stop_strings(stop) -> tuple[str, ...]:
+    """A request's stop strings: None, a string, or a list or tuple of strings (empty ones are dropped)."""
+    if isinstance(stop, str):
+        stop = (stop,)
+    elif stop is None:
+        stop = ()
+    elif not isinstance(stop, (list, tuple)):
+        raise TinyserveError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+    bad = [s for s in stop if not isinstance(s, str)]
+    if bad:
+        raise TinyserveError(f"stop must be a string or a list of strings, got {type(bad[0]).__name__} in the list")
+    return tuple(s for s in stop if s)
 
 
 @dataclass
@@ -189,11 +203,11 @@ class Generator:
     """
 
     def __init__(self, engine, max_batch: int = 8, context: int | None = None, timer=None):
-        if not isinstance(max_batch, int) or max_batch <= 0:
+        if not is_integer(max_batch) or max_batch <= 0:
             raise TinyserveError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.engine = engine
-        self.max_batch = max_batch
-        self.cache = engine.new_cache(max_batch, context)
+        self.max_batch = int(max_batch)
+        self.cache = engine.new_cache(self.max_batch, context)
         self.context = self.cache.context
         self.timer = timer
         self.waiting: deque[Request] = deque()
@@ -210,12 +224,13 @@ class Generator:
                 f"prompt is {n} tokens, too long for the context of {self.context} tokens "
                 "(at least one position must be left to generate)"
             )
-        if not isinstance(req.max_new_tokens, int) or req.max_new_tokens < 0:
+        if not is_integer(req.max_new_tokens) or req.max_new_tokens < 0:
             raise TinyserveError(f"max_new_tokens must be a non-negative integer, got {req.max_new_tokens!r}")
         vocab = self.engine.config.vocab_size
-        if any(not (0 <= t < vocab) for t in req.prompt_ids):
-            raise TinyserveError(f"prompt has token ids outside the vocabulary (0..{vocab - 1})")
+        if any(not (is_integer(t) and 0 <= t < vocab) for t in req.prompt_ids):
+            raise TinyserveError(f"prompt has token ids that are not integers in the vocabulary (0..{vocab - 1})")
         req.params.validate()
+        req.max_new_tokens, req.stop = int(req.max_new_tokens), stop_strings(req.stop)
         if req.id is None:
             req.id = self._next_id
         self._next_id += 1
@@ -250,14 +265,19 @@ class Generator:
             pos.extend(range(s.cached, s.cached + len(new)))
             slots.extend([s.slot] * len(new))
             rows.append(len(ids) - 1)
-        logits = self.engine.forward(
-            np.asarray(ids, np.int64), np.asarray(pos, np.int64), np.asarray(slots, np.int64), self.cache,
-            rows=np.asarray(rows, np.int64), phase="prefill" if any(s.cached == 0 for s in seqs) else "decode",
-        )
+        with np.errstate(all="ignore"):  # no numpy warnings: non-finite logits are reported below, in one line
+            logits = self.engine.forward(
+                np.asarray(ids, np.int64), np.asarray(pos, np.int64), np.asarray(slots, np.int64), self.cache,
+                rows=np.asarray(rows, np.int64), phase="prefill" if any(s.cached == 0 for s in seqs) else "decode",
+            )
         for s, row in zip(seqs, logits):
             s.cached = len(s.tokens)
             t0 = time.perf_counter()
-            token = s.sampler(row, s.tokens)
+            try:
+                token = s.sampler(row, s.tokens)  # checks the row's values
+            except NonFiniteLogits:
+                raise TinyserveError("the model produced non-finite logits (NaN or +inf): its weights may hold "
+                                     "NaN/inf") from None
             if self.timer is not None:
                 self.timer.add_sampling(time.perf_counter() - t0)
             ev = s.accept(token)

@@ -44,8 +44,12 @@ Differences from transformers worth knowing when comparing the two:
 - ``generate(do_sample=True)`` defaults to ``top_k=50`` when the model's generation config does not set it;
   here the default is ``top_k=0`` (off). Pass ``top_k=0`` to transformers to compare.
 - transformers rejects ``temperature=0`` when sampling; here 0 means greedy.
-- Logits containing NaN or ``+inf`` (or overflowing float32 after temperature scaling) raise ``ValueError``:
-  they are a bug upstream, and torch would produce NaN probabilities.
+- Logits containing NaN or ``+inf`` raise ``ValueError``: they are a bug upstream, and torch would produce
+  NaN probabilities.
+- Where steps 1-2 overflow float32 (a tiny temperature, an extreme penalty), torch gets ``inf`` and NaN
+  probabilities; here they are redone in float64 and shifted so that the largest logit is 0, which changes
+  no probability, and rounded back to float32 (logits far below the largest become ``-inf``: probability 0
+  either way). So a temperature of 1e-40 is (nearly) greedy, as its limit is.
 """
 
 from __future__ import annotations
@@ -75,7 +79,8 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _is_int(value) -> bool:
+def is_integer(value) -> bool:
+    """An integer, Python's or NumPy's, and not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -100,7 +105,7 @@ class SamplingParams:
         if not _is_real(t) or not math.isfinite(t) or t < 0:
             raise _bad("temperature", t, "must be a finite number >= 0; 0 means greedy")
         k = self.top_k
-        if not _is_int(k) or k < 0:
+        if not is_integer(k) or k < 0:
             raise _bad("top_k", k, "must be an integer >= 0; 0 means off")
         p = self.top_p
         if not _is_real(p) or not math.isfinite(p) or not 0 < p <= 1:
@@ -112,9 +117,13 @@ class SamplingParams:
         if not _is_real(r) or not math.isfinite(r) or r <= 0:
             raise _bad("repetition_penalty", r, "must be a finite number > 0; 1 means off")
         s = self.seed
-        if s is not None and (not _is_int(s) or s < 0):
+        if s is not None and (not is_integer(s) or s < 0):
             raise _bad("seed", s, "must be an integer >= 0, or None for a random seed")
         return self
+
+
+class NonFiniteLogits(ValueError):
+    """Logits holding NaN or +inf (the generator reports them as the model's fault, in one line)."""
 
 
 def _check_logits(logits) -> np.ndarray:
@@ -123,7 +132,7 @@ def _check_logits(logits) -> np.ndarray:
     if x.ndim != 1 or x.size == 0:
         raise ValueError(f"logits must have shape (V,) with V >= 1, got shape {x.shape}")
     if np.isnan(x).any() or np.isposinf(x).any():
-        raise ValueError("logits contain NaN or +inf")
+        raise NonFiniteLogits("logits contain NaN or +inf")
     if np.isneginf(x).all():
         raise ValueError("every logit is -inf: no token can be chosen")
     return x
@@ -144,15 +153,33 @@ def _context_array(context_ids) -> np.ndarray:
 
 
 def _apply_penalty(x: np.ndarray, context_ids, penalty: float) -> np.ndarray:
-    """Step 1 in place on a float32 array we own."""
+    """Step 1 in place on a float array we own, in its precision (float32 as torch, or float64)."""
     if penalty == 1.0:
         return x
     ids = _context_array(context_ids)
     ids = np.unique(ids[ids < x.shape[0]])  # ids beyond the vocabulary cannot be generated: ignored
     if ids.size:
-        v = x[ids]
-        x[ids] = np.where(v < 0, v * np.float32(penalty), v / np.float32(penalty))
+        v, p = x[ids], x.dtype.type(penalty)
+        x[ids] = np.where(v < 0, v * p, v / p)
     return x
+
+
+def _penalize_and_scale(x: np.ndarray, context_ids, penalty: float, temperature: float) -> np.ndarray:
+    """Steps 1 and 2 on checked float32 logits we own: float32 as torch computes them, or, where that
+    overflows, in float64 shifted so that the largest is 0 (see the module docstring)."""
+    if penalty == 1.0 and temperature == 1.0:
+        return x
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        y = _apply_penalty(x.copy(), context_ids, penalty)
+        if temperature != 1.0:
+            y = y / np.float32(temperature)
+        if np.isfinite(y.max()):  # no NaN or +inf, and some token left: torch's numbers exactly
+            return y
+        y = _apply_penalty(x.astype(np.float64), context_ids, penalty)
+        top = y.max()
+        if not np.isfinite(top):  # a penalty beyond ~1e±270 overflows float64 too
+            raise TinyserveError(f"bad sampling value: repetition_penalty={penalty!r} (too extreme for these logits)")
+        return ((y - top) / temperature).astype(np.float32)
 
 
 def apply_repetition_penalty(logits, context_ids, penalty: float) -> np.ndarray:
@@ -209,17 +236,13 @@ def _min_p(x: np.ndarray, min_p: float) -> np.ndarray:
 def process_logits(logits: np.ndarray, params: SamplingParams, context_ids=()) -> np.ndarray:
     """The whole chain (see the module docstring); float32 (V,), removed tokens at -inf. Input untouched."""
     params.validate()
-    x = _apply_penalty(_check_logits(logits), context_ids, float(params.repetition_penalty))
+    temperature = 1.0 if params.greedy else float(params.temperature)
+    x = _penalize_and_scale(_check_logits(logits), context_ids, float(params.repetition_penalty), temperature)
     if params.greedy:
         best = int(np.argmax(x))  # first maximum: ties go to the lowest id
         out = np.full_like(x, -np.inf)
         out[best] = x[best]
         return out
-    if params.temperature != 1.0:
-        with np.errstate(over="ignore"):
-            x = x / np.float32(params.temperature)
-        if np.isposinf(x).any():
-            raise ValueError(f"logits overflow float32 after dividing by temperature={params.temperature}")
     x = _top_k(x, int(params.top_k))
     x = _top_p(x, float(params.top_p))
     x = _min_p(x, float(params.min_p))
@@ -240,7 +263,7 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, context_ids=()) -> int:
         if self.params.greedy:  # no random draw
-            x = _apply_penalty(_check_logits(logits), context_ids, float(self.params.repetition_penalty))
+            x = _penalize_and_scale(_check_logits(logits), context_ids, float(self.params.repetition_penalty), 1.0)
             return int(np.argmax(x))
         p = probabilities(logits, self.params, context_ids)
         cdf = np.cumsum(p)
