@@ -596,22 +596,48 @@ class Dump:
         return int(self.config["num_hidden_layers"])
 
 
+def _check_out_file(path, overwrite: bool = True) -> Path:
+    """Refuse, before any work, an output file that could not be written: its folder missing or a file, the
+    path a directory (or, unless overwrite, an existing file), a folder where no file can be created."""
+    path = Path(path)
+    if path.is_dir():
+        raise TinyserveError(f"cannot write {path}: it is a directory")
+    if not overwrite and path.exists():
+        raise TinyserveError(f"{path} already exists (remove it or choose another --out)")
+    if not path.parent.is_dir():
+        why = "is a file, not a directory" if path.parent.exists() else "does not exist"
+        raise TinyserveError(f"cannot write {path}: directory {path.parent} {why}")
+    fd, tmp = _temp_file(path)
+    os.close(fd)
+    os.unlink(tmp)
+    return path
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    """mkstemp beside path (mode 0600 made the default), or a one-line error."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise TinyserveError(f"cannot write {path}: cannot create a file in {path.parent} ({e.strerror})") from None
+    give_default_mode(tmp)  # mkstemp makes files 0600
+    return fd, tmp
+
+
 def _atomic_write(path: Path, write) -> Path:
     """write(file) into a temporary file next to path, then rename: a failed run leaves nothing behind."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise TinyserveError(f"cannot write {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    give_default_mode(tmp)  # mkstemp makes files 0600
+    path = _check_out_file(path)
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise TinyserveError(f"cannot write {path}: {e.strerror or e}") from None
         raise
     return path
 
@@ -655,8 +681,7 @@ def dump(model_dir, prompt, out, backend="numpy", quant=None, engine="tinyserve"
     """
     if engine not in ("tinyserve", "transformers"):
         raise TinyserveError(f"--engine must be tinyserve or transformers, got {engine!r}")
-    if not Path(out).parent.is_dir():
-        raise TinyserveError(f"cannot write {out}: directory {Path(out).parent} does not exist")
+    _check_out_file(out, overwrite=False)
     if engine == "transformers":
         _require_transformers()
     llm = llm or load_llm(model_dir, backend, quant if engine == "tinyserve" else None, group_size, zero_point)
@@ -707,7 +732,7 @@ def read_dump(path) -> Dump:
     if not path.is_file():
         raise TinyserveError(f"dump not found: {path}")
     sf = SafetensorsFile(path)
-    meta = sf.metadata
+    meta = sf.metadata  # a table of strings (SafetensorsFile checks)
     for k in REQUIRED_META:
         if k not in meta:
             raise TinyserveError(f"{path}: not a tinyserve activation dump (metadata has no {k!r})")
@@ -719,10 +744,15 @@ def read_dump(path) -> Dump:
     try:
         config = json.loads(meta["config"])
         L, D, V = int(config["num_hidden_layers"]), int(config["hidden_size"]), int(config["vocab_size"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError, RecursionError):
         raise TinyserveError(f"{path}: metadata 'config' is not a config.json with num_hidden_layers, "
                              "hidden_size and vocab_size") from None
     names = set(sf.names())
+    if L < 0 or D < 1 or V < 1:
+        raise TinyserveError(f"{path}: metadata 'config' has impossible sizes (num_hidden_layers {L}, "
+                             f"hidden_size {D}, vocab_size {V})")
+    if 2 * L > len(names):  # (before listing the names of an absurd number of layers)
+        raise TinyserveError(f"{path}: its config has {L} layers, but the file holds only {len(names)} tensors")
     required = ["token_ids", "logits"] + [f"layers.{i}.{s}" for i in range(L) for s in ("after_attn", "after_mlp")]
     missing = [n for n in required if n not in names]
     if missing:
@@ -732,6 +762,8 @@ def read_dump(path) -> Dump:
         raise TinyserveError(f"{path}: token_ids must be a 1-D int64 (or int32) tensor")
     token_ids = np.asarray(sf.get_raw("token_ids"), dtype=np.int64)
     T = token_ids.size
+    if T == 0:
+        raise TinyserveError(f"{path}: the dump has no tokens (token_ids is empty)")
     acts = {}
     for name in sorted(names - {"token_ids"}):
         dt = sf.entries[name][0]
@@ -857,14 +889,17 @@ def _open_base(path, targets, vocab):
     if not path.is_file():
         raise TinyserveError(f"--kl-base file not found: {path}")
     sf = SafetensorsFile(path)
-    if sf.metadata.get("format") != LOGITS_FORMAT:
+    meta = sf.metadata  # a table of strings (SafetensorsFile checks)
+    if meta.get("format") != LOGITS_FORMAT:
         raise TinyserveError(f"{path}: not a tinyserve logits file (written by perplexity --save-logits)")
-    if sf.metadata.get("format_version") != FORMAT_VERSION:
-        raise TinyserveError(f"{path}: logits format version {sf.metadata.get('format_version')}, "
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise TinyserveError(f"{path}: logits format version {meta.get('format_version')}, "
                              f"this tinyserve reads {FORMAT_VERSION}")
     for name in ("logits", "targets"):
         if name not in sf.entries:
             raise TinyserveError(f"{path}: tensor {name} is missing")
+    if sf.entries["targets"][0] != "I64" or len(sf.shape("targets")) != 1:
+        raise TinyserveError(f"{path}: targets must be a 1-D int64 tensor")
     base_targets = np.asarray(sf.get_raw("targets"), dtype=np.int64)
     if base_targets.shape != targets.shape or not np.array_equal(base_targets, targets):
         raise TinyserveError(f"{path}: the base run predicted other tokens ({base_targets.size} vs {targets.size}): "
@@ -926,10 +961,15 @@ def perplexity(llm, text_file, context=None, paragraphs=None, save_logits=None, 
             tgt = np.asarray(ids[1:])
             rows = np.arange(tgt.size)
             nll_sum -= float(lp[rows, tgt].sum())
+            if not math.isfinite(nll_sum):
+                raise TinyserveError(f"{llm.model_dir}: the loss is {nll_sum} on paragraph {n + 1}: the model's "
+                                     "logits hold NaN or infinity (corrupt weights?)")
             if writer is not None:
                 writer.write(np.asarray(logits, np.float32))
             if base is not None:
                 b = np.asarray(base[offsets[n]:offsets[n + 1]], np.float64)
+                if not np.isfinite(b).all():
+                    raise TinyserveError(f"{kl_base}: the logits of paragraph {n + 1} hold NaN or infinity")
                 lpb = log_softmax(b)
                 kls.append(np.sum(np.exp(lpb) * (lpb - lp), axis=-1))
                 top1.append(lpb.argmax(-1) == lp.argmax(-1))
@@ -966,14 +1006,11 @@ class _LogitsWriter:
     """
 
     def __init__(self, path, targets, offsets, vocab, metadata):
-        self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise TinyserveError(f"cannot write {self.path}: directory {self.path.parent} does not exist")
+        self.path = _check_out_file(path)
         entries = [("targets", np.int64, targets.shape), ("paragraph_offsets", np.int64, offsets.shape),
                    ("logits", np.float32, (targets.size, vocab))]
         head, self.total = _safetensors_header(entries, metadata)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        give_default_mode(self.tmp)
+        fd, self.tmp = _temp_file(self.path)
         self.f = os.fdopen(fd, "wb")
         self.f.write(head)
         self.f.write(targets.astype(np.int64).tobytes())
@@ -984,8 +1021,11 @@ class _LogitsWriter:
         self.f.write(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
 
     def close(self):
-        self.f.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.f.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:  # abort() removes the temporary file
+            raise TinyserveError(f"cannot write {self.path}: {e.strerror or e}") from None
         self.done = True
 
     def abort(self):

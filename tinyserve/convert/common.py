@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from ..checkpoint import give_default_mode
 from ..errors import TinyserveError
 
@@ -16,13 +18,19 @@ from ..errors import TinyserveError
 def output_directory(out):
     """Yield a temporary directory beside `out`; on success it becomes `out`, on any error it is removed.
 
-    So a failed conversion leaves nothing half-written behind. An existing non-empty `out` is refused.
+    So a failed conversion leaves nothing half-written behind: neither the temporary directory nor the
+    parent folders this call created. An existing non-empty `out` is refused, and so is a place where no
+    folder can be made (a parent that is a file, a read-only or special file system), in one line.
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TinyserveError(f"output directory {out} already exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    made = _make_parents(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        _remove_dirs(made)
+        raise TinyserveError(f"cannot write {out}: cannot create a folder in {out.parent} ({e.strerror})") from None
     try:
         yield tmp
         if out.exists():
@@ -31,7 +39,47 @@ def output_directory(out):
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_dirs(made)
         raise
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Create the missing parent folders of `out`, outermost first; return the ones created."""
+    missing, p = [], out.parent
+    while not p.exists():  # also False below a regular file (ENOTDIR)
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise TinyserveError(f"cannot write {out}: {p} is a file, not a directory")
+    made = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except OSError as e:
+            _remove_dirs(made)
+            raise TinyserveError(f"cannot write {out}: cannot create {d} ({e.strerror})") from None
+        made.append(d)
+    return made
+
+
+def _remove_dirs(made: list[Path]) -> None:
+    """Remove the folders _make_parents created, innermost first (only if still empty)."""
+    for d in reversed(made):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
+def require_finite(name: str, a, source) -> None:
+    """Refuse a tensor holding NaN or infinity (it would only show up later, as NaN logits), naming it.
+
+    Checked a few million values at a time, so a large memory-mapped tensor is never copied whole.
+    """
+    flat = np.asarray(a).reshape(-1)
+    step = 1 << 22
+    if not all(np.isfinite(flat[i : i + step]).all() for i in range(0, flat.size, step)):
+        raise TinyserveError(f"{source}: tensor {name} contains NaN or infinity (corrupt file?)")
 
 
 def write_json(path: Path, obj) -> None:

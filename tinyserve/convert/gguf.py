@@ -44,6 +44,7 @@ written all at once or not at all (``output_directory``).
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ import numpy as np
 from ..checkpoint import save_safetensors
 from ..errors import TinyserveError
 from ..quant import QuantizedTensor, checkpoint_metadata, dequantize, from_q4_0, from_q8_0, quantized_tensors
-from .common import output_directory, permute_rotary_rows, write_json
+from .common import output_directory, permute_rotary_rows, require_finite, write_json
 from .sp_tokenizer import PieceType, SPVocab, write_tokenizer_files
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -145,7 +146,10 @@ class _Meta:
 
     def float(self, key, default=...):
         T = self.T
-        return self._get(key, default, lambda t: t not in (T.ARRAY, T.STRING, T.BOOL), "a number", float)
+        x = self._get(key, default, lambda t: t not in (T.ARRAY, T.STRING, T.BOOL), "a number", float)
+        if not math.isfinite(x):  # no Llama hyperparameter is NaN or infinite
+            raise self._bad(key, "a finite number", x)
+        return x
 
     def str(self, key, default=...):
         return self._get(key, default, lambda t: t == self.T.STRING, "a string", lambda v: v)
@@ -331,6 +335,8 @@ def _read_vocab(meta: _Meta, n_vocab: int, path: Path) -> tuple[SPVocab, bool]:
         raise TinyserveError(f"{path}: tokenizer.ggml.tokens must be an array of strings")
     n = len(tokens)
     scores = meta.array("tokenizer.ggml.scores", "numbers", [0.0] * n)
+    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+        raise TinyserveError(f"{path}: tokenizer.ggml.scores must be an array of numbers")
     types = meta.array("tokenizer.ggml.token_type", "integers", [int(PieceType.NORMAL)] * n)
     if n != n_vocab:
         raise TinyserveError(f"{path}: the vocabulary has {n} tokens but token_embd.weight has {n_vocab} rows")
@@ -402,6 +408,7 @@ def to_hf_tensors(model: GGUFModel) -> dict:
     out = {}
     for name, shape in shapes.items():
         w = _tensor(model.tensors[name], shape)
+        require_finite(name, w.scales if isinstance(w, QuantizedTensor) else w, model.path)
         m = _LAYER_TENSOR.fullmatch(name)
         if m:
             part = m.group(2)
@@ -418,9 +425,6 @@ def to_hf_tensors(model: GGUFModel) -> dict:
         out["model.embed_tokens.weight"] = dequantize(embed)
         if p["tied"]:
             out["lm_head.weight"] = embed
-    for name in ["model.embed_tokens.weight", "model.norm.weight"]:
-        if not np.isfinite(out[name]).all():
-            raise TinyserveError(f"{model.path}: {name} contains NaN or infinity (corrupt file?)")
     return out
 
 
