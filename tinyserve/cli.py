@@ -298,6 +298,8 @@ def cmd_perplexity(args) -> int:
     from . import validate as v
     from .progress import progress_bar
 
+    if args.save_logits:
+        v.check_out_file(args.save_logits)  # before loading the model: a path that cannot be written fails at once
     llm = v.load_llm(args.model, args.backend or engine.DEFAULT_BACKEND, args.quant, args.group_size, args.zero_point,
                      kv_dtype=args.kv_dtype)
     res = v.perplexity(llm, args.text, context=args.context, paragraphs=args.paragraphs,

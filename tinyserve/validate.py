@@ -596,7 +596,7 @@ class Dump:
         return int(self.config["num_hidden_layers"])
 
 
-def _check_out_file(path, overwrite: bool = True) -> Path:
+def check_out_file(path, overwrite: bool = True) -> Path:
     """Refuse, before any work, an output file that could not be written: its folder missing or a file, the
     path a directory (or, unless overwrite, an existing file), a folder where no file can be created."""
     path = Path(path)
@@ -625,7 +625,7 @@ def _temp_file(path: Path) -> tuple[int, str]:
 
 def _atomic_write(path: Path, write) -> Path:
     """write(file) into a temporary file next to path, then rename: a failed run leaves nothing behind."""
-    path = _check_out_file(path)
+    path = check_out_file(path)
     fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -681,7 +681,7 @@ def dump(model_dir, prompt, out, backend="numpy", quant=None, engine="tinyserve"
     """
     if engine not in ("tinyserve", "transformers"):
         raise TinyserveError(f"--engine must be tinyserve or transformers, got {engine!r}")
-    _check_out_file(out, overwrite=False)
+    check_out_file(out, overwrite=False)
     if engine == "transformers":
         _require_transformers()
     llm = llm or load_llm(model_dir, backend, quant if engine == "tinyserve" else None, group_size, zero_point)
@@ -1006,7 +1006,7 @@ class _LogitsWriter:
     """
 
     def __init__(self, path, targets, offsets, vocab, metadata):
-        self.path = _check_out_file(path)
+        self.path = check_out_file(path)
         entries = [("targets", np.int64, targets.shape), ("paragraph_offsets", np.int64, offsets.shape),
                    ("logits", np.float32, (targets.size, vocab))]
         head, self.total = _safetensors_header(entries, metadata)
