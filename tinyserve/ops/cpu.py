@@ -287,6 +287,19 @@ def _host_has(*features: str) -> bool:
         return False
 
 
+def _host_cpu_name() -> str:
+    """LLVM's name for the CPU Numba compiles for (e.g. "sapphirerapids", "znver4"); "" if unknown."""
+    from llvmlite import binding as ll
+    from numba.core import config
+
+    if config.CPU_NAME:  # NUMBA_CPU_NAME: compiling for another CPU
+        return config.CPU_NAME
+    try:
+        return ll.get_host_cpu_name()
+    except Exception:
+        return ""
+
+
 # What the explicit-vector kernels may use: FMA (their multiply-adds, _Gen.muladd), AVX-512 (_q4_rows4's
 # table lookup), AVX2 (vpmaddwd / vpmaddubsw on 256-bit registers in the int8-activation kernels) and
 # AVX512-VNNI with its 256-bit forms (vpdpbusd); elsewhere generic forms or the portable loops.
@@ -1751,6 +1764,13 @@ PREFETCH_PK4 = 2048
 # same), int8 1.00x; stories110M (whose weights partly stay in the L3 cache) int4 1.02-1.04x, int8 1.02-1.04x.
 # So int4 only, for the models that stream from memory.
 PREFETCH_PK4_FAR = 16384
+# One row of x on AMD Zen (znver4 measured) reads packed int4 weights faster with no software prefetch at all:
+# llama-1b decode steps with int8 activations, none against 2 KiB alternating step by step (thirteenth
+# session), 0.888 [0.822, 0.961] and 0.924 [0.877, 0.985] the time (medians of pairs [quartiles]); stories110M
+# 0.935 [0.897, 0.958]. At 16 rows the prefetches still pay there (none: 1.084 [1.048, 1.120] the time), and
+# int8 gains nothing (none: 1.047 [0.874, 1.137]). On the Intel machine none cost 1.2x (the sixth session's
+# figures above).
+PREFETCH_PK4_ONE_ROW = 0 if _host_cpu_name().startswith("znver") else PREFETCH_PK4
 
 
 def _aligned(shape, dtype, align=64) -> np.ndarray:
@@ -2232,9 +2252,11 @@ def _block_zeros(w) -> tuple:
     return (w.zeros, True) if w.zeros is not None else (_NO_BLOCK_ZEROS, False)
 
 
-def _pk_prefetch(bits: int) -> tuple:
-    """_gemv_pk's prefetch distances (ahead, far) for packed weights of `bits`."""
-    return (PREFETCH_PK8, 0) if bits == 8 else (PREFETCH_PK4, PREFETCH_PK4_FAR)
+def _pk_prefetch(bits: int, rows: int) -> tuple:
+    """_gemv_pk's prefetch distances (ahead, far) for packed weights of `bits` and `rows` rows of x."""
+    if bits == 8:
+        return PREFETCH_PK8, 0
+    return (PREFETCH_PK4_ONE_ROW if rows == 1 else PREFETCH_PK4), PREFETCH_PK4_FAR
 
 
 @functools.lru_cache(maxsize=None)
@@ -2264,7 +2286,7 @@ def _linear_packed(xp, w, y, parts=None):
         _run(_gemv_pk_tiles, N * w.nbytes, xp, *front, out.reshape(-1), yat, PREFETCH_AMX,
              _pk_tile_config(min(w.group_size, 64)), TILE_RUNS)
     else:
-        _run(_gemv_pk, N * w.nbytes, xp, *front, out.reshape(-1), yat, *_pk_prefetch(w.bits))
+        _run(_gemv_pk, N * w.nbytes, xp, *front, out.reshape(-1), yat, *_pk_prefetch(w.bits, N))
     if out is not y:
         y[:] = out[:, :M]
 
@@ -2391,7 +2413,7 @@ def _one_row(x, w, bias):
     if t is PackedWeights and ACTIVATIONS == "int8" and x.shape[1] == w.padded_in:
         front, yat = w.gemv_args
         out = np.empty(16 * yat.shape[0], np.float32)
-        _run(_gemv_pk, w.nbytes, x, *front, out, yat, *_pk_prefetch(w.bits))
+        _run(_gemv_pk, w.nbytes, x, *front, out, yat, *_pk_prefetch(w.bits, 1))
         M = w.shape[0]
         y = out[:M].reshape(1, M)
     elif t is QuantizedTensor and ACTIVATIONS == "float32" and x.shape[1] == w.padded_in:
