@@ -300,6 +300,10 @@ def _host_cpu_name() -> str:
         return ""
 
 
+# AMD Zen CPUs (LLVM's znver*; znver4 measured): their hardware prefetchers serve some streams better than
+# the software prefetches tuned on the Intel machine (PREFETCH_PK4_ONE_ROW, ATTENTION_PREFETCH).
+ZEN = _host_cpu_name().startswith("znver")
+
 # What the explicit-vector kernels may use: FMA (their multiply-adds, _Gen.muladd), AVX-512 (_q4_rows4's
 # table lookup), AVX2 (vpmaddwd / vpmaddubsw on 256-bit registers in the int8-activation kernels) and
 # AVX512-VNNI with its 256-bit forms (vpdpbusd); elsewhere generic forms or the portable loops.
@@ -1770,7 +1774,7 @@ PREFETCH_PK4_FAR = 16384
 # 0.935 [0.897, 0.958]. At 16 rows the prefetches still pay there (none: 1.084 [1.048, 1.120] the time), and
 # int8 gains nothing (none: 1.047 [0.874, 1.137]). On the Intel machine none cost 1.2x (the sixth session's
 # figures above).
-PREFETCH_PK4_ONE_ROW = 0 if _host_cpu_name().startswith("znver") else PREFETCH_PK4
+PREFETCH_PK4_ONE_ROW = 0 if ZEN else PREFETCH_PK4
 
 
 def _aligned(shape, dtype, align=64) -> np.ndarray:
@@ -2839,6 +2843,11 @@ KEYS = 16  # keys per block of attention's explicit-vector path (_scores16, _wei
 # How many key rows ahead attention asks for its keys (the values of a block are asked for as its keys are
 # scored). 16, 32, 48 and 64 rows measured alike (stories110M batch 16, float16 and float32 caches).
 ATTENTION_AHEAD = 32
+# On AMD Zen attention asks for nothing ahead (a compile-time constant: the prefetches are not compiled in):
+# stories110M int8 batch-16 decode steps (int8 activations), copies of the kernel with and without swapped in
+# step by step (thirteenth session): float16 cache 0.948 [0.914, 0.981] and 0.952 [0.905, 0.988] the time,
+# float32 cache 0.972 [0.955, 1.002] and 0.971 [0.944, 0.994]; llama-1b batch 1 0.991 [0.964, 1.027].
+ATTENTION_PREFETCH = not ZEN
 
 
 def _cache_rows(context, builder, aty, arr, t0):
@@ -3020,15 +3029,18 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
         K = k_cache[slot, kvh, lo:pos + 1]  # (L, hd)
         V = v_cache[slot, kvh, lo:pos + 1]
         S = scores[task]  # (G, >= L + 1)
-        _prefetch_rows(K, 0, min(ATTENTION_AHEAD, L))  # the first keys, which the loops below do not ask for ahead
+        if ATTENTION_PREFETCH:
+            _prefetch_rows(K, 0, min(ATTENTION_AHEAD, L))  # the first keys, which the loops below do not ask for ahead
         for t in range(0, Lv, KEYS):  # scores, KEYS keys at a time, every head of the group
-            _prefetch_rows(V, t, t + KEYS)  # ask for the values these keys will weigh, and for keys further on
-            _prefetch_rows(K, min(t + ATTENTION_AHEAD, L), min(t + ATTENTION_AHEAD + KEYS, L))
+            if ATTENTION_PREFETCH:  # ask for the values these keys will weigh, and for keys further on
+                _prefetch_rows(V, t, t + KEYS)
+                _prefetch_rows(K, min(t + ATTENTION_AHEAD, L), min(t + ATTENTION_AHEAD + KEYS, L))
             for g in range(G):
                 _scores16(K, t, q[n, kvh * G + g], hd, scale, S[g], t)
         for t in range(Lv, L4, 4):  # 4 keys at a time
-            _prefetch_rows(V, t, t + 4)
-            _prefetch_rows(K, min(t + ATTENTION_AHEAD, L), min(t + ATTENTION_AHEAD + 4, L))
+            if ATTENTION_PREFETCH:
+                _prefetch_rows(V, t, t + 4)
+                _prefetch_rows(K, min(t + ATTENTION_AHEAD, L), min(t + ATTENTION_AHEAD + 4, L))
             for g in range(G):
                 a0, a1, a2, a3 = _dot4_f32(K[t], K[t + 1], K[t + 2], K[t + 3], q[n, kvh * G + g], hd)
                 S[g, t], S[g, t + 1], S[g, t + 2], S[g, t + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
