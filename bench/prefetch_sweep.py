@@ -2,8 +2,9 @@
 
     python bench/prefetch_sweep.py [--rows 16384] [--cols 2048] [--copies 12] [--rounds 5]
 
-The distances in ops/cpu.py (PREFETCH_Q8, PREFETCH_Q4, PREFETCH_PK8, PREFETCH_PK4, PREFETCH_PK4_FAR) were
-measured on one machine; they are runtime arguments of the kernels, so this script sets each module
+The distances in ops/cpu.py (PREFETCH_Q8, PREFETCH_Q4, PREFETCH_PK8, PREFETCH_PK4_ONE_ROW, PREFETCH_PK4_FAR)
+were measured on one machine (PREFETCH_PK4_ONE_ROW is 0 on AMD Zen, where the far prefetch then has no
+effect); they are runtime arguments of the kernels, so this script sets each module
 constant in turn and times `cpu.linear` on one row of x over `copies` copies of a quantized matrix (enough
 to exceed the last-level cache: every call reads from memory), the values of a knob taking turns within
 each round. It prints GB/s of weights and scales read (median of the rounds, then every round) with the
@@ -26,7 +27,7 @@ KNOBS = {
     "int8": ("int8", "PREFETCH_Q8", [0, 2048, 4096, 8192]),
     "int4": ("int4", "PREFETCH_Q4", [0, 1024, 2048, 4096]),
     "int8 a8 packed": ("int8a8", "PREFETCH_PK8", [0, 2048, 4096, 8192]),
-    "int4 a8 packed": ("int4a8", "PREFETCH_PK4", [0, 1024, 2048, 4096]),
+    "int4 a8 packed": ("int4a8", "PREFETCH_PK4_ONE_ROW", [0, 1024, 2048, 4096]),  # one row of x
     "int4 a8 packed, far": ("int4a8", "PREFETCH_PK4_FAR", [0, 8192, 16384, 32768]),
 }
 
@@ -76,7 +77,7 @@ def main() -> int:
           + ("" if packed else " (no AVX-512 VNNI here: the a8 rows use unpacked weights, not the knob swept)"))
     for (knob, v), gbs in res.items():
         mark = "*" if getattr(cpu, KNOBS[knob][1]) == v else " "
-        print(f"{knob:22s} {KNOBS[knob][1]:17s} {v:6d} {mark} GB/s {np.median(gbs):5.1f}  "
+        print(f"{knob:22s} {KNOBS[knob][1]:20s} {v:6d} {mark} GB/s {np.median(gbs):5.1f}  "
               f"[{' '.join(f'{g:.1f}' for g in gbs)}]")
     return 0
 
