@@ -3,7 +3,7 @@
 Outputs: convert / quantize directories (a parent that is a file, a place where no folder can be made, the
 parent folders a failed run created), dump / perplexity --save-logits files (a directory, an unwritable
 place, an existing dump). Inputs: NaN / infinity anywhere in the weights (convert llama2c, convert gguf,
-quantize, perplexity), llama2.c headers whose sizes overflow, GGUF scores that are not numbers, dumps and
+quantize, perplexity), llama2.c headers whose sizes overflow, GGUF scores that are not numbers or NaN, dumps and
 logits files with malformed metadata or no tokens.
 """
 
@@ -186,6 +186,16 @@ def test_convert_gguf_refuses_bad_metadata(key, value, kind, tmp_path, capsys):
     entry = (value, V.ARRAY, V[kind]) if kind else (value, V.FLOAT32, None)
     src = write_gguf(tmp_path / "m.gguf", meta={key: entry})
     assert_user_error(cli(capsys, "convert", "gguf", src, "--out", tmp_path / "out"), key)
+    assert listing(tmp_path) == ["m.gguf"]
+
+
+def test_convert_gguf_refuses_a_nan_token_score(tmp_path, capsys):
+    gguf = pytest.importorskip("gguf")
+    V = gguf.GGUFValueType
+    scores = [-float(i) for i in range(512)]
+    scores[300] = float("nan")  # merges are ranked by score: a NaN has no rank
+    src = write_gguf(tmp_path / "m.gguf", meta={"tokenizer.ggml.scores": (scores, V.ARRAY, V.FLOAT32)})
+    assert_user_error(cli(capsys, "convert", "gguf", src, "--out", tmp_path / "out"), "id 300", "NaN score")
     assert listing(tmp_path) == ["m.gguf"]
 
 

@@ -514,6 +514,9 @@ def _check_vocab(vocab: SPVocab) -> None:
     n = len(vocab.pieces)
     if not n or len(vocab.scores) != n or len(vocab.types) != n:
         raise TinyserveError(f"{vocab.source or 'vocabulary'}: pieces, scores and types differ in length")
+    nan = next((i for i, x in enumerate(vocab.scores) if x != x), None)  # merges are ranked by score
+    if nan is not None:
+        raise TinyserveError(f"{vocab.source or 'vocabulary'}: piece {vocab.pieces[nan]!r} (id {nan}) has a NaN score")
     seen: dict[str, int] = {}
     for i, p in enumerate(vocab.pieces):
         if p in seen:
