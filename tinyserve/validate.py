@@ -596,9 +596,9 @@ class Dump:
         return int(self.config["num_hidden_layers"])
 
 
-def check_out_file(path, overwrite: bool = True) -> Path:
-    """Refuse, before any work, an output file that could not be written: its folder missing or a file, the
-    path a directory (or, unless overwrite, an existing file), a folder where no file can be created."""
+def _out_path(path, overwrite: bool = True) -> Path:
+    """path, unless it is a directory (or, unless overwrite, an existing file) or its folder is missing or a
+    file: then a one-line error."""
     path = Path(path)
     if path.is_dir():
         raise TinyserveError(f"cannot write {path}: it is a directory")
@@ -607,6 +607,14 @@ def check_out_file(path, overwrite: bool = True) -> Path:
     if not path.parent.is_dir():
         why = "is a file, not a directory" if path.parent.exists() else "does not exist"
         raise TinyserveError(f"cannot write {path}: directory {path.parent} {why}")
+    return path
+
+
+def check_out_file(path, overwrite: bool = True) -> Path:
+    """Refuse, before any work, an output file that could not be written: _out_path's checks, and a folder
+    where no file can be created (a temporary file made there and removed). The writers themselves need
+    only _out_path: their own temporary file fails the same way."""
+    path = _out_path(path, overwrite)
     fd, tmp = _temp_file(path)
     os.close(fd)
     os.unlink(tmp)
@@ -625,7 +633,7 @@ def _temp_file(path: Path) -> tuple[int, str]:
 
 def _atomic_write(path: Path, write) -> Path:
     """write(file) into a temporary file next to path, then rename: a failed run leaves nothing behind."""
-    path = check_out_file(path)
+    path = _out_path(path)
     fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -1006,7 +1014,7 @@ class _LogitsWriter:
     """
 
     def __init__(self, path, targets, offsets, vocab, metadata):
-        self.path = check_out_file(path)
+        self.path = _out_path(path)
         entries = [("targets", np.int64, targets.shape), ("paragraph_offsets", np.int64, offsets.shape),
                    ("logits", np.float32, (targets.size, vocab))]
         head, self.total = _safetensors_header(entries, metadata)
