@@ -14,8 +14,9 @@ import struct
 import numpy as np
 import pytest
 
+from tiny_models import cli_error
+
 import tinyserve
-from tinyserve import cli
 from tinyserve.checkpoint import Checkpoint, save_safetensors
 
 NORM = "model.norm.weight"
@@ -29,19 +30,9 @@ def model(stories_dir, tmp_path):
     return d
 
 
-def refused(capsys, *argv, words=()):
-    """Run the CLI in this process: exit status 2 and exactly one error line holding every word."""
-    rc = cli.main([str(a) for a in argv])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1, lines
-    for w in words:
-        assert w.lower() in lines[0].lower(), lines[0]
-    return lines[0]
-
-
 def generate(capsys, d, *extra, words=()):
-    return refused(capsys, "generate", "--model", d, "--backend", "numpy", "--prompt", "hi",
-                   "--max-new-tokens", "2", *extra, words=words)
+    return cli_error(capsys, "generate", "--model", d, "--backend", "numpy", "--prompt", "hi",
+                     "--max-new-tokens", "2", *extra, words=words)
 
 
 def edit_json(path, **changes):
@@ -203,7 +194,7 @@ def test_integer_tensor_where_a_float_belongs(capsys, model, name, dtype):
 
 def test_quantize_refuses_an_integer_weight(capsys, model, tmp_path):
     replace_tensor(model, DOWN, np.zeros(Checkpoint(model).shape(DOWN), np.int32))
-    refused(capsys, "quantize", "--model", model, "--bits", "8", "--out", tmp_path / "q", words=[DOWN, "I32"])
+    cli_error(capsys, "quantize", "--model", model, "--bits", "8", "--out", tmp_path / "q", words=[DOWN, "I32"])
     assert not (tmp_path / "q").exists()
 
 

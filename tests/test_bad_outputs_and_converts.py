@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 
 from test_gguf import write_gguf  # stories260K.gguf copied with changes
-from tiny_models import STORIES
+from tiny_models import STORIES, cli_error
 from tinyserve import validate as v
-from tinyserve.cli import main
 from tinyserve.convert.common import output_directory
 from tinyserve.convert.llama2c import MAGIC, read_llama2c
 
@@ -29,19 +28,6 @@ BIN, TOK_MODEL, TOK_BIN, GGUF = (STORIES / n for n in ("stories260K.bin", "tok51
 UNWRITABLE = Path("/proc/tinyserve-test-out")  # no file or folder can be created in /proc, even by root
 unwritable = pytest.param("unwritable", marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc"))
 TEXT = "Once upon a time there was a cat.\n\nThe cat was happy. It played in the sun.\n"
-
-
-def cli(capsys, *args) -> tuple[int, str]:
-    rc = main([str(a) for a in args])
-    return rc, capsys.readouterr().err
-
-
-def assert_user_error(result, *words):
-    rc, err = result
-    lines = err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w.lower() in lines[0].lower(), lines[0]
 
 
 def listing(d: Path) -> list[str]:
@@ -85,7 +71,7 @@ def test_output_directory_that_cannot_be_made(command, where, stories_dir, tmp_p
     work.mkdir()
     (work / "afile").write_text("x")
     out = UNWRITABLE if where == "unwritable" else work / where
-    assert_user_error(cli(capsys, *COMMANDS[command](stories_dir), "--out", out), "cannot write")
+    cli_error(capsys, *COMMANDS[command](stories_dir), "--out", out, words=("cannot write",))
     assert listing(work) == ["afile"] and (work / "afile").read_text() == "x"
     assert not UNWRITABLE.exists()
 
@@ -102,7 +88,7 @@ def test_failed_conversion_removes_the_folders_it_created(tmp_path, capsys):
     tok = tmp_path / "dup.bin"
     tok.write_bytes(b"".join(parts))
     out = tmp_path / "new1" / "new2" / "model"
-    assert_user_error(cli(capsys, "convert", "llama2c", BIN, "--tokenizer", tok, "--out", out), "twice")
+    cli_error(capsys, "convert", "llama2c", BIN, "--tokenizer", tok, "--out", out, words=("twice",))
     assert listing(tmp_path) == ["dup.bin"]
 
 
@@ -135,8 +121,8 @@ def llama2c_with(tmp_path, name, value) -> Path:
 def test_convert_llama2c_refuses_non_finite_weights(name, value, tmp_path, capsys):
     src = llama2c_with(tmp_path, name, value)
     out = tmp_path / "out"
-    assert_user_error(cli(capsys, "convert", "llama2c", src, "--tokenizer", TOK_MODEL, "--out", out),
-                      f"tensor {name} ", "NaN or infinity")
+    cli_error(capsys, "convert", "llama2c", src, "--tokenizer", TOK_MODEL, "--out", out,
+              words=(f"tensor {name} ", "NaN or infinity"))
     assert listing(tmp_path) == [src.name]
 
 
@@ -171,7 +157,7 @@ def nan_q8_0_scale(target):
 ])
 def test_convert_gguf_refuses_non_finite_weights(name, make, tmp_path, capsys):
     src = write_gguf(tmp_path / "m.gguf", make(name))
-    assert_user_error(cli(capsys, "convert", "gguf", src, "--out", tmp_path / "out"), name, "NaN or infinity")
+    cli_error(capsys, "convert", "gguf", src, "--out", tmp_path / "out", words=(name, "NaN or infinity"))
     assert listing(tmp_path) == ["m.gguf"]
 
 
@@ -185,7 +171,7 @@ def test_convert_gguf_refuses_bad_metadata(key, value, kind, tmp_path, capsys):
     V = gguf.GGUFValueType
     entry = (value, V.ARRAY, V[kind]) if kind else (value, V.FLOAT32, None)
     src = write_gguf(tmp_path / "m.gguf", meta={key: entry})
-    assert_user_error(cli(capsys, "convert", "gguf", src, "--out", tmp_path / "out"), key)
+    cli_error(capsys, "convert", "gguf", src, "--out", tmp_path / "out", words=(key,))
     assert listing(tmp_path) == ["m.gguf"]
 
 
@@ -195,20 +181,20 @@ def test_convert_gguf_refuses_a_nan_token_score(tmp_path, capsys):
     scores = [-float(i) for i in range(512)]
     scores[300] = float("nan")  # merges are ranked by score: a NaN has no rank
     src = write_gguf(tmp_path / "m.gguf", meta={"tokenizer.ggml.scores": (scores, V.ARRAY, V.FLOAT32)})
-    assert_user_error(cli(capsys, "convert", "gguf", src, "--out", tmp_path / "out"), "id 300", "NaN score")
+    cli_error(capsys, "convert", "gguf", src, "--out", tmp_path / "out", words=("id 300", "NaN score"))
     assert listing(tmp_path) == ["m.gguf"]
 
 
 def test_quantize_refuses_non_finite_weights(nan_model, tmp_path, capsys):
-    assert_user_error(cli(capsys, "quantize", "--model", nan_model, "--bits", "8", "--out", tmp_path / "q"),
-                      "model.norm.weight", "NaN or infinity")
+    cli_error(capsys, "quantize", "--model", nan_model, "--bits", "8", "--out", tmp_path / "q",
+              words=("model.norm.weight", "NaN or infinity"))
     assert listing(tmp_path) == []
 
 
 def test_perplexity_of_a_model_with_nan_weights(nan_model, text, tmp_path, capsys):
     saved = tmp_path / "base.safetensors"
-    assert_user_error(cli(capsys, "perplexity", "--model", nan_model, "--backend", "numpy", "--text", text,
-                          "--save-logits", saved), "loss", "NaN")
+    cli_error(capsys, "perplexity", "--model", nan_model, "--backend", "numpy", "--text", text,
+              "--save-logits", saved, words=("loss", "NaN"))
     assert listing(tmp_path) == ["t.txt"]
 
 
@@ -224,8 +210,8 @@ SIZES = (4, 2**31 - 1, 1342177280, 1, 1, 10, 4)  # dim, hidden, layers, heads, k
 def test_llama2c_header_with_absurd_sizes(header, tmp_path, capsys):
     src = tmp_path / "big.bin"
     src.write_bytes(header + bytes(4000))
-    assert_user_error(cli(capsys, "convert", "llama2c", src, "--tokenizer", TOK_MODEL, "--out", tmp_path / "out"),
-                      "big.bin")
+    cli_error(capsys, "convert", "llama2c", src, "--tokenizer", TOK_MODEL, "--out", tmp_path / "out",
+              words=("big.bin",))
     assert listing(tmp_path) == ["big.bin"]
 
 
@@ -241,15 +227,15 @@ def test_output_file_that_cannot_be_written(command, where, stories_dir, text, t
             ["perplexity", "--text", text, "--save-logits", out])
     # checked before the model is loaded: with no model at all, the output path is what is reported
     for model in (stories_dir, tmp_path / "no-model"):
-        assert_user_error(cli(capsys, *args, "--model", model, "--backend", "numpy"), "cannot write", str(out))
+        cli_error(capsys, *args, "--model", model, "--backend", "numpy", words=("cannot write", str(out)))
     assert listing(tmp_path) == ["existing", "t.txt"]
 
 
 def test_dump_does_not_overwrite_a_file(stories_dir, tmp_path, capsys):
     out = tmp_path / "a.safetensors"
     out.write_text("mine")
-    assert_user_error(cli(capsys, "dump", "--model", stories_dir, "--backend", "numpy", "--prompt", "hi",
-                          "--out", out), "already exists")
+    cli_error(capsys, "dump", "--model", stories_dir, "--backend", "numpy", "--prompt", "hi",
+              "--out", out, words=("already exists",))
     assert out.read_text() == "mine" and listing(tmp_path) == ["a.safetensors"]
 
 
@@ -287,8 +273,8 @@ def set_config(text):
 ])
 def test_compare_a_malformed_dump(dump_a, change, words, tmp_path, capsys):
     bad = with_header(dump_a, tmp_path / "bad.safetensors", change)
-    assert_user_error(cli(capsys, "compare", dump_a, bad), "bad.safetensors", *words)
-    assert_user_error(cli(capsys, "compare", bad, dump_a), "bad.safetensors", *words)
+    cli_error(capsys, "compare", dump_a, bad, words=("bad.safetensors", *words))
+    cli_error(capsys, "compare", bad, dump_a, words=("bad.safetensors", *words))
 
 
 def test_compare_dumps_of_zero_tokens(dump_a, tmp_path, capsys):
@@ -296,7 +282,7 @@ def test_compare_dumps_of_zero_tokens(dump_a, tmp_path, capsys):
     tensors = {k: a[:0] for k, a in d.acts.items()}
     tensors["token_ids"] = d.token_ids[:0]
     empty = v.write_safetensors(tmp_path / "empty.safetensors", tensors, d.meta)
-    assert_user_error(cli(capsys, "compare", empty, empty), "empty.safetensors", "no tokens")
+    cli_error(capsys, "compare", empty, empty, words=("empty.safetensors", "no tokens"))
 
 
 @pytest.fixture()
@@ -322,5 +308,5 @@ def nan_last_logit(path: Path) -> Path:
 ])
 def test_kl_base_malformed(base_logits, make, words, stories_dir, text, capsys):
     make(base_logits)
-    assert_user_error(cli(capsys, "perplexity", "--model", stories_dir, "--backend", "numpy", "--text", text,
-                          "--kl-base", base_logits), base_logits.name, *words)
+    cli_error(capsys, "perplexity", "--model", stories_dir, "--backend", "numpy", "--text", text,
+              "--kl-base", base_logits, words=(base_logits.name, *words))

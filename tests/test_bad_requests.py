@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from tiny_models import cli_error
+
 import tinyserve
 from tinyserve import bench, cli
 from tinyserve.errors import TinyserveError
@@ -19,14 +21,6 @@ from tinyserve.sampling import Sampler, SamplingParams, apply_repetition_penalty
 @pytest.fixture(scope="module")
 def llm(stories_dir):
     return tinyserve.load(stories_dir, backend="numpy")
-
-
-def cli_error(capsys, *argv) -> str:
-    """Run the CLI in this process; it must exit 2 with one error line on stderr. Returns that line."""
-    rc = cli.main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1, err
-    return err[0]
 
 
 def gen_error(capsys, model, *extra) -> str:

@@ -99,3 +99,17 @@ def hf_logits(model, ids) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def cli_error(capsys, *argv, words=()) -> str:
+    """Run the tinyserve CLI in this process: it must exit with status 2 and print exactly one line on stderr
+    (no traceback) holding each of `words` (case-insensitive). Returns that line."""
+    from tinyserve import cli
+
+    rc = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w.lower() in lines[0].lower(), lines[0]
+    return lines[0]
