@@ -81,6 +81,36 @@ def test_linear_matches_reference(fmt, bits, zp, N, out, k, group):
     assert np.all(np.abs(got - want) <= tol), np.max(np.abs(got - want) / tol)
 
 
+@pytest.mark.parametrize("one_row_max_in", [0, 1 << 30])  # _gemv_f32 (blocks of 4 rows) / _gemv_f32_rows
+@pytest.mark.parametrize("out,k", [(1, 1), (5, 3), (37, 100), (33, 389), (130, 4099)])
+def test_one_row_f32_kernels_match_reference(monkeypatch, one_row_max_in, out, k):
+    """One row of x on float32 weights takes _gemv_f32_rows where k <= cpu.F32_ONE_ROW_MAX_IN (AMD Zen), the
+    blocks of 4 rows elsewhere: both, on whatever machine this is, against the reference, parallel and serial."""
+    monkeypatch.setattr(cpu, "F32_ONE_ROW_MAX_IN", one_row_max_in)
+    rng = rng_for("one row f32", out, k)
+    w = cpu.upload(_weights(rng, out, k))
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    want = reference.linear(x, w)
+    tol = 2 * (k + 2) * EPS * (np.abs(x) @ np.abs(w).T) + 1e-30
+    for serial_below in (0, 2**62):
+        monkeypatch.setattr(cpu, "SERIAL_BELOW", serial_below)
+        got = cpu.linear(x, w)
+        assert got.shape == (1, out) and np.all(np.abs(got - want) <= tol)
+        assert cpu._gemv_f32_for(1, k) is (cpu._gemv_f32_rows if k <= one_row_max_in else cpu._gemv_f32)
+
+
+@pytest.mark.parametrize("out,k", [(1, 1), (7, 71), (37, 100), (33, 389), (64, 2048), (130, 4099), (9, 8192)])
+def test_one_row_f32_kernels_agree_bit_for_bit(out, k):
+    """The choice between the two float32 kernels is tuning (per CPU) and stays out of the results: each row's
+    sum is vectorized the same way in both (LLVM's lanes and partial sums), so they agree exactly."""
+    rng = rng_for("f32 kernels", out, k)
+    w, x = _weights(rng, out, k), rng.standard_normal((1, k)).astype(np.float32)
+    a, b = np.empty((1, out), np.float32), np.empty((1, out), np.float32)
+    cpu._gemv_f32(x, w, a)
+    cpu._gemv_f32_rows(x, w, b)
+    np.testing.assert_array_equal(a, b)
+
+
 def test_linear_keeps_leading_dims_and_readonly_weights():
     rng = rng_for("lead")
     w = quant.quantize(_weights(rng, 8, 64), 4, 32)
@@ -980,7 +1010,7 @@ def test_one_packed_row_is_the_general_path(monkeypatch, bits, zp, k, group):
 @pytest.mark.parametrize("k,group", [(256, 64), (300, 64)])
 def test_one_row_is_the_general_path(monkeypatch, fmt, k, group):
     """One row through row-major weights with float activations (cpu._one_row): bit for bit linear's general
-    path (the same kernel on a (1, k) batch run through it directly), alone and stacked, with a bias."""
+    path (which a row of x that is not C-contiguous takes, to the same kernel), alone and stacked, with a bias."""
     from tinyserve.ops import Stacked, split_columns
 
     monkeypatch.setattr(cpu, "ACTIVATIONS", "float32")
@@ -993,7 +1023,7 @@ def test_one_row_is_the_general_path(monkeypatch, fmt, k, group):
     bias = rng.standard_normal(sum(parts)).astype(np.float32)
     x = rng.standard_normal((1, k)).astype(np.float32)
     assert (cpu._one_row(x, w, None) is None) == (fmt != "float32" and k % group != 0)
-    general = cpu.linear(np.concatenate([x, x]), w)[:1]  # two rows: the general path, each row alone
+    general = cpu.linear(np.repeat(x, 2, axis=1)[:, ::2], w)  # not C-contiguous: the general path, same kernel
     np.testing.assert_array_equal(cpu.linear(x, w, bias), general + bias)
     for g, want in zip(cpu.linear(x, Stacked(w, parts), bias), split_columns(general + bias, parts)):
         assert g.flags.c_contiguous

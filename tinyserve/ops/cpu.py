@@ -606,6 +606,35 @@ def _gemv_f32(x, w, y):
             y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _dot4_f32(r0, r1, r2, r3, x[n], K)
 
 
+@parallel_kernel(fastmath=REDUCE)
+def _gemv_f32_rows(x, w, y):
+    """y[n, o] = w[o] . x[n], one weight row at a time: what _gemv_f32 computes, with each thread reading its
+    range of rows front to back as a single stream, where _gemv_f32's blocks read 4 streams a row apart. On
+    AMD Zen CPUs that reads short rows faster (F32_ONE_ROW_MAX_IN); x is reloaded for every row, from L1 when
+    a row of x fits there. Each row's sum is vectorized as in _gemv_f32, so the two agree bit for bit (a test
+    checks it): the choice is tuning and stays out of the results."""
+    N, K = x.shape
+    for o in prange(w.shape[0]):
+        r = w[o]
+        for n in range(N):
+            y[n, o] = _dot(r, x[n], K)
+
+
+# One row of x against float32 weights of at most this many inputs goes through _gemv_f32_rows on AMD Zen
+# CPUs (znver4 measured; 0: never). Decode steps alternating the two kernels step by step (fourteenth session,
+# medians of pairs): llama-1b at position 512 0.864 the time with rows of up to 4096 inputs one at a time
+# (every matrix but the 8192-input down projection), 0.916 with every matrix; stories110M 0.844. A row of x of
+# 8192 values fills L1, so reloading it per weight row costs more than the 4-row blocks' extra streams. On the
+# Intel machine the 4-row blocks read the 1B shapes at 83-90% of the bandwidth against 60-65% for a row at a
+# time (third session), so elsewhere nothing changes.
+F32_ONE_ROW_MAX_IN = 4096 if ZEN else 0
+
+
+def _gemv_f32_for(N: int, K: int):
+    """The float32 matrix-vector kernel for N rows of x of K values."""
+    return _gemv_f32_rows if N == 1 and K <= F32_ONE_ROW_MAX_IN else _gemv_f32
+
+
 @njit(cache=True, fastmath=REDUCE, inline="always")
 def _q8_dot(qrow, srow, xr, G, ng):
     """One int8 row . x: per group, the dot product of the int8 values (converted to float32, exact)
@@ -2431,7 +2460,7 @@ def _one_row(x, w, bias):
     elif t is np.ndarray and w.dtype == np.float32 and w.ndim == 2 and x.shape[1] == w.shape[1]:
         M = w.shape[0]
         y = np.empty((1, M), np.float32)
-        _run(_gemv_f32, 4 * M * w.shape[1], x, _weight(w), y)
+        _run(_gemv_f32_for(1, w.shape[1]), 4 * M * w.shape[1], x, _weight(w), y)
     else:
         return None
     if bias is not None:
@@ -2501,7 +2530,7 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
         if w2.ndim != 2:
             raise ValueError(f"linear: weight must be 2-D, got shape {w2.shape}")
         if N < GEMM_MIN_ROWS:
-            _run(_gemv_f32, 4 * N * out_f * in_f, x2, w2, y)
+            _run(_gemv_f32_for(N, in_f), 4 * N * out_f * in_f, x2, w2, y)
         elif GEMM_F32 == "numba":
             _gemm_f32(x2, w2, y, panel_rows(in_f))
         else:
@@ -3169,7 +3198,7 @@ def _warm_calls() -> None:
     w = rng.standard_normal((8, 64)).astype(np.float32)
     global ACTIVATIONS
     for wt in (w, quantize(w, 8, 32), quantize(w, 4, 32), quantize(w, 4, 32, zero_point=True)):
-        for n in (1, GEMM_MIN_ROWS, GEMM_MIN_ROWS_Q8):
+        for n in (1, 2, GEMM_MIN_ROWS, GEMM_MIN_ROWS_Q8):  # (float32: 1 row may take _gemv_f32_rows, 2 _gemv_f32)
             linear(rng.standard_normal((n, 64)).astype(np.float32), wt)
         saved, ACTIVATIONS = ACTIVATIONS, "int8"  # the int8-activation kernels too, whatever the setting
         try:
