@@ -203,6 +203,26 @@ def test_bench_runs_on_a_tiny_shape():
     assert two["decode_vs_batch1"] == pytest.approx(two["decode_tok_s"] / one["decode_tok_s"], rel=1e-12)
 
 
+def test_bench_holds_each_model_against_the_passes_around_it(monkeypatch):
+    """Each model's configurations are held against the best read pass right before or after that model's
+    runs (not a pass minutes away, around another model's); the report keeps the run's first and last."""
+    from tinyserve import bench
+
+    passes = iter([10e9, 20e9, 40e9, 30e9])
+    monkeypatch.setattr(bench, "backend_bandwidth", lambda backend: next(passes))
+    monkeypatch.setattr(bench, "measure_once", lambda llm, batch, p, g, c: (100.0, 50.0 * batch))
+    rep = bench.run_bench(shape="stories260K", backends=("numpy",), quants=("none", "int8"), batches=(1, 2),
+                          prompt_tokens=8, gen_tokens=4, repetitions=1, progress=False)
+    assert rep["bandwidth_gb_s"] == [10.0, 30.0] and rep["bandwidth_by_backend"] == {"numpy": [10.0, 30.0]}
+    for r in rep["results"]:
+        around = [10.0, 20.0] if r["quant"] == "none" else [40.0, 30.0]
+        assert r["bandwidth_passes_gb_s"] == around and r["bandwidth_gb_s"] == max(around)
+        step_time = r["batch"] / r["decode_tok_s"]
+        want = r["weight_bytes_per_token"] * r["batch"] / (max(around) * 1e9) / step_time
+        assert r["floor_fraction"] == pytest.approx(want, rel=1e-12)
+    assert "| 20.0 |" in bench.markdown_table(rep) and "| 40.0 |" in bench.markdown_table(rep)
+
+
 def test_bench_batches_take_turns_and_the_ratio_is_of_their_means(monkeypatch):
     """The batch sizes of a model alternate repetition by repetition (drift falls on all of them), and
     decode_vs_batch1 is the mean aggregate decode rate over batch 1's, from this run's measurements."""

@@ -10,8 +10,12 @@ For each configuration (model or shape, backend, quantization, batch) it measure
   bytes per token; and the floor: (weight bytes per step) / (measured read bandwidth) is the least time a
   step can take when it is limited by memory. floor_fraction = floor / measured step time: 1.0 would mean
   decoding at the speed of memory.
-- the machine's read bandwidth, measured right before and after the configurations (the figure used is
-  the larger of the two: the machine is shared and noisy, and a ceiling is the best it showed).
+- the machine's read bandwidth, measured right before and after each model's configurations (each
+  quantization of it, all its batch sizes): the figure a configuration is held against is the larger of
+  the two passes around its own model (the machine is shared and noisy, and a ceiling is the best it
+  showed in those minutes; on a shared machine the pass itself swings from 32 to 57 GB/s within minutes,
+  so a pass taken around another model's runs says little about these). Each result keeps its two passes
+  (bandwidth_passes_gb_s); the report's bandwidth_gb_s is the run's first and last pass.
 Nothing is estimated: every figure printed is a measurement or arithmetic on measurements.
 """
 
@@ -182,6 +186,7 @@ class BenchResult:
     kv_dtype: str = "float32"
     activations: str = "float32"  # "int8": the cpu backend's int8-activation option (quantized layers, decode)
     decode_vs_batch1: float | None = None  # decode tok/s / the batch-1 decode tok/s of the same run (if measured)
+    bandwidth_passes_gb_s: list | None = None  # the read passes right before and after this model's runs
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -282,7 +287,7 @@ def load_for_bench(model: str | None, shape: str | None, backend: str, quant: st
 
 def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batches=(1,), prompt_tokens=512,
               gen_tokens=128, repetitions=3, group_size=128, progress=True, kv_dtype="float32") -> dict:
-    """Every combination; returns {"bandwidth_gb_s": [before, after], "results": [BenchResult dicts]}."""
+    """Every combination; returns {"bandwidth_gb_s": [first pass, last pass], "results": [BenchResult dicts]}."""
     combos = [(b, q) for b in backends for q in quants]
     batches = tuple(dict.fromkeys(batches))  # each size once (its repetitions are pooled by size)
     total = len(combos) * len(batches) * repetitions
@@ -294,31 +299,31 @@ def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batch
         if bar:
             bar(done[0], total, label)
 
-    bandwidth = {b: [backend_bandwidth(b)] for b in dict.fromkeys(backends)}  # before the runs
+    passes = {b: [] for b in dict.fromkeys(backends)}  # each backend's read passes, in order
     results = []
     for backend, quant in combos:
         name, llm = load_for_bench(model, shape, backend, quant, group_size, kv_dtype=kv_dtype)
+        passes[backend].append(backend_bandwidth(backend))  # right before this model's runs
         context = _context(llm, name, prompt_tokens, gen_tokens)
         rates = {b: [] for b in batches}
         for _ in range(repetitions):  # the batch sizes take turns: the machine's drift falls on all of them
             for b in batches:
                 rates[b].append(measure_once(llm, b, prompt_tokens, gen_tokens, context))
                 tick(f"{backend}/{quant}/b{b}")
-        ours = [_result(llm, name, b, prompt_tokens, gen_tokens, rates[b], bandwidth[backend][0]) for b in batches]
+        around = [passes[backend][-1], backend_bandwidth(backend)]  # ... and right after them
+        passes[backend].append(around[1])
+        ceiling = max(around)  # the floor against the best pass around this model, for the memory its weights are in
+        ours = [_result(llm, name, b, prompt_tokens, gen_tokens, rates[b], ceiling) for b in batches]
         one = next((r for r in ours if r.batch == 1), None)
         for r in ours:  # aggregate decode against one sequence's, both measured in this run
             r.decode_vs_batch1 = r.decode_tok_s / one.decode_tok_s if one is not None else None
+            r.bandwidth_passes_gb_s = [x / 1e9 for x in around]
         results += ours
         del llm
-    for b, bw in bandwidth.items():  # and after
-        bw.append(backend_bandwidth(b))
-    for r in results:  # floor against the best bandwidth seen in this run, for the memory the weights are in
-        bw = max(bandwidth[r.backend])
-        r.floor_fraction *= (r.bandwidth_gb_s * 1e9) / bw
-        r.bandwidth_gb_s = bw / 1e9
+    first_last = {b: [bw[0], bw[-1]] for b, bw in passes.items()}
     return {
-        "bandwidth_gb_s": [x / 1e9 for x in bandwidth[backends[0]]],  # the first backend's, before / after
-        "bandwidth_by_backend": {b: [x / 1e9 for x in bw] for b, bw in bandwidth.items()},
+        "bandwidth_gb_s": [x / 1e9 for x in first_last[backends[0]]],  # the first backend's first / last pass
+        "bandwidth_by_backend": {b: [x / 1e9 for x in bw] for b, bw in first_last.items()},
         "threads": _threads(),
         "kv_dtype": kv_dtype,
         "results": [r.as_dict() for r in results],
@@ -341,12 +346,13 @@ def markdown_table(report: dict) -> str:
     modes = sorted({r.get("activations", "float32") for r in report["results"]})
     a8 = ", quantized layers with int8 activations (cpu option)" if "int8" in modes else ""
     lines = [
-        f"read bandwidth (measured before / after): {where}, {report['threads']} CPU threads, "
+        f"read bandwidth (first / last pass; each model against the best pass right before or after its "
+        f"runs, the table's read GB/s): {where}, {report['threads']} CPU threads, "
         f"KV cache {report.get('kv_dtype', 'float32')}{a8}",
         "",
         "| model | backend | quant | batch | prefill tok/s | decode tok/s | vs batch 1 | weight MB/token | "
-        "floor fraction | prefill GFLOP/s | decode GFLOP/s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "read GB/s | floor fraction | prefill GFLOP/s | decode GFLOP/s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         ratio = r.get("decode_vs_batch1")
@@ -355,7 +361,8 @@ def markdown_table(report: dict) -> str:
             f"{r['batch']} | "
             f"{r['prefill_tok_s']:.1f} ± {r['prefill_tok_s_sd']:.1f} | {r['decode_tok_s']:.1f} ± {r['decode_tok_s_sd']:.1f} | "
             f"{'' if ratio is None or r['batch'] == 1 else f'{ratio:.2f}x'} | "
-            f"{r['weight_bytes_per_token'] / 1e6:.2f} | {r['floor_fraction']:.2f} | {r['prefill_gflop_s']:.1f} | "
+            f"{r['weight_bytes_per_token'] / 1e6:.2f} | {r['bandwidth_gb_s']:.1f} | {r['floor_fraction']:.2f} | "
+            f"{r['prefill_gflop_s']:.1f} | "
             f"{r['decode_gflop_s']:.1f} |"
         )
     return "\n".join(lines)
