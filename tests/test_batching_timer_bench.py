@@ -203,24 +203,29 @@ def test_bench_runs_on_a_tiny_shape():
     assert two["decode_vs_batch1"] == pytest.approx(two["decode_tok_s"] / one["decode_tok_s"], rel=1e-12)
 
 
-def test_bench_holds_each_model_against_the_passes_around_it(monkeypatch):
-    """Each model's configurations are held against the best read pass right before or after that model's
-    runs (not a pass minutes away, around another model's); the report keeps the run's first and last."""
+def test_bench_holds_each_repetition_against_the_passes_around_it(monkeypatch):
+    """Each repetition's decode steps are held against the better of the read passes right before and after
+    them (not a pass minutes away); a configuration reports the mean of its repetitions' fractions and
+    ceilings, and the report the run's first and last pass."""
     from tinyserve import bench
 
-    passes = iter([10e9, 20e9, 40e9, 30e9])
-    monkeypatch.setattr(bench, "backend_bandwidth", lambda backend: next(passes))
-    monkeypatch.setattr(bench, "measure_once", lambda llm, batch, p, g, c: (100.0, 50.0 * batch))
-    rep = bench.run_bench(shape="stories260K", backends=("numpy",), quants=("none", "int8"), batches=(1, 2),
-                          prompt_tokens=8, gen_tokens=4, repetitions=1, progress=False)
-    assert rep["bandwidth_gb_s"] == [10.0, 30.0] and rep["bandwidth_by_backend"] == {"numpy": [10.0, 30.0]}
-    for r in rep["results"]:
-        around = [10.0, 20.0] if r["quant"] == "none" else [40.0, 30.0]
-        assert r["bandwidth_passes_gb_s"] == around and r["bandwidth_gb_s"] == max(around)
-        step_time = r["batch"] / r["decode_tok_s"]
-        want = r["weight_bytes_per_token"] * r["batch"] / (max(around) * 1e9) / step_time
-        assert r["floor_fraction"] == pytest.approx(want, rel=1e-12)
-    assert "| 20.0 |" in bench.markdown_table(rep) and "| 40.0 |" in bench.markdown_table(rep)
+    passes = iter([10e9, 20e9, 40e9, 30e9, 50e9, 60e9])
+    monkeypatch.setattr(bench, "bandwidth_meter", lambda backend: lambda: next(passes))
+    rep = bench.run_bench(shape="stories260K", backends=("numpy",), quants=("none",), batches=(1,),
+                          prompt_tokens=8, gen_tokens=4, repetitions=3, progress=False)
+    assert rep["bandwidth_gb_s"] == [10.0, 60.0] and rep["bandwidth_by_backend"] == {"numpy": [10.0, 60.0]}
+    (r,) = rep["results"]
+    assert r["bandwidth_by_repetition_gb_s"] == [20.0, 40.0, 60.0] and r["bandwidth_gb_s"] == pytest.approx(40.0)
+    assert "| 40.0 |" in bench.markdown_table(rep)
+
+    calls = iter([(100.0, 10.0, 20e9), (100.0, 30.0, 40e9)])  # (prefill, decode, ceiling) per repetition
+    monkeypatch.setattr(bench, "measure_once", lambda llm, batch, p, g, c, bandwidth: next(calls))
+    rep = bench.run_bench(shape="stories260K", backends=("numpy",), quants=("none",), batches=(1,),
+                          prompt_tokens=8, gen_tokens=4, repetitions=2, progress=False)
+    (r,) = rep["results"]
+    step_bytes = r["weight_bytes_per_token"]
+    want = ((step_bytes / 20e9) * 10.0 + (step_bytes / 40e9) * 30.0) / 2  # each against its own ceiling
+    assert r["floor_fraction"] == pytest.approx(want, rel=1e-12) and r["decode_tok_s"] == 20.0
 
 
 def test_bench_batches_take_turns_and_the_ratio_is_of_their_means(monkeypatch):
@@ -231,9 +236,9 @@ def test_bench_batches_take_turns_and_the_ratio_is_of_their_means(monkeypatch):
     order = []
     rates = {1: iter([(100.0, 10.0), (100.0, 30.0)]), 4: iter([(100.0, 50.0), (100.0, 70.0)])}
 
-    def fake(llm, batch, prompt_tokens, gen_tokens, context):
+    def fake(llm, batch, prompt_tokens, gen_tokens, context, bandwidth):
         order.append(batch)
-        return next(rates[batch])
+        return (*next(rates[batch]), 1e9)
 
     monkeypatch.setattr(bench, "measure_once", fake)
     rep = bench.run_bench(shape="stories260K", backends=("numpy",), quants=("none",), batches=(1, 4), prompt_tokens=8,

@@ -10,17 +10,18 @@ For each configuration (model or shape, backend, quantization, batch) it measure
   bytes per token; and the floor: (weight bytes per step) / (measured read bandwidth) is the least time a
   step can take when it is limited by memory. floor_fraction = floor / measured step time: 1.0 would mean
   decoding at the speed of memory.
-- the machine's read bandwidth, measured right before and after each model's configurations (each
-  quantization of it, all its batch sizes): the figure a configuration is held against is the larger of
-  the two passes around its own model (the machine is shared and noisy, and a ceiling is the best it
-  showed in those minutes; on a shared machine the pass itself swings from 32 to 57 GB/s within minutes,
-  so a pass taken around another model's runs says little about these). Each result keeps its two passes
-  (bandwidth_passes_gb_s); the report's bandwidth_gb_s is the run's first and last pass.
+- the machine's read bandwidth, measured right before and right after the decode steps of every
+  repetition: each repetition's steps are held against the better of its two passes (a ceiling is the
+  best the machine showed, and on a shared machine the pass itself swings from 32 to 57 GB/s within a
+  minute, so only a pass taken around the same steps says what memory could do while they ran). A
+  configuration reports the mean of its repetitions' fractions and of their ceilings (bandwidth_gb_s;
+  each one in bandwidth_by_repetition_gb_s); the report's bandwidth_gb_s is the run's first and last pass.
 Nothing is estimated: every figure printed is a measurement or arithmetic on measurements.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -137,10 +138,11 @@ def read_kernel():
     return _read_kernel
 
 
-def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
-    """Read bandwidth in bytes/s: the best of `repeats` parallel passes over a buffer far larger than L3."""
+def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7, buffer: np.ndarray | None = None) -> float:
+    """Read bandwidth in bytes/s: the best of `repeats` parallel passes over a buffer far larger than L3
+    (`buffer`, a float32 array, or a new one of nbytes)."""
     kern = read_kernel()
-    a = np.ones(nbytes // 4, dtype=np.float32)
+    a = np.ones(nbytes // 4, dtype=np.float32) if buffer is None else buffer
     from numba import get_num_threads
 
     chunks = 8 * get_num_threads()
@@ -157,10 +159,19 @@ def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
 def backend_bandwidth(backend: str) -> float:
     """Read bandwidth of the memory a backend's weights live in, bytes/s: the GPU's for a backend that
     measures its own (cuda: ops.measure_bandwidth), this machine's RAM (measure_bandwidth) otherwise."""
+    return bandwidth_meter(backend)()
+
+
+def bandwidth_meter(backend: str):
+    """A function that measures backend_bandwidth(backend) once per call, its buffer allocated once (a
+    run measures it around every repetition)."""
     from .ops import get_ops
 
     own = getattr(get_ops(backend), "measure_bandwidth", None)
-    return own() if own is not None else measure_bandwidth()
+    if own is not None:
+        return own
+    buffer = np.ones(512 * 2**20 // 4, dtype=np.float32)
+    return functools.partial(measure_bandwidth, buffer=buffer)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -186,7 +197,7 @@ class BenchResult:
     kv_dtype: str = "float32"
     activations: str = "float32"  # "int8": the cpu backend's int8-activation option (quantized layers, decode)
     decode_vs_batch1: float | None = None  # decode tok/s / the batch-1 decode tok/s of the same run (if measured)
-    bandwidth_passes_gb_s: list | None = None  # the read passes right before and after this model's runs
+    bandwidth_by_repetition_gb_s: list | None = None  # each repetition's: the better pass around its decode steps
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -212,8 +223,11 @@ def _context(llm, name: str, prompt_tokens: int, gen_tokens: int) -> int:
     return context
 
 
-def measure_once(llm, batch: int, prompt_tokens: int, gen_tokens: int, context: int) -> tuple[float, float]:
-    """One repetition: (prefill tokens/s of one prompt, aggregate decode tokens/s of `batch` sequences)."""
+def measure_once(llm, batch: int, prompt_tokens: int, gen_tokens: int, context: int, bandwidth=None
+                 ) -> tuple[float, float, float | None]:
+    """One repetition: (prefill tokens/s of one prompt, aggregate decode tokens/s of `batch` sequences, the
+    read bandwidth in bytes/s around the decode steps: the better of a pass by `bandwidth` (a function, e.g.
+    bandwidth_meter's) right before them and one right after; None without it)."""
     prompt = np.random.default_rng(0).integers(3, llm.config.vocab_size, prompt_tokens)
     cache = llm.new_cache(batch, context)
     t0 = time.perf_counter()
@@ -225,42 +239,34 @@ def measure_once(llm, batch: int, prompt_tokens: int, gen_tokens: int, context: 
             llm.forward(prompt, np.arange(prompt_tokens), np.full(prompt_tokens, s), cache, rows=[prompt_tokens - 1])
     tokens = np.full(batch, int(np.argmax(logits[0])), dtype=np.int64)
     slots = np.arange(batch)
+    before = bandwidth() if bandwidth is not None else None
     t0 = time.perf_counter()
     for t in range(gen_tokens):
         logits = llm.forward(tokens, np.full(batch, prompt_tokens + t), slots, cache, phase="decode")
         tokens = np.argmax(logits, axis=1)  # greedy: the sampling cost of temperature 0
-    return prefill, batch * gen_tokens / (time.perf_counter() - t0)
+    decode = batch * gen_tokens / (time.perf_counter() - t0)
+    return prefill, decode, max(before, bandwidth()) if bandwidth is not None else None
 
 
-def _result(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, rates: list, bandwidth: float
-            ) -> BenchResult:
-    """A configuration's figures from its repetitions' (prefill, decode) rates."""
-    prefill_rates, decode_rates = [r[0] for r in rates], [r[1] for r in rates]
+def _result(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, rates: list) -> BenchResult:
+    """A configuration's figures from its repetitions' (prefill rate, decode rate, bandwidth around the
+    decode steps). The floor fraction is the mean of the repetitions' own: each one's decode steps against
+    the bandwidth measured right around them."""
+    prefill_rates, decode_rates, ceilings = ([r[i] for r in rates] for i in range(3))
     step_bytes = weight_bytes_per_step(llm.weights)
     flops_tok = linear_flops_per_token(llm.weights)
     pre, dec = float(np.mean(prefill_rates)), float(np.mean(decode_rates))
-    step_time = batch / dec
+    fractions = [(step_bytes / bw) / (batch / d) for d, bw in zip(decode_rates, ceilings)]
     return BenchResult(
         model=name, backend=llm.backend, quant=llm.quant or "none", batch=batch, prompt_tokens=prompt_tokens,
         gen_tokens=gen_tokens, repetitions=len(rates),
         prefill_tok_s=pre, prefill_tok_s_sd=float(np.std(prefill_rates)), prefill_gflop_s=pre * flops_tok / 1e9,
         decode_tok_s=dec, decode_tok_s_sd=float(np.std(decode_rates)), decode_gflop_s=dec * flops_tok / 1e9,
-        weight_bytes_per_token=step_bytes / batch, bandwidth_gb_s=bandwidth / 1e9,
-        floor_fraction=(step_bytes / bandwidth) / step_time, compile_s=llm.compile_seconds,
+        weight_bytes_per_token=step_bytes / batch, bandwidth_gb_s=float(np.mean(ceilings)) / 1e9,
+        floor_fraction=float(np.mean(fractions)), compile_s=llm.compile_seconds,
         kv_dtype=llm.kv_dtype, activations=llm.activations,
+        bandwidth_by_repetition_gb_s=[bw / 1e9 for bw in ceilings],
     )
-
-
-def run_config(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, repetitions: int,
-               bandwidth: float, progress=None) -> BenchResult:
-    """One configuration, its repetitions back to back."""
-    context = _context(llm, name, prompt_tokens, gen_tokens)
-    rates = []
-    for _ in range(repetitions):
-        rates.append(measure_once(llm, batch, prompt_tokens, gen_tokens, context))
-        if progress:
-            progress()
-    return _result(llm, name, batch, prompt_tokens, gen_tokens, rates, bandwidth)
 
 
 def load_for_bench(model: str | None, shape: str | None, backend: str, quant: str, group_size: int = 128,
@@ -300,29 +306,35 @@ def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batch
             bar(done[0], total, label)
 
     passes = {b: [] for b in dict.fromkeys(backends)}  # each backend's read passes, in order
+    meters = {}
+
+    def pass_of(backend):
+        def measure():
+            if backend not in meters:
+                meters[backend] = bandwidth_meter(backend)
+            passes[backend].append(meters[backend]())
+            return passes[backend][-1]
+        return measure
+
     results = []
     for backend, quant in combos:
         name, llm = load_for_bench(model, shape, backend, quant, group_size, kv_dtype=kv_dtype)
-        passes[backend].append(backend_bandwidth(backend))  # right before this model's runs
         context = _context(llm, name, prompt_tokens, gen_tokens)
         rates = {b: [] for b in batches}
         for _ in range(repetitions):  # the batch sizes take turns: the machine's drift falls on all of them
-            for b in batches:
-                rates[b].append(measure_once(llm, b, prompt_tokens, gen_tokens, context))
+            for b in batches:  # each with the memory's read bandwidth measured right around its decode steps
+                rates[b].append(measure_once(llm, b, prompt_tokens, gen_tokens, context, pass_of(backend)))
                 tick(f"{backend}/{quant}/b{b}")
-        around = [passes[backend][-1], backend_bandwidth(backend)]  # ... and right after them
-        passes[backend].append(around[1])
-        ceiling = max(around)  # the floor against the best pass around this model, for the memory its weights are in
-        ours = [_result(llm, name, b, prompt_tokens, gen_tokens, rates[b], ceiling) for b in batches]
+        ours = [_result(llm, name, b, prompt_tokens, gen_tokens, rates[b]) for b in batches]
         one = next((r for r in ours if r.batch == 1), None)
         for r in ours:  # aggregate decode against one sequence's, both measured in this run
             r.decode_vs_batch1 = r.decode_tok_s / one.decode_tok_s if one is not None else None
-            r.bandwidth_passes_gb_s = [x / 1e9 for x in around]
         results += ours
         del llm
-    first_last = {b: [bw[0], bw[-1]] for b, bw in passes.items()}
+    meters.clear()  # (the passes' buffers)
+    first_last = {b: [bw[0], bw[-1]] for b, bw in passes.items() if bw}
     return {
-        "bandwidth_gb_s": [x / 1e9 for x in first_last[backends[0]]],  # the first backend's first / last pass
+        "bandwidth_gb_s": [x / 1e9 for x in first_last.get(backends[0], [])],  # the first backend's first / last pass
         "bandwidth_by_backend": {b: [x / 1e9 for x in bw] for b, bw in first_last.items()},
         "threads": _threads(),
         "kv_dtype": kv_dtype,
@@ -346,8 +358,8 @@ def markdown_table(report: dict) -> str:
     modes = sorted({r.get("activations", "float32") for r in report["results"]})
     a8 = ", quantized layers with int8 activations (cpu option)" if "int8" in modes else ""
     lines = [
-        f"read bandwidth (first / last pass; each model against the best pass right before or after its "
-        f"runs, the table's read GB/s): {where}, {report['threads']} CPU threads, "
+        f"read bandwidth, first / last pass: {where} (each repetition's decode steps against the better pass "
+        f"right before or after them; read GB/s: their mean), {report['threads']} CPU threads, "
         f"KV cache {report.get('kv_dtype', 'float32')}{a8}",
         "",
         "| model | backend | quant | batch | prefill tok/s | decode tok/s | vs batch 1 | weight MB/token | "
@@ -418,7 +430,7 @@ def profile_ops(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int)
     timer = Timer()
     llm.timer, llm._timed_ops = timer, None
     try:
-        run_config(llm, name, batch, prompt_tokens, gen_tokens, 1, 1.0)
+        measure_once(llm, batch, prompt_tokens, gen_tokens, _context(llm, name, prompt_tokens, gen_tokens))
     finally:
         llm.timer, llm._timed_ops = None, None
     return timer.report().as_dict()
