@@ -226,6 +226,7 @@ def test_bench_holds_each_repetition_against_the_passes_around_it(monkeypatch):
     step_bytes = r["weight_bytes_per_token"]
     want = ((step_bytes / 20e9) * 10.0 + (step_bytes / 40e9) * 30.0) / 2  # each against its own ceiling
     assert r["floor_fraction"] == pytest.approx(want, rel=1e-12) and r["decode_tok_s"] == 20.0
+    assert r["decode_tok_s_by_repetition"] == [10.0, 30.0] and r["bandwidth_by_repetition_gb_s"] == [20.0, 40.0]
 
 
 def test_bench_batches_take_turns_and_the_ratio_is_of_their_means(monkeypatch):

@@ -15,7 +15,8 @@ For each configuration (model or shape, backend, quantization, batch) it measure
   best the machine showed, and on a shared machine the pass itself swings from 32 to 57 GB/s within a
   minute, so only a pass taken around the same steps says what memory could do while they ran). A
   configuration reports the mean of its repetitions' fractions and of their ceilings (bandwidth_gb_s;
-  each one in bandwidth_by_repetition_gb_s); the report's bandwidth_gb_s is the run's first and last pass.
+  each one in bandwidth_by_repetition_gb_s, beside decode_tok_s_by_repetition); the report's
+  bandwidth_gb_s is the run's first and last pass.
 Nothing is estimated: every figure printed is a measurement or arithmetic on measurements.
 """
 
@@ -198,6 +199,7 @@ class BenchResult:
     activations: str = "float32"  # "int8": the cpu backend's int8-activation option (quantized layers, decode)
     decode_vs_batch1: float | None = None  # decode tok/s / the batch-1 decode tok/s of the same run (if measured)
     bandwidth_by_repetition_gb_s: list | None = None  # each repetition's: the better pass around its decode steps
+    decode_tok_s_by_repetition: list | None = None  # and its decode rate
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -265,7 +267,7 @@ def _result(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, rat
         weight_bytes_per_token=step_bytes / batch, bandwidth_gb_s=float(np.mean(ceilings)) / 1e9,
         floor_fraction=float(np.mean(fractions)), compile_s=llm.compile_seconds,
         kv_dtype=llm.kv_dtype, activations=llm.activations,
-        bandwidth_by_repetition_gb_s=[bw / 1e9 for bw in ceilings],
+        bandwidth_by_repetition_gb_s=[bw / 1e9 for bw in ceilings], decode_tok_s_by_repetition=list(decode_rates),
     )
 
 
