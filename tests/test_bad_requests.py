@@ -229,3 +229,21 @@ def test_bench_plot_without_matplotlib_fails_before_the_benchmark(capsys, tmp_pa
     msg = cli_error(capsys, "bench", "--shape", "stories260K", "--backend", "numpy", "--plot", tmp_path / "p.png")
     assert "matplotlib" in msg
     assert not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize("where,words", [("missing/p.png", ("does not exist",)), ("", ("extension", ".png")),
+                                         ("p", ("extension",)), ("p.jpg", ("extension",)), ("d.png", ("directory",))])
+def test_bench_plot_path_is_checked_before_the_benchmark(capsys, tmp_path, monkeypatch, where, words):
+    """A --plot path that names no picture format, or cannot be written, fails at once (not after the runs,
+    and not as matplotlib's DIR.png next to a folder DIR)."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "d.png").mkdir()
+
+    def no_run(**kw):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(bench, "run_bench", no_run)
+    cli_error(capsys, "bench", "--shape", "stories260K", "--backend", "numpy", "--plot", f"{tmp_path}/{where}",
+              words=words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png"]
+    assert not tmp_path.with_suffix(".png").exists()

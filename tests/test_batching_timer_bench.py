@@ -344,3 +344,19 @@ def test_profile_output(stories_dir):
     assert r.returncode == 0, r.stderr
     for word in ("prefill", "decode", "linear", "attention", "mlp", "sampling", "TTFT", "peak resident memory"):
         assert word in r.stdout
+
+
+@pytest.mark.parametrize("fmt,magic", [("png", b"\x89PNG"), ("svg", b"<?xml")])
+def test_bench_plot_writes_the_roofline(tmp_path, capsys, fmt, magic):
+    """bench --plot: the roofline picture of the first configuration's ops, in the format its extension
+    names, and nothing else left in the folder (it is written through a temporary file)."""
+    pytest.importorskip("matplotlib")
+    from tinyserve import cli
+
+    out = tmp_path / f"roofline.{fmt}"
+    assert cli.main(["bench", "--shape", "stories260K", "--backend", "numpy", "--prompt-tokens", "8",
+                     "--gen-tokens", "4", "--repetitions", "1", "--plot", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["roofline_plot"] == str(out)
+    assert out.read_bytes()[:len(magic)] == magic
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]

@@ -406,8 +406,26 @@ def pyplot():
     return plt
 
 
+PLOT_FORMATS = ("png", "pdf", "svg")  # what matplotlib writes with no other package
+
+
+def plot_format(path) -> str:
+    """The picture format a --plot path names by its extension (PLOT_FORMATS); a one-line error otherwise,
+    checked before any run (matplotlib would add ".png" to a path without an extension: DIR.png for a
+    folder DIR)."""
+    fmt = os.path.splitext(str(path))[1][1:].lower()
+    if fmt not in PLOT_FORMATS:
+        raise TinyserveError(f"--plot {path}: name the picture with one of the extensions "
+                             f"{', '.join('.' + f for f in PLOT_FORMATS)} (e.g. roofline.png)")
+    return fmt
+
+
 def roofline_plot(path: str, timer_report: dict, bandwidth: float, peak_flops: float, title: str = "") -> None:
-    """Each op's achieved GFLOP/s against its arithmetic intensity, under the measured ceilings."""
+    """Each op's achieved GFLOP/s against its arithmetic intensity, under the measured ceilings; written to
+    path in the format its extension names, through a temporary file (a failed write leaves nothing)."""
+    from .validate import atomic_write
+
+    fmt = plot_format(path)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     xs = np.logspace(-2, 3, 200)
@@ -422,7 +440,8 @@ def roofline_plot(path: str, timer_report: dict, bandwidth: float, peak_flops: f
     ax.set_title(title or "tinyserve roofline")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=120))
+    plt.close(fig)
 
 
 def profile_ops(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int) -> dict:

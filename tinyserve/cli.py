@@ -198,8 +198,12 @@ def cmd_bench(args) -> int:
             raise TinyserveError(f"--quant: unknown quantization {q!r} (none, int8, int4)")
     if args.plot and backends[0] == "cuda":
         raise TinyserveError("--plot draws the CPU's ceilings (RAM bandwidth, BLAS GFLOP/s): use it with a CPU backend")
-    if args.plot:
-        bench.pyplot()  # matplotlib is there, before the benchmark runs
+    if args.plot:  # before the benchmark runs: matplotlib is there, the path names a format and can be written
+        from .validate import check_out_file
+
+        bench.pyplot()
+        bench.plot_format(args.plot)
+        check_out_file(args.plot)
     batches = _csv(args.batch, "batch", int)
     if any(b <= 0 for b in batches):
         raise TinyserveError("--batch sizes must be positive")
@@ -390,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gen-tokens", type=int, default=128)
     b.add_argument("--repetitions", type=int, default=3)
     b.add_argument("--json", action="store_true", help="machine-readable results")
-    b.add_argument("--plot", help="write a roofline picture (PNG) of the ops of the first configuration")
+    b.add_argument("--plot", help="write a roofline picture of the ops of the first configuration to this file "
+                   "(.png, .pdf or .svg; needs matplotlib: pip install 'tinyserve[plot]')")
     b.set_defaults(func=cmd_bench)
 
     qz = sub.add_parser("quantize", help="write an int8 / int4 quantized checkpoint")

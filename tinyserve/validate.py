@@ -631,7 +631,7 @@ def _temp_file(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def _atomic_write(path: Path, write) -> Path:
+def atomic_write(path: Path, write) -> Path:
     """write(file) into a temporary file next to path, then rename: a failed run leaves nothing behind."""
     path = _out_path(path)
     fd, tmp = _temp_file(path)
@@ -678,7 +678,7 @@ def write_safetensors(path, tensors: dict, metadata: dict) -> Path:
         for k, a in arrays.items():
             f.write(a.tobytes())
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def dump(model_dir, prompt, out, backend="numpy", quant=None, engine="tinyserve", dtype="float32", ids=None,
