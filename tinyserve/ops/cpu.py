@@ -621,12 +621,13 @@ def _gemv_f32_rows(x, w, y):
 
 
 # One row of x against float32 weights of at most this many inputs goes through _gemv_f32_rows on AMD Zen
-# CPUs (znver4 measured; 0: never). Decode steps alternating the two kernels step by step (fourteenth session,
-# medians of pairs): llama-1b at position 512 0.864 the time with rows of up to 4096 inputs one at a time
-# (every matrix but the 8192-input down projection), 0.916 with every matrix; stories110M 0.844. A row of x of
-# 8192 values fills L1, so reloading it per weight row costs more than the 4-row blocks' extra streams. On the
-# Intel machine the 4-row blocks read the 1B shapes at 83-90% of the bandwidth against 60-65% for a row at a
-# time (third session), so elsewhere nothing changes.
+# CPUs (znver4 measured; 0: never). There a 16384 x 2048 matrix read one row at a time keeps pace with the
+# plain read pass (0.93-1.03 of it), in blocks of 4 rows 0.65-0.82; at 2048 x 8192 a row of x (32 KiB) fills
+# L1 and is reloaded for every weight row, and the blocks win (0.82-0.96 against 0.67-0.92). Decode steps,
+# old and new trees alternating (fourteenth session, medians of step-time ratios): llama-1b float32 at
+# position 512 0.909, stories110M 0.822 (with every matrix one row at a time, llama-1b 0.916 against 0.864
+# for this limit). On the Intel machine the 4-row blocks read the 1B shapes at 83-90% of the bandwidth
+# against 60-65% for a row at a time (third session), so elsewhere nothing changes.
 F32_ONE_ROW_MAX_IN = 4096 if ZEN else 0
 
 
