@@ -463,6 +463,24 @@ PREFETCH_Q4 = 2048  # _q4_rows4: 2 KiB 15.4-16.5, 4 KiB 15.1-15.5, 8 KiB 13.9-16
 # the model it lost (15.8-16.3 -> 14.9-15.7 tok/s); int4 with int8 activations prefetches into L2 already.
 # Prefetching every other line only (the adjacent-line prefetcher pairs them) was 10-30% slower.
 PREFETCH_FAR = 8192
+# On AMD Zen CPUs (znver4 measured) rows of more than 2048 int8 values (the 1B shape's down projection: 8192)
+# are prefetched a whole block ahead: _q8_rows4's prefetches sweep the block's 4 rows as one range while the
+# rows are read 4 at a time, so `ahead` = 4 rows' bytes asks for the next block in step with the current
+# one, where PREFETCH_Q8 (4 KiB) is half a row there. 2048 x 8192 alone, GB/s as a fraction of the read pass
+# in the same rounds (fourteenth session, rounds grouped by the read's speed: ~33 GB/s, and a fast minute's
+# ~52): 4 KiB ahead 0.84 / 0.64, 16 KiB 0.91 / 0.81, 32 KiB (a block) 0.90 / 0.88. llama-1b int8 decode
+# steps, on against off step by step (medians of ratios [quartiles]): every row a block ahead 0.946 [0.920,
+# 0.977] and 0.961 [0.909, 1.012] the time in fast minutes, 1.000 [0.981, 1.023] in a slow one (30 GB/s); as
+# here, only rows over 2048, 0.983 [0.955, 1.013] in a slow one. Rows of 2048 keep 4 KiB (8 KiB alone: 0.94 /
+# 0.94 against 0.96 / 0.93; stories110M steps 1.013 [0.980, 1.030] with it). On the Intel
+# machine 8 KiB cost 15-20% at rows of 2048 (third session, above) and longer rows were not measured: there,
+# PREFETCH_Q8 for every row.
+PREFETCH_Q8_LONG_ROWS = ZEN
+
+
+def _q8_ahead(Kp: int) -> int:
+    """_gemv_q8's prefetch distance (bytes) for rows of Kp int8 values."""
+    return 4 * Kp if PREFETCH_Q8_LONG_ROWS and Kp > 2048 else PREFETCH_Q8
 
 
 @intrinsic
@@ -2454,7 +2472,7 @@ def _one_row(x, w, bias):
         M = w.shape[0]
         y = np.empty((1, M), np.float32)
         if w.bits == 8:
-            _run(_gemv_q8, M * w.shape[1], x, _weight(w.data), _weight(w.scales), y, PREFETCH_Q8)
+            _run(_gemv_q8, M * w.shape[1], x, _weight(w.data), _weight(w.scales), y, _q8_ahead(w.padded_in))
         else:
             z, asym = _quant_zeros(w)
             _run(_gemv_q4, M * w.shape[1] // 2, x, _weight(w.data), _weight(w.scales), z, asym, y, PREFETCH_Q4)
@@ -2517,7 +2535,7 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
             elif ACTIVATIONS == "int8":
                 _linear_int8_activations(xp, w, y, data, scales, _NO_ZEROS, False)
             else:
-                _run(_gemv_q8, N * out_f * in_f, xp, data, scales, y, PREFETCH_Q8)
+                _run(_gemv_q8, N * out_f * in_f, xp, data, scales, y, _q8_ahead(w.padded_in))
         else:
             z, asym = _quant_zeros(w)
             if gemm:
