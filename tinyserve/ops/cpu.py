@@ -608,7 +608,8 @@ def _gemv_f32(x, w, y):
     every vector of x loaded serves 4 multiply-adds (4 accumulators), where one row at a time needs a load
     of x per multiply-add. From memory that is 1.3-1.4x faster (2 threads, Llama-3.2-1B shapes: 83-90% of
     the read bandwidth against 60-65%; docs/performance.md). A block (4 rows) stays in L1/L2 while the
-    other rows of x pass over it.
+    other rows of x pass over it. (On AMD Zen CPUs one row of x over rows of up to 4096 values goes through
+    _gemv_f32_rows instead: F32_ONE_ROW_MAX_IN.)
     """
     N, K = x.shape
     O = w.shape[0]
@@ -771,7 +772,7 @@ def _gemv_q8(x, q, s, y, ahead):
     pass over it: four at a time through the register tile _q8_tile4 (batches), the last N mod 4 one at a
     time through _q8_rows4, whose 4 rows go through each group together so that every vector of x loaded
     from L1 serves 4 rows (the matrix-vector form of register tiling). The weights `ahead` bytes further on
-    are prefetched during the first pass. x is padded to whole groups (Kp = ng * G columns, zeros past
+    (_q8_ahead) are prefetched during the first pass. x is padded to whole groups (Kp = ng * G columns, zeros past
     `in`); G is a multiple of 16 (quant.GROUP_SIZES). The last O mod 4 rows take _q8_dot.
     """
     N, Kp = x.shape
