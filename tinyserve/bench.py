@@ -157,15 +157,11 @@ def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7, buffer: np.nd
     return a.nbytes / best
 
 
-def backend_bandwidth(backend: str) -> float:
-    """Read bandwidth of the memory a backend's weights live in, bytes/s: the GPU's for a backend that
-    measures its own (cuda: ops.measure_bandwidth), this machine's RAM (measure_bandwidth) otherwise."""
-    return bandwidth_meter(backend)()
-
-
 def bandwidth_meter(backend: str):
-    """A function that measures backend_bandwidth(backend) once per call, its buffer allocated once (a
-    run measures it around every repetition)."""
+    """A function that measures, once per call, the read bandwidth (bytes/s) of the memory a backend's
+    weights live in: the GPU's for a backend that measures its own (cuda: ops.measure_bandwidth), this
+    machine's RAM (measure_bandwidth) otherwise, its buffer allocated once (a run measures it around every
+    repetition)."""
     from .ops import get_ops
 
     own = getattr(get_ops(backend), "measure_bandwidth", None)
@@ -307,16 +303,12 @@ def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batch
         if bar:
             bar(done[0], total, label)
 
-    passes = {b: [] for b in dict.fromkeys(backends)}  # each backend's read passes, in order
-    meters = {}
+    meters = {b: bandwidth_meter(b) for b in dict.fromkeys(backends)}
+    passes = {b: [] for b in meters}  # each backend's read passes, in order
 
-    def pass_of(backend):
-        def measure():
-            if backend not in meters:
-                meters[backend] = bandwidth_meter(backend)
-            passes[backend].append(meters[backend]())
-            return passes[backend][-1]
-        return measure
+    def read_pass(backend):
+        passes[backend].append(meters[backend]())
+        return passes[backend][-1]
 
     results = []
     for backend, quant in combos:
@@ -325,7 +317,8 @@ def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batch
         rates = {b: [] for b in batches}
         for _ in range(repetitions):  # the batch sizes take turns: the machine's drift falls on all of them
             for b in batches:  # each with the memory's read bandwidth measured right around its decode steps
-                rates[b].append(measure_once(llm, b, prompt_tokens, gen_tokens, context, pass_of(backend)))
+                rates[b].append(measure_once(llm, b, prompt_tokens, gen_tokens, context,
+                                              functools.partial(read_pass, backend)))
                 tick(f"{backend}/{quant}/b{b}")
         ours = [_result(llm, name, b, prompt_tokens, gen_tokens, rates[b]) for b in batches]
         one = next((r for r in ours if r.batch == 1), None)
