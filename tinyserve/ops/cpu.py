@@ -1941,10 +1941,18 @@ def _pk_block(nx):
     between two sets of lanes (added at the group's end: integers, so the sums are the same): one vpdpbusd
     waits for the one before on the same lanes (5 cycles), and a single chain per row held a core to 64
     bytes per 5 cycles and kept its loads from running ahead. The block's bytes are prefetched `ahead`
-    bytes on (0: not), and with far > 0 once more, far bytes further, into L2. No overflow: |sum| <= 256 * 255 * 127 and 16 * 32 * 15 * 127 * 4 < 2^31.
+    bytes on (0: not), and with far > 0 once more, far bytes further, into L2. One or two rows of x: a group's
+    lines all at the group's start; four or more: each step's line as the step is loaded. A burst of a
+    group's 32 prefetches (int8, G = 128) fills the core's queue of misses, and the 16-row pass behind it,
+    which computes 16 vpdpbusd per line, stalls until they drain: on the AMD EPYC (Zen 4), stories110M's
+    matrices at 16 rows of x from memory 190-213 -> 245-297 G multiply-adds/s on 2 threads (124 -> 155 on
+    one), a batch-16 step's products 8.1-9.0 -> 6.3-6.6 ms; at one row of x (memory-bound: the burst gives the
+    memory more requests at once) spreading them was slower, 27-29 -> 22-27 GB/s (docs/performance.md,
+    "Fifteenth session"). No overflow: |sum| <= 256 * 255 * 127 and 16 * 32 * 15 * 127 * 4 < 2^31.
     """
 
     chains = 2 if nx <= 2 else 1  # accumulators per row of x and kind of sum (see the docstring)
+    spread = nx >= 4  # prefetch line by line as the steps go, not a group's lines at its start (docstring)
 
     @intrinsic
     def block(typingctx, blocks, pstart, xq, xrow, xsum, xs, srow, scales, zeros, sstart, asym, ng, G, bits, y,
@@ -1976,10 +1984,19 @@ def _pk_block(nx):
             with cgutils.for_range(builder, ngv) as grp:
                 g = grp.index
                 gstart = builder.add(ps, builder.mul(g, gbytes))
-                with builder.if_then(builder.icmp_signed(">", ah, const(0))):
-                    gen.prefetch(pbase, builder.add(gstart, ah), gbytes, 3)
-                    with builder.if_then(builder.icmp_signed(">", fa, const(0))):  # and further on, into L2
-                        gen.prefetch(pbase, builder.add(gstart, builder.add(ah, fa)), gbytes, 2)
+                def prefetch(at, nbytes):  # the bytes from `at` on, `ahead` bytes on (and `far` more, into L2)
+                    with builder.if_then(builder.icmp_signed(">", ah, const(0))):
+                        gen.prefetch(pbase, builder.add(at, ah), nbytes, 3)
+                        with builder.if_then(builder.icmp_signed(">", fa, const(0))):
+                            gen.prefetch(pbase, builder.add(at, builder.add(ah, fa)), nbytes, 2)
+
+                if not spread:  # the whole group's lines now
+                    prefetch(gstart, gbytes)
+
+                def step_prefetch(at):  # with spread, each 64-byte step's line as the step is loaded
+                    if spread:
+                        prefetch(at, const(64))
+
                 # the lanes start at -zero * xsum (_Gen.sum_starts)
                 zoff = builder.add(ss, builder.mul(g, const(16)))
 
@@ -2014,6 +2031,7 @@ def _pk_block(nx):
                             for u in range(chains):
                                 k = builder.add(builder.mul(step.index, const(chains)), const(u))
                                 w = load(pty, pa, builder.add(gstart, builder.mul(k, const(64))), v64, 64)
+                                step_prefetch(builder.add(gstart, builder.mul(k, const(64))))
                                 for c in range(nx):
                                     dot(c, w, builder.add(xg[c], builder.mul(k, const(4))), (isum, isum2)[u])
                         add_chains(False)
@@ -2025,6 +2043,7 @@ def _pk_block(nx):
                             for u in range(chains):
                                 k = builder.add(builder.mul(step.index, const(chains)), const(u))
                                 b = load(pty, pa, builder.add(gstart, builder.mul(k, const(64))), v64, 64)
+                                step_prefetch(builder.add(gstart, builder.mul(k, const(64))))
                                 lo = builder.and_(b, ir.Constant(v64, [15] * 64))
                                 hi16 = builder.and_(b, ir.Constant(v64, [-16] * 64))  # 16 * the high nibble: no shift
                                 for c in range(nx):
