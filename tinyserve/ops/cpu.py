@@ -2916,6 +2916,16 @@ ATTENTION_AHEAD = 32
 # step by step (thirteenth session): float16 cache 0.948 [0.914, 0.981] and 0.952 [0.905, 0.988] the time,
 # float32 cache 0.972 [0.955, 1.002] and 0.971 [0.944, 0.994]; llama-1b batch 1 0.991 [0.964, 1.027].
 ATTENTION_PREFETCH = not ZEN
+# On AMD Zen each task first asks for the next task's keys and values (its first ATTENTION_NEXT_ROWS rows of
+# each) into L2 (PREFETCHT1): a thread's next task is the next head or sequence, and short spans a few KiB
+# apart, read one after another, keep the hardware prefetcher from getting going (a plain read of
+# stories110M's spans at 16 sequences, 81 positions, float16: ~10 GB/s a thread against ~16 for one
+# contiguous span; ~13 with the next spans asked for into L2, no better into L1). Decode steps, old and new
+# trees alternating (fifteenth session): stories110M int8 batch 16 (int8 activations) float16 cache 0.919
+# [0.866, 0.978] and 0.857 [0.834, 0.903] the time, float32 cache 0.970 [0.933, 0.992]; batch 1 0.989
+# [0.953, 1.021]; llama-1b int8 batch 1 at position 512 1.001 [0.971, 1.025]. Not measured elsewhere: off.
+ATTENTION_NEXT = ZEN
+ATTENTION_NEXT_ROWS = 128
 
 
 def _cache_rows(context, builder, aty, arr, t0):
@@ -3027,24 +3037,32 @@ def _weigh16(typingctx, V, t0, p, s0, out, hd):
     return types.void(V, t0, p, s0, out, hd), codegen
 
 
-@intrinsic
-def _prefetch_rows(typingctx, a, r0, r1):
-    """Ask for every cache line of rows r0 .. r1 - 1 of a 2-D block of the cache (rows one after another),
-    one prefetch per line over one contiguous span, where a prefetch per row and line costs a view and a
-    loop per row (attention's tasks are short: 80 keys of one head, float16 cache, in cache on one thread,
-    1.05 -> 0.97 us a task)."""
+def _prefetch_rows_into(locality):
+    """An intrinsic _prefetch_rows(a, r0, r1) that asks for every cache line of rows r0 .. r1 - 1 of a 2-D
+    block of the cache (rows one after another), one prefetch per line over one contiguous span, where a
+    prefetch per row and line costs a view and a loop per row (attention's tasks are short: 80 keys of one
+    head, float16 cache, in cache on one thread, 1.05 -> 0.97 us a task). locality 3: into L1 (PREFETCHT0),
+    2: into L2 (PREFETCHT1)."""
 
-    def codegen(context, builder, sig, args):
-        aa, ra, rb = args
-        gen = _Gen(context, builder, ra.type)
-        start, stride, _ = _cache_rows(context, builder, sig.args[0], aa, ra)
-        nbytes = builder.mul(builder.sub(rb, ra), stride)
-        with builder.if_then(builder.icmp_signed(">", nbytes, gen.const(0))):
-            gen.prefetch(start, gen.const(0), builder.add(nbytes, gen.const(63)), 3)
-            gen.prefetch_line(builder.gep(start, [builder.sub(nbytes, gen.const(1))]), 3)
-        return context.get_dummy_value()
+    @intrinsic
+    def prefetch_rows(typingctx, a, r0, r1):
+        def codegen(context, builder, sig, args):
+            aa, ra, rb = args
+            gen = _Gen(context, builder, ra.type)
+            start, stride, _ = _cache_rows(context, builder, sig.args[0], aa, ra)
+            nbytes = builder.mul(builder.sub(rb, ra), stride)
+            with builder.if_then(builder.icmp_signed(">", nbytes, gen.const(0))):
+                gen.prefetch(start, gen.const(0), builder.add(nbytes, gen.const(63)), locality)
+                gen.prefetch_line(builder.gep(start, [builder.sub(nbytes, gen.const(1))]), locality)
+            return context.get_dummy_value()
 
-    return types.void(a, r0, r1), codegen
+        return types.void(a, r0, r1), codegen
+
+    return prefetch_rows
+
+
+_prefetch_rows = _prefetch_rows_into(3)
+_prefetch_rows_l2 = _prefetch_rows_into(2)
 
 
 @njit(cache=True, inline="always")
@@ -3077,7 +3095,8 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
     of rows, so the block comes from memory once and serves every head from L1 (a head at a time through
     the whole span read the span G times from L2: 1.3-1.7x slower for G = 4, docs/performance.md, "Eighth
     session"). scores: (N * KVH, G, >= longest visible span + 1) scratch, one slice per task (no allocation
-    inside the parallel loop); a head's softmax sum goes in its last column used.
+    inside the parallel loop); a head's softmax sum goes in its last column used. What is prefetched is
+    chosen per CPU (ATTENTION_PREFETCH, ATTENTION_NEXT); it never changes a result.
     """
     N, H, hd = q.shape
     KVH = k_cache.shape[1]
@@ -3097,6 +3116,16 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
         K = k_cache[slot, kvh, lo:pos + 1]  # (L, hd)
         V = v_cache[slot, kvh, lo:pos + 1]
         S = scores[task]  # (G, >= L + 1)
+        if ATTENTION_NEXT:  # the next task's first keys and values, into L2 (see ATTENTION_NEXT)
+            nt = min(task + 1, N * KVH - 1)
+            nn = nt // KVH
+            npos = positions[nn]
+            nlo = 0
+            if window > 0 and npos - window + 1 > 0:
+                nlo = npos - window + 1
+            nL = min(npos + 1 - nlo, ATTENTION_NEXT_ROWS)
+            _prefetch_rows_l2(k_cache[slots[nn], nt % KVH], nlo, nlo + nL)
+            _prefetch_rows_l2(v_cache[slots[nn], nt % KVH], nlo, nlo + nL)
         if ATTENTION_PREFETCH:
             _prefetch_rows(K, 0, min(ATTENTION_AHEAD, L))  # the first keys, which the loops below do not ask for ahead
         for t in range(0, Lv, KEYS):  # scores, KEYS keys at a time, every head of the group
