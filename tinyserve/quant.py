@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import TinyserveError
+from .errors import TinyserveError, is_integer
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128, 256)
@@ -112,9 +112,9 @@ class QuantizedTensor(QuantFormat):
 
 def check_format(bits, group_size, zero_point=False) -> None:
     """Raise a TinyserveError unless (bits, group_size, zero_point) is a format this module defines."""
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits not in BITS:
+    if not is_integer(bits) or bits not in BITS:
         raise TinyserveError(f"quantization bits must be 8 or 4, got {bits!r}")
-    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size not in GROUP_SIZES:
+    if not is_integer(group_size) or group_size not in GROUP_SIZES:
         raise TinyserveError(f"quantization group size must be one of 32, 64, 128, 256, got {group_size!r}")
     if zero_point and bits != 4:
         raise TinyserveError("zero points are only defined for int4 (int8 is symmetric)")

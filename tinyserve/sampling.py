@@ -60,7 +60,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tinyserve.errors import TinyserveError
+from tinyserve.errors import TinyserveError, is_integer
 
 __all__ = [
     "SamplingParams",
@@ -77,11 +77,6 @@ def _bad(name: str, value, rule: str) -> TinyserveError:
 
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def is_integer(value) -> bool:
-    """An integer, Python's or NumPy's, and not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
