@@ -1810,6 +1810,9 @@ PACK = VNNI and AVX512 and os.environ.get("TINYSERVE_PACK", "") != "0"
 # Bytes ahead in a block's run that the packed kernel prefetches: llama-1b decode steps with int8 activations,
 # distances alternating step by step in one process (sixth session), median ms: int8 1 / 2 / 4 / 8 KiB 48.7 /
 # 54.9 / 49.1 / 49.5; int4 0 / 1 / 2 / 3 / 4 / 8 / 16 KiB 37.0 / 33.7 / 29.7-30.5 / 31.0 / 31.6-32.4 / 31.4 / 32.0.
+# (With 4 or more rows of x the same distances are asked for line by line as the steps go: _pk_block. There,
+# int8 at 16 rows from memory on the AMD machine, G multiply-adds/s: none 180-196, 1 KiB 222-231, 4 KiB
+# 249-259, 8 KiB 242-259, 16 / 32 KiB 235-249; fifteenth session.)
 PREFETCH_PK8 = 4096
 PREFETCH_PK4 = 2048
 # ...and each group once more, this many bytes further on, into L2 (0: not). Decode steps alternating in one
