@@ -111,6 +111,21 @@ def test_one_row_f32_kernels_agree_bit_for_bit(out, k):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("out,k,G", [(4, 32, 32), (7, 100, 32), (37, 389, 64), (64, 512, 128), (130, 700, 256)])
+@pytest.mark.parametrize("n", [4, 5, 7, 16, 31])
+def test_int8_rows_of_a_batch_equal_each_row_alone(out, k, G, n, monkeypatch):
+    """int8 weights, float activations: a batch's rows go through the register tile (_q8_tile4) four at a time
+    and the rest through _q8_rows4, one row alone through _q8_rows4; the tile does _q8_rows4's operations in
+    its order, so each row of x gets the same bits in a batch as alone."""
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "float32")
+    rng = rng_for("int8 batch rows", out, k, G, n)
+    w = quant.quantize(_weights(rng, out, k), 8, G)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    batch = cpu.linear(x, w)
+    alone = np.concatenate([cpu.linear(x[i:i + 1], w) for i in range(n)])
+    np.testing.assert_array_equal(batch, alone)
+
+
 def test_linear_keeps_leading_dims_and_readonly_weights():
     rng = rng_for("lead")
     w = quant.quantize(_weights(rng, 8, 64), 4, 32)

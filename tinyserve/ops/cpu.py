@@ -724,14 +724,18 @@ def _q8_tile4(typingctx, q, start, x, n0, s, srow, ng, G, ahead):
     four rows of float32 x (n0 .. n0 + 3 of the C-contiguous (N, Kp) x): UniTuple(float32, 16), item 4c + r
     = sum_k (float(q[o, k]) * s[o, k // G]) * x[n0 + c, k]. s is flat (O * ng).
 
-    A register tile for batches: per step, 16 weights of each row are widened, converted and multiplied by
-    their group's scale (exactly quant.dequantize's value: one rounding), then multiply-added with 16 values
-    of each of the 4 rows of x into 16 float32 lanes per (row, row of x): each weight converted once serves
-    4 rows of x, each value of x loaded once serves 4 weight rows. 16 accumulators, 4 weight vectors, 4 of
-    x and 4 scales fill 28 of the 32 vector registers. Exactly dequantize(W) @ x up to float32 rounding,
-    like _q8_rows4 (which adds per group first and scales the group's sum: cheaper per byte, for one row of
-    x at a time). stories110M and Llama-3.2-1B shapes, 2 threads, GFLOP/s against the tiled panel kernel
-    (docs/performance.md): 4 rows 158-188 / 81-100, 16 rows 163-178 / 133-156, 32 rows 169-205 / 155-182.
+    A register tile for batches: per step, 16 weights of each row are widened and converted (exact), then
+    multiply-added with 16 values of each of the 4 rows of x into 16 float32 lanes per (row, row of x), the
+    group's sum; at the group's end each is multiply-added by the row's scale into 16 lanes, added together
+    at the end. Each weight converted once serves 4 rows of x, each value of x loaded once serves 4 weight
+    rows. That is _q8_rows4's arithmetic, operation for operation, for each (row, row of x), so a row of x
+    gets the same bits in a batch as alone (tested). Exactly dequantize(W) @ x up to float32 rounding. The 16
+    group sums and 16 totals are more than the registers hold: the totals, touched once a group, wait in
+    L1. (Until the fifteenth session each weight was multiplied by its scale per step, 16 accumulators: one
+    multiply more per 4 multiply-adds, and on the AMD Zen 4 machine 84 against 92 G multiply-adds/s at 16
+    rows, stories110M's matrices, 2 threads.) stories110M and Llama-3.2-1B shapes, 2 threads, GFLOP/s
+    against the tiled panel kernel, with the multiply per step (docs/performance.md): 4 rows 158-188 /
+    81-100, 16 rows 163-178 / 133-156, 32 rows 169-205 / 155-182.
     """
     V = 16
 
@@ -746,19 +750,24 @@ def _q8_tile4(typingctx, q, start, x, n0, s, srow, ng, G, ahead):
         rows, srows = gen.block_rows(st, Kp, sr, ngv)
         xrows = [builder.mul(builder.add(n0v, gen.const(c)), Kp) for c in range(4)]  # x[n0 + c, 0]
         four_groups = builder.mul(Gv, gen.const(4))
+        parts = {rc: cgutils.alloca_once(builder, vf) for rc in R}  # the group's unscaled sums
         with cgutils.for_range(builder, ngv) as group:
             g = group.index
             gbase = builder.mul(g, Gv)
             gen.prefetch_ahead(qty, qa, st, g, four_groups, ah, 3, PREFETCH_FAR)  # 4 G bytes per group
-            scales = [gen.splat(gen.load(sty, sa, builder.add(srows[r], g), _F32, 4), vf) for r in range(4)]
+            for rc in R:
+                builder.store(ir.Constant(vf, None), parts[rc])
             with cgutils.for_range(builder, builder.udiv(Gv, gen.const(V))) as step:
                 o = builder.add(gbase, builder.mul(step.index, gen.const(V)))
                 xv = [gen.load(xty, xa, builder.add(xrows[c], o), vf, 4) for c in range(4)]
                 for r in range(4):
                     w = builder.sitofp(gen.load(qty, qa, builder.add(rows[r], o), vb), vf)  # exact
-                    w = builder.fmul(w, scales[r])  # the dequantized weight, rounded once
                     for c in range(4):
-                        builder.store(gen.muladd(w, xv[c], builder.load(sums[r, c])), sums[r, c])
+                        builder.store(gen.muladd(w, xv[c], builder.load(parts[r, c])), parts[r, c])
+            for r in range(4):  # the group's scale, as _q8_rows4 applies it
+                scale = gen.splat(gen.load(sty, sa, builder.add(srows[r], g), _F32, 4), vf)
+                for c in range(4):
+                    builder.store(gen.muladd(builder.load(parts[r, c]), scale, builder.load(sums[r, c])), sums[r, c])
         return context.make_tuple(builder, sig.return_type, [gen.total(builder.load(sums[rc])) for rc in R])
 
     return types.UniTuple(types.float32, 16)(q, start, x, n0, s, srow, ng, G, ahead), codegen
