@@ -1996,6 +1996,7 @@ def _pk_block(nx):
             with cgutils.for_range(builder, ngv) as grp:
                 g = grp.index
                 gstart = builder.add(ps, builder.mul(g, gbytes))
+
                 def prefetch(at, nbytes):  # the bytes from `at` on, `ahead` bytes on (and `far` more, into L2)
                     with builder.if_then(builder.icmp_signed(">", ah, const(0))):
                         gen.prefetch(pbase, builder.add(at, ah), nbytes, 3)
