@@ -64,7 +64,7 @@ FORMATS = [("f32", None, False), ("int8", 8, False), ("int4", 4, False), ("int4-
 
 
 @pytest.mark.parametrize("fmt,bits,zp", FORMATS, ids=[f[0] for f in FORMATS])
-@pytest.mark.parametrize("N", [1, 3, 4, 8, 17, 33])  # both sides of GEMM_MIN_ROWS (4) and GEMM_MIN_ROWS_Q8/_Q4 (32)
+@pytest.mark.parametrize("N", [1, 3, 4, 8, 17, 33, 65])  # both sides of GEMM_MIN_ROWS (4) and GEMM_MIN_ROWS_Q8/_Q4 (8-64)
 @pytest.mark.parametrize("out,k,group", [(5, 32, 32), (37, 100, 32), (19, 200, 64), (33, 389, 128), (16, 300, 256)])
 def test_linear_matches_reference(fmt, bits, zp, N, out, k, group):
     rng = rng_for("linear", fmt, N, out, k, group)

@@ -86,8 +86,8 @@ CACHE_DTYPES = (F32_DTYPE, np.dtype(np.float16))
 # use the matrix-vector kernels, which read each weight once per row of x and never unpack a panel.
 # float32 weights:
 GEMM_MIN_ROWS = 4
-# Quantized weights stay on the matrix-vector kernels up to 31 rows: they take rows of x four at a time
-# through a register tile (_q8_tile4, _q4_tile4: each weight converted and scaled once for 4 rows of x), which
+# Quantized weights stay on the matrix-vector kernels up to 31 rows (63 on AMD Zen): they take rows of x four at
+# a time through a register tile (_q8_tile4, _q4_tile4: each weight converted once for 4 rows of x), which
 # beats the tiled panel kernel up to ~32 rows (fourth session, 2 threads, GFLOP/s tile / panel):
 #   int8, stories110M 2048 x 768: 4 rows 158 / 87, 8 rows 166 / 114, 16 rows 178 / 149, 24 rows 183 / 165,
 #         32 rows 169 / 173, 64 rows 167 / 184 (Llama-3.2-1B 2048 x 8192 and 8192 x 2048 alike);
@@ -95,7 +95,7 @@ GEMM_MIN_ROWS = 4
 #         188 / 170; 8192 x 2048: 4 rows 181 / 62, 16 rows 171 / 122, 32 rows 179-188 / 147-153.
 # (Before the tiles, int4 crossed over at 8 rows and int8 at 4.) Prefill takes the panel kernels: with
 # hundreds of rows, x no longer stays in cache while a block of weights meets all of it. That is with
-# AVX-512; on CPUs without it the tiles cross over at 8 rows (see where AVX512 is set below).
+# AVX-512; on CPUs without it the tiles cross over at 8 rows, on AMD Zen at ~96 (see where AVX512 is set below).
 GEMM_MIN_ROWS_Q8 = GEMM_MIN_ROWS_Q4 = 32
 # With int8 activations (ACTIVATIONS = "int8") the integer matrix-vector kernels stay faster than the tiled
 # float kernels up to ~32 rows (stories110M shapes, 2 threads, GFLOP/s tiled / integer: 4 rows 84-96 /
@@ -317,6 +317,13 @@ if not AVX512:
     # the Sapphire Rapids machine), 2048 x 768, GFLOP/s tile / panel: int8 4 rows 70 / 59, 8 rows 75 / 74,
     # 16 rows 72 / 84; int4 4 rows 65 / 61, 8 rows 66 / 82, 16 rows 67 / 97.
     GEMM_MIN_ROWS_Q8 = GEMM_MIN_ROWS_Q4 = 8
+elif ZEN:
+    # On AMD Zen 4 the tiles stay ahead of the panel kernel further (fifteenth session, after the int8 tile
+    # began summing groups before scaling; 1B shapes, copies past the caches, 2 threads, ms tile / panel):
+    # int8 8192 x 2048 32 rows 5.67 / 6.54, 48 rows 8.70 / 9.34, 64 rows 11.42 / 12.29, 96 rows 18.7 / 19.8,
+    # 128 rows 27.5 / 27.0, 256 rows 52.3 / 49.9; 2048 x 8192 32 rows 5.67 / 6.66, 64 rows 12.47 / 13.06;
+    # int4 8192 x 2048 32 rows 5.69 / 6.47, 48 rows 8.05 / 9.44, 64 rows 12.39 / 13.91, 96 rows 17.4 / 16.5.
+    GEMM_MIN_ROWS_Q8 = GEMM_MIN_ROWS_Q4 = 64
 
 
 # LLVM IR for the explicit-vector kernels (intrinsics): types and helpers.
