@@ -9,8 +9,8 @@ Each op is two pieces:
 
 Linear layers (the time of a step) have two paths:
 
-- few rows (decode, batches of up to 31 for quantized weights, 63 on AMD Zen): a matrix-vector product per row,
-  reading each weight byte once. Memory bandwidth is the ceiling; the kernels stream the weights' own
+- few rows (decode, batches of up to 31 for quantized weights, 63 on AMD Zen): a matrix-vector product per
+  weight row, reading each weight byte once. Memory bandwidth is the ceiling; the kernels stream the weights' own
   format (float32, int8, packed int4) and never materialize a dequantized matrix. The quantized ones take
   4 weight rows at a time through intrinsics that write LLVM vector code (_q8_rows4, _q4_rows4, _a8_block;
   helpers in _Gen): on this hardware the speed from memory follows the instructions issued per byte
