@@ -677,107 +677,76 @@ def _q8_dot(qrow, srow, xr, G, ng):
     return acc
 
 
-@intrinsic
-def _q8_rows4(typingctx, q, start, x, s, srow, ng, G, ahead):
-    """Four int8 weight rows (o = srow .. srow + 3, bytes from q[start], rows Kp = ng * G bytes apart)
-    against float32 x: UniTuple(float32, 4), row r = sum_g s[srow + r, g] * sum_j float(q[o, g, j]) * x[g, j].
-    s is flat (O * ng). Exactly dequantize(W) @ x up to float32 rounding, like _q8_dot.
+def _q8_block(nx):
+    """An intrinsic for four int8 weight rows (o = srow .. srow + 3, bytes from q[start], rows Kp = ng * G
+    bytes apart) against nx rows of float32 x (n0 .. n0 + nx - 1 of the C-contiguous (N, Kp) x):
 
-    Per step, 16 weights of each row are widened and converted to float32 (vpmovsxbd + vcvtdq2ps) and
-    multiply-added with 16 values of x loaded once for the 4 rows, into a 16-lane partial sum per row; at
-    the end of a group the partial sums are multiply-added by the group's scale into 16 float32 lanes per
-    row, and only the row's end adds lanes together. Written as a Numba loop, the same sum ends every group
-    with a horizontal sum per row (what LLVM makes of `t += ...` then `a += t * s`), which cost ~20% of
-    the work; here 16 lanes are 512-bit vectors where the CPU has them (two 256-bit halves elsewhere).
-    From memory (8192 x 2048, G 128, 2 threads): 18.5-19.5 GB/s against 14.3-15.8 for the Numba loop.
-    The 4 rows' bytes `ahead` on are prefetched once per group into L1, and PREFETCH_FAR further on into
-    L2 (0: none).
+        _q8_rowsN(q, start, x, n0, s, srow, ng, G, ahead) -> UniTuple(float32, 4 nx)
+
+    item 4c + r = sum_g s[srow + r, g] * sum_j float(q[o, g, j]) * x[n0 + c, g, j]; s is flat (O * ng).
+    Exactly dequantize(W) @ x up to float32 rounding, like _q8_dot.
+
+    Per step, 16 weights of each row are widened and converted to float32 (vpmovsxbd + vcvtdq2ps, exact) and
+    multiply-added with 16 values of each row of x into a 16-lane sum of the group per (row, row of x); at
+    the group's end each is multiply-added by the row's scale into 16 float32 lanes, and only the end adds
+    lanes together. Written as a Numba loop, the same sum ends every group with a horizontal sum per row
+    (what LLVM makes of `t += ...` then `a += t * s`), which cost ~20% of the work; here 16 lanes are 512-bit
+    vectors where the CPU has them (two 256-bit halves elsewhere). From memory (8192 x 2048, G 128, 2
+    threads), one row of x: 18.5-19.5 GB/s against 14.3-15.8 for the Numba loop. Each value of x loaded
+    serves the 4 weight rows, and with nx = 4 (_q8_tile4, a register tile for batches) each weight converted
+    serves 4 rows of x. Every (row, row of x) goes through the same operations in the same order whatever
+    nx, so a row of x gets the same bits in a batch as alone (tested). At nx = 4 the 16 group sums and 16
+    totals are more than the registers hold: the totals, touched once a group, wait in L1. (Until the
+    fifteenth session the tile multiplied each weight by its scale per step, 16 accumulators: one multiply
+    more per 4 multiply-adds, and on the AMD Zen 4 machine 84 against 92 G multiply-adds/s at 16 rows,
+    stories110M's matrices, 2 threads. With it, stories110M and Llama-3.2-1B shapes, 2 threads, GFLOP/s
+    against the tiled panel kernel, docs/performance.md: 4 rows 158-188 / 81-100, 16 rows 163-178 / 133-156,
+    32 rows 169-205 / 155-182.) The 4 rows' bytes `ahead` on are prefetched once per group into L1, and
+    PREFETCH_FAR further on into L2 (0: none).
     """
     V = 16
 
-    def codegen(context, builder, sig, args):
-        qa, st, xa, sa, sr, ngv, Gv, ah = args
-        gen = _Gen(context, builder, st.type)
-        qty, xty, sty = sig.args[0], sig.args[2], sig.args[3]
-        vb, vf = _vec(_I8, V), _vec(_F32, V)
-        Kp = builder.mul(ngv, Gv)
-        sums = [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(4)]
-        part = [cgutils.alloca_once(builder, vf) for _ in range(4)]
-        rows, srows = gen.block_rows(st, Kp, sr, ngv)
-        four_groups = builder.mul(Gv, gen.const(4))
-        with cgutils.for_range(builder, ngv) as group:
-            g = group.index
-            gbase = builder.mul(g, Gv)
-            gen.prefetch_ahead(qty, qa, st, g, four_groups, ah, 3, PREFETCH_FAR)  # 4 G bytes per group
-            for r in range(4):
-                builder.store(ir.Constant(vf, None), part[r])
-            with cgutils.for_range(builder, builder.udiv(Gv, gen.const(V))) as step:
-                o = builder.add(gbase, builder.mul(step.index, gen.const(V)))
-                xv = gen.load(xty, xa, o, vf, 4)
-                for r in range(4):
-                    w = builder.sitofp(gen.load(qty, qa, builder.add(rows[r], o), vb), vf)  # exact
-                    builder.store(gen.muladd(w, xv, builder.load(part[r])), part[r])
-            for r in range(4):
-                scale = gen.splat(gen.load(sty, sa, builder.add(srows[r], g), _F32, 4), vf)
-                builder.store(gen.muladd(builder.load(part[r]), scale, builder.load(sums[r])), sums[r])
-        return context.make_tuple(builder, sig.return_type, [gen.total(builder.load(a)) for a in sums])
+    @intrinsic
+    def block(typingctx, q, start, x, n0, s, srow, ng, G, ahead):
+        def codegen(context, builder, sig, args):
+            qa, st, xa, n0v, sa, sr, ngv, Gv, ah = args
+            gen = _Gen(context, builder, st.type)
+            qty, xty, sty = sig.args[0], sig.args[2], sig.args[4]
+            vb, vf = _vec(_I8, V), _vec(_F32, V)
+            Kp = builder.mul(ngv, Gv)
+            R = [(r, c) for c in range(nx) for r in range(4)]  # item 4c + r of the result
+            sums = {rc: cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for rc in R}
+            parts = {rc: cgutils.alloca_once(builder, vf) for rc in R}  # the group's unscaled sums
+            rows, srows = gen.block_rows(st, Kp, sr, ngv)
+            xrows = [builder.mul(builder.add(n0v, gen.const(c)), Kp) for c in range(nx)]  # x[n0 + c, 0]
+            four_groups = builder.mul(Gv, gen.const(4))
+            with cgutils.for_range(builder, ngv) as group:
+                g = group.index
+                gbase = builder.mul(g, Gv)
+                gen.prefetch_ahead(qty, qa, st, g, four_groups, ah, 3, PREFETCH_FAR)  # 4 G bytes per group
+                for rc in R:
+                    builder.store(ir.Constant(vf, None), parts[rc])
+                with cgutils.for_range(builder, builder.udiv(Gv, gen.const(V))) as step:
+                    o = builder.add(gbase, builder.mul(step.index, gen.const(V)))
+                    xv = [gen.load(xty, xa, builder.add(xrows[c], o), vf, 4) for c in range(nx)]
+                    for r in range(4):
+                        w = builder.sitofp(gen.load(qty, qa, builder.add(rows[r], o), vb), vf)  # exact
+                        for c in range(nx):
+                            builder.store(gen.muladd(w, xv[c], builder.load(parts[r, c])), parts[r, c])
+                for r in range(4):  # the group's scale
+                    scale = gen.splat(gen.load(sty, sa, builder.add(srows[r], g), _F32, 4), vf)
+                    for c in range(nx):
+                        builder.store(gen.muladd(builder.load(parts[r, c]), scale, builder.load(sums[r, c])),
+                                      sums[r, c])
+            return context.make_tuple(builder, sig.return_type, [gen.total(builder.load(sums[rc])) for rc in R])
 
-    return types.UniTuple(types.float32, 4)(q, start, x, s, srow, ng, G, ahead), codegen
+        return types.UniTuple(types.float32, 4 * nx)(q, start, x, n0, s, srow, ng, G, ahead), codegen
+
+    return block
 
 
-@intrinsic
-def _q8_tile4(typingctx, q, start, x, n0, s, srow, ng, G, ahead):
-    """Four int8 weight rows (o = srow .. srow + 3, bytes from q[start], rows Kp = ng * G bytes apart) against
-    four rows of float32 x (n0 .. n0 + 3 of the C-contiguous (N, Kp) x): UniTuple(float32, 16), item 4c + r
-    = sum_k (float(q[o, k]) * s[o, k // G]) * x[n0 + c, k]. s is flat (O * ng).
-
-    A register tile for batches: per step, 16 weights of each row are widened and converted (exact), then
-    multiply-added with 16 values of each of the 4 rows of x into 16 float32 lanes per (row, row of x), the
-    group's sum; at the group's end each is multiply-added by the row's scale into 16 lanes, added together
-    at the end. Each weight converted once serves 4 rows of x, each value of x loaded once serves 4 weight
-    rows. That is _q8_rows4's arithmetic, operation for operation, for each (row, row of x), so a row of x
-    gets the same bits in a batch as alone (tested). Exactly dequantize(W) @ x up to float32 rounding. The 16
-    group sums and 16 totals are more than the registers hold: the totals, touched once a group, wait in
-    L1. (Until the fifteenth session each weight was multiplied by its scale per step, 16 accumulators: one
-    multiply more per 4 multiply-adds, and on the AMD Zen 4 machine 84 against 92 G multiply-adds/s at 16
-    rows, stories110M's matrices, 2 threads.) stories110M and Llama-3.2-1B shapes, 2 threads, GFLOP/s
-    against the tiled panel kernel, with the multiply per step (docs/performance.md): 4 rows 158-188 /
-    81-100, 16 rows 163-178 / 133-156, 32 rows 169-205 / 155-182.
-    """
-    V = 16
-
-    def codegen(context, builder, sig, args):
-        qa, st, xa, n0v, sa, sr, ngv, Gv, ah = args
-        gen = _Gen(context, builder, st.type)
-        qty, xty, sty = sig.args[0], sig.args[2], sig.args[4]
-        vb, vf = _vec(_I8, V), _vec(_F32, V)
-        Kp = builder.mul(ngv, Gv)
-        R = [(r, c) for c in range(4) for r in range(4)]  # item 4c + r of the result
-        sums = {rc: cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for rc in R}
-        rows, srows = gen.block_rows(st, Kp, sr, ngv)
-        xrows = [builder.mul(builder.add(n0v, gen.const(c)), Kp) for c in range(4)]  # x[n0 + c, 0]
-        four_groups = builder.mul(Gv, gen.const(4))
-        parts = {rc: cgutils.alloca_once(builder, vf) for rc in R}  # the group's unscaled sums
-        with cgutils.for_range(builder, ngv) as group:
-            g = group.index
-            gbase = builder.mul(g, Gv)
-            gen.prefetch_ahead(qty, qa, st, g, four_groups, ah, 3, PREFETCH_FAR)  # 4 G bytes per group
-            for rc in R:
-                builder.store(ir.Constant(vf, None), parts[rc])
-            with cgutils.for_range(builder, builder.udiv(Gv, gen.const(V))) as step:
-                o = builder.add(gbase, builder.mul(step.index, gen.const(V)))
-                xv = [gen.load(xty, xa, builder.add(xrows[c], o), vf, 4) for c in range(4)]
-                for r in range(4):
-                    w = builder.sitofp(gen.load(qty, qa, builder.add(rows[r], o), vb), vf)  # exact
-                    for c in range(4):
-                        builder.store(gen.muladd(w, xv[c], builder.load(parts[r, c])), parts[r, c])
-            for r in range(4):  # the group's scale, as _q8_rows4 applies it
-                scale = gen.splat(gen.load(sty, sa, builder.add(srows[r], g), _F32, 4), vf)
-                for c in range(4):
-                    builder.store(gen.muladd(builder.load(parts[r, c]), scale, builder.load(sums[r, c])), sums[r, c])
-        return context.make_tuple(builder, sig.return_type, [gen.total(builder.load(sums[rc])) for rc in R])
-
-    return types.UniTuple(types.float32, 16)(q, start, x, n0, s, srow, ng, G, ahead), codegen
+_q8_rows4 = _q8_block(1)  # one row of x: the matrix-vector form of register tiling
+_q8_tile4 = _q8_block(4)  # four rows of x: the register tile for batches
 
 
 @parallel_kernel(fastmath=REDUCE)
@@ -807,7 +776,7 @@ def _gemv_q8(x, q, s, y, ahead):
             t = _q8_tile4(flat, o0 * Kp, x, n, sf, o0, ng, G, ahead if n == 0 else 0)
             _put_block(y, n, o0, t, 4)
         for n in range(N4, N):
-            y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _q8_rows4(flat, o0 * Kp, x[n], sf, o0, ng, G,
+            y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _q8_rows4(flat, o0 * Kp, x, n, sf, o0, ng, G,
                                                                             ahead if n == 0 else 0)
 
 
