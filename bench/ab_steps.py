@@ -8,7 +8,11 @@ are worth. Here the old tree (git revision REV of this repository, exported with
 temporary directory and imported under the package name `tinyserve_old`) and the working tree each load the
 same random weights (`bench.load_for_bench`), and their decode steps alternate (old, new, then new, old, ...)
 on caches of their own: neighbouring steps see the same machine, so the figure is the median over pairs of
-new step time / old step time, with its quartiles. Options such as TINYSERVE_INT8_ACTIVATIONS apply to both
+new step time / old step time, with its quartiles. (Not free of bias: on the AMD machine, fifteenth session,
+the llama-1b shape against itself, HEAD as both trees, gave 1.051 [1.028, 1.136], and a change measured both
+ways round 1.152 one way in a fast minute and 0.981 the other way in a slow one: the tree loaded second reads
+its 1.3 GB of weights slower when memory is fast. Run a change both ways round when the figure is within
+~10% on the 1B shape.) Options such as TINYSERVE_INT8_ACTIVATIONS apply to both
 trees (set them in the environment). Numba compiles the old tree's kernels on first use (cached afterwards).
 
 --linears: instead of whole steps, one pass over the model's matrices (each layer's stacked q/k/v, o,
