@@ -139,7 +139,10 @@ def read_kernel():
     return _read_kernel
 
 
-def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7, buffer: np.ndarray | None = None) -> float:
+READ_PASS_BYTES = 512 * 2**20  # far larger than any last-level cache here (32 MiB)
+
+
+def measure_bandwidth(nbytes: int = READ_PASS_BYTES, repeats: int = 7, buffer: np.ndarray | None = None) -> float:
     """Read bandwidth in bytes/s: the best of `repeats` parallel passes over a buffer far larger than L3
     (`buffer`, a float32 array, or a new one of nbytes)."""
     kern = read_kernel()
@@ -167,7 +170,7 @@ def bandwidth_meter(backend: str):
     own = getattr(get_ops(backend), "measure_bandwidth", None)
     if own is not None:
         return own
-    buffer = np.ones(512 * 2**20 // 4, dtype=np.float32)
+    buffer = np.ones(READ_PASS_BYTES // 4, dtype=np.float32)
     return functools.partial(measure_bandwidth, buffer=buffer)
 
 
