@@ -115,8 +115,8 @@ def test_one_row_f32_kernels_agree_bit_for_bit(out, k):
 @pytest.mark.parametrize("n", [4, 5, 7, 16, 31])
 def test_int8_rows_of_a_batch_equal_each_row_alone(out, k, G, n, monkeypatch):
     """int8 weights, float activations: a batch's rows go through the register tile (_q8_tile4) four at a time
-    and the rest through _q8_rows4, one row alone through _q8_rows4; the tile does _q8_rows4's operations in
-    its order, so each row of x gets the same bits in a batch as alone."""
+    and the rest through _q8_rows4, one row alone through _q8_rows4; both come from _q8_block, which does the
+    same operations in the same order for each row of x, so each row gets the same bits in a batch as alone."""
     monkeypatch.setattr(cpu, "ACTIVATIONS", "float32")
     rng = rng_for("int8 batch rows", out, k, G, n)
     w = quant.quantize(_weights(rng, out, k), 8, G)
