@@ -2,6 +2,7 @@
 
     python bench/ab_steps.py --old REV [--shape stories110M] [--quant int8] [--batch 16] [--kv-dtype float32]
                              [--steps 24] [--position 32] [--linears]
+    python bench/ab_steps.py --switch Q4_DIGITS --shape llama-1b --quant int4 --batch 1
 
 On a shared machine two runs of `tinyserve bench` a minute apart differ by 10-30%, more than most changes
 are worth. Here the old tree (git revision REV of this repository, exported with `git archive` into a
@@ -14,6 +15,10 @@ ways round 1.152 one way in a fast minute and 0.981 the other way in a slow one:
 its 1.3 GB of weights slower when memory is fast. Run a change both ways round when the figure is within
 ~10% on the 1B shape.) Options such as TINYSERVE_INT8_ACTIVATIONS apply to both
 trees (set them in the environment). Numba compiles the old tree's kernels on first use (cached afterwards).
+
+--switch NAME: one tree and one model instead of two; the steps alternate with the boolean tinyserve.ops.cpu.NAME
+off ("old") and on ("new"), for a switch the kernels' callers read at each call (Q4_DIGITS). One copy of
+the weights, so none of the two-tree bias above.
 
 --linears: instead of whole steps, one pass over the model's matrices (each layer's stacked q/k/v, o,
 stacked gate/up and down, then the output head), one `linear` call each on `--batch` random rows: a step's
@@ -71,7 +76,9 @@ def _linear_pass(llm, rows: int):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--old", required=True, help="git revision to compare the working tree with")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--old", help="git revision to compare the working tree with")
+    which.add_argument("--switch", help="a boolean of tinyserve.ops.cpu, off (old) against on (new), one model")
     p.add_argument("--shape", default="stories110M")
     p.add_argument("--quant", default="int8")
     p.add_argument("--batch", type=int, default=16)
@@ -82,21 +89,43 @@ def main() -> int:
     p.add_argument("--linears", action="store_true", help="time passes over the matrices, not decode steps")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            export_old(args.old, Path(tmp))
-        except subprocess.CalledProcessError as e:
-            print(f"cannot export {args.old!r}: {e.stderr.decode().strip() if e.stderr else e}", file=sys.stderr)
-            return 2
-        sys.path.insert(0, tmp)
         sys.path.insert(0, str(ROOT))
-        old_bench = importlib.import_module("tinyserve_old.bench")
-        new_bench = importlib.import_module("tinyserve.bench")
         kv = {} if args.kv_dtype == "float32" else {"kv_dtype": args.kv_dtype}  # an old tree may not know kv_dtype
-        models = {"old": old_bench.load_for_bench(None, args.shape, "cpu", args.quant, **kv)[1],
-                  "new": new_bench.load_for_bench(None, args.shape, "cpu", args.quant, **kv)[1]}
+        if args.switch:
+            from tinyserve.ops import cpu
+
+            if not isinstance(getattr(cpu, args.switch, None), bool):
+                print(f"tinyserve.ops.cpu has no boolean {args.switch!r}", file=sys.stderr)
+                return 2
+            llm = importlib.import_module("tinyserve.bench").load_for_bench(None, args.shape, "cpu", args.quant, **kv)[1]
+            models = {"old": llm, "new": llm}
+
+            def switched(k, fn):
+                def run(i):
+                    saved = getattr(cpu, args.switch)
+                    setattr(cpu, args.switch, k == "new")
+                    try:
+                        fn(i)
+                    finally:
+                        setattr(cpu, args.switch, saved)
+                return run
+        else:
+            try:
+                export_old(args.old, Path(tmp))
+            except subprocess.CalledProcessError as e:
+                print(f"cannot export {args.old!r}: {e.stderr.decode().strip() if e.stderr else e}", file=sys.stderr)
+                return 2
+            sys.path.insert(0, tmp)
+            old_bench = importlib.import_module("tinyserve_old.bench")
+            new_bench = importlib.import_module("tinyserve.bench")
+            models = {"old": old_bench.load_for_bench(None, args.shape, "cpu", args.quant, **kv)[1],
+                      "new": new_bench.load_for_bench(None, args.shape, "cpu", args.quant, **kv)[1]}
+
+            def switched(k, fn):
+                return fn
         B = args.batch
         if args.linears:
-            step = {k: _linear_pass(m, B) for k, m in models.items()}
+            step = {k: switched(k, _linear_pass(m, B)) for k, m in models.items()}
         else:
             context = args.position + args.steps + 4
             caches = {k: m.new_cache(B, context) for k, m in models.items()}
@@ -105,7 +134,7 @@ def main() -> int:
             def decode(k, i):
                 models[k].forward(tokens, np.full(B, args.position + i), slots, caches[k], phase="decode")
 
-            step = {k: functools.partial(decode, k) for k in models}
+            step = {k: switched(k, functools.partial(decode, k)) for k in models}
         times = {"old": [], "new": []}
         for i in range(args.steps + 2):  # the first two pairs warm the caches up and are dropped
             for k in (("old", "new") if i % 2 == 0 else ("new", "old")):
@@ -115,6 +144,7 @@ def main() -> int:
         old, new = (np.array(times[k][2:]) for k in ("old", "new"))
         ratio = new / old
         env = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("TINYSERVE_"))
+        env += f" (cpu.{args.switch} off = old, on = new)" if args.switch else ""
         what = "linears" if args.linears else f"kv {args.kv_dtype} position {args.position}"
         print(f"{args.shape} {args.quant} batch {B} {what} {env}: {'pass' if args.linears else 'step'} old "
               f"{np.median(old) * 1e3:.2f} ms, new {np.median(new) * 1e3:.2f} ms; new / old, median of "

@@ -155,7 +155,7 @@ def bench_few_rows(rng, reps, out=2048, k=2048):
                 tv = time_calls(cpu._gemv_q8, [(x, cpu._weight(w.data), cpu._weight(w.scales), y, cpu.PREFETCH_Q8)], reps)
                 tg = time_calls(cpu._gemm_quant, [(x, cpu._weight(w.data), cpu._weight(w.scales), cpu._NO_ZEROS, False, 8, y, 64)], reps)
             else:
-                tv = time_calls(cpu._gemv_q4, [(x, cpu._weight(w.data), cpu._weight(w.scales), cpu._NO_ZEROS, False, y, cpu.PREFETCH_Q4)], reps)
+                tv = time_calls(cpu._gemv_q4, [(x, cpu._weight(w.data), cpu._weight(w.scales), cpu._NO_ZEROS, False, y, cpu.PREFETCH_Q4, cpu.Q4_DIGITS)], reps)
                 tg = time_calls(cpu._gemm_quant, [(x, cpu._weight(w.data), cpu._weight(w.scales), cpu._NO_ZEROS, False, 4, y, 64)], reps)
             rows.append((fmt, n, tv * 1e3, tg * 1e3))
     return rows

@@ -126,6 +126,100 @@ def test_int8_rows_of_a_batch_equal_each_row_alone(out, k, G, n, monkeypatch):
     np.testing.assert_array_equal(batch, alone)
 
 
+def _x_in_digits(x: np.ndarray, G: int) -> tuple:
+    """(x~, scales): x as _x_digits leaves it, rebuilt from its digits in float64 (rows padded to whole groups)."""
+    N, Kp = x.shape
+    xt, scales = np.empty((N, Kp)), np.empty((N, Kp // G))
+    for n in range(N):
+        xd, xs, xc = np.empty((3, Kp), np.int8), np.empty(Kp // G, np.float32), np.empty(Kp // G, np.float32)
+        assert cpu._x_digits(x, n, G, xd, xs, xc)
+        d = xd.astype(np.int64)
+        v = d[0] + 256 * d[1] + 65536 * d[2]
+        assert np.abs(v).max() <= cpu.X_DIGITS_MAX
+        xt[n] = (v.reshape(-1, G) * xs[:, None].astype(np.float64)).reshape(-1)
+        scales[n] = xs
+        np.testing.assert_allclose(xc, xs.astype(np.float64) * v.reshape(-1, G).sum(1), rtol=2 * EPS)
+    return xt, scales
+
+
+def _outliers(rng, n, k):
+    """Rows of x with a large value in some groups (as real activations have), one group all zeros and one of
+    values far below float32's normal range relative to the rest: what rounding x per group must survive."""
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    x[:, 3] = 3e5
+    x[:, min(k - 1, 130)] *= -1e3
+    x[:, 128:min(k, 160)] *= 1e-30
+    x[:, max(0, k - 64):] = 0
+    return x
+
+
+@pytest.mark.parametrize("out,k,G,zp", [(4, 128, 128, False), (13, 256, 128, True), (37, 389, 128, False),
+                                       (64, 512, 256, True), (130, 1000, 256, False), (9, 2048, 128, True)])
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_int4_digits_kernel_computes_dequantized_w_times_x_rounded_per_group(out, k, G, zp, n):
+    """int4, one row of x at a time through vpdpbusd (_q4_digits4): x is first rounded per group to a 24-bit
+    integer times a scale (_x_digits: within half a float32 ulp of the group's largest |x|), then the product
+    is exact integers, converted once per group. The kernel's result is dequantize(W) @ x~ up to float32
+    rounding, and so within that rounding plus sum_g (scale_g / 2) sum|w_g| of dequantize(W) @ x. x has
+    large values, zeros and tiny values. (Both bounds are worst cases of float32 sums, loose enough to hold the
+    float kernel's result too, so the last check is that the result is not the float kernel's.)"""
+    rng = rng_for("int4 digits", out, k, G, zp, n)
+    w = quant.quantize(_weights(rng, out, k), 4, G, zp)
+    x = _outliers(rng, n, k)
+    xp = cpu._padded(x, w.padded_in)
+    y = np.empty((n, out), np.float32)
+    z, asym = cpu._quant_zeros(w)
+    cpu._gemv_q4(xp, cpu._weight(w.data), cpu._weight(w.scales), z, asym, y, cpu.PREFETCH_Q4, True)
+    wd = quant.dequantize(w).astype(np.float64)
+    kp = w.padded_in
+    mag = np.zeros((out, kp))
+    mag[:, :k] = _magnitude(w)
+    xt, scales = _x_in_digits(xp, G)
+    rows = range(n - n % 4, n)  # rows of x four at a time take the float register tile; the others the digits
+    want = xt[:, :k] @ wd.T
+    tol = 2 * (kp + 2) * EPS * (np.abs(xt) @ mag.T) + 1e-30
+    for i in rows:
+        assert np.all(np.abs(y[i] - want[i]) <= tol[i]), np.max(np.abs(y[i] - want[i]) / tol[i])
+    exact = x.astype(np.float64) @ wd.T
+    rounding = (np.repeat(scales / 2, G, axis=1)[:, :k]) @ np.abs(wd).T
+    for i in rows:
+        assert np.all(np.abs(y[i] - exact[i]) <= tol[i] + rounding[i])
+    y32 = np.empty((n, out), np.float32)  # the float kernels, on x itself: another result (so the digits ran)
+    cpu._gemv_q4(xp, cpu._weight(w.data), cpu._weight(w.scales), z, asym, y32, cpu.PREFETCH_Q4, False)
+    assert not np.array_equal(y[rows], y32[rows])
+    np.testing.assert_array_equal(y[:n - n % 4], y32[:n - n % 4])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_int4_digits_kernel_leaves_rows_with_inf_or_nan_to_the_float_kernel(bad):
+    """A row of x holding inf or nan has no integer form: _x_digits says so and that row takes _q4_rows4, which
+    gives what the reference gives (inf / nan where IEEE arithmetic puts them); the other rows keep the digits."""
+    rng = rng_for("int4 digits bad", str(bad))
+    w = quant.quantize(_weights(rng, 12, 256), 4, 128)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    x[1, 200] = bad
+    args = (cpu._weight(w.data), cpu._weight(w.scales), cpu._NO_ZEROS, False)
+    y, y32 = np.empty((3, 12), np.float32), np.empty((3, 12), np.float32)
+    cpu._gemv_q4(x, *args, y, 0, True)
+    cpu._gemv_q4(x, *args, y32, 0, False)
+    np.testing.assert_array_equal(y[1], y32[1])
+    assert not np.all(np.isfinite(y[1]))
+    assert np.all(np.isfinite(y[[0, 2]]))
+
+
+def test_int4_linear_takes_the_digits_kernel_for_large_matrices_only(monkeypatch):
+    """cpu._q4_call: the digits for int4 weights of G 128 or 256 and at least Q4_DIGITS_MIN_WEIGHTS weights, on
+    CPUs with AVX512-VNNI (Q4_DIGITS); the prefetch distance a block of rows on Zen for rows over 2048 values."""
+    rng = rng_for("q4 call")
+    monkeypatch.setattr(cpu, "Q4_DIGITS", True)
+    big = quant.quantize(rng.standard_normal((256, 8192)).astype(np.float32), 4, 128)
+    assert cpu._q4_call(big) == (2 * 8192 if cpu.PREFETCH_Q4_LONG_ROWS else cpu.PREFETCH_Q4, True)
+    assert not cpu._q4_call(quant.quantize(rng.standard_normal((256, 8192)).astype(np.float32), 4, 64))[1]
+    assert not cpu._q4_call(quant.quantize(rng.standard_normal((16, 1024)).astype(np.float32), 4, 128))[1]
+    monkeypatch.setattr(cpu, "Q4_DIGITS", False)
+    assert not cpu._q4_call(big)[1]
+
+
 def test_linear_keeps_leading_dims_and_readonly_weights():
     rng = rng_for("lead")
     w = quant.quantize(_weights(rng, 8, 64), 4, 32)
@@ -912,13 +1006,19 @@ for bits, G, zp in ((8, 32, False), (4, 64, False), (4, 128, True)):
         spec = quant.linear_int8_activations(x, w)
         worst = max(worst, float(np.max(np.abs(cpu.linear(x, w) - spec) / terms)))
         cpu.ACTIVATIONS = "float32"
+        if bits == 4 and G == 128:  # the int4 digits kernel (vpdpbusd's generic form here), called directly
+            xp, y = cpu._padded(x, w.padded_in), np.empty((N, 13), np.float32)
+            z, asym = cpu._quant_zeros(w)
+            cpu._gemv_q4(xp, cpu._weight(w.data), cpu._weight(w.scales), z, asym, y, 0, True)
+            worst = max(worst, float(np.max(np.abs(y - exact) / terms)))
 print(worst)
 """
 
 
 def test_portable_kernels_on_a_cpu_without_avx(tmp_path):
     """The forms of the matrix-vector kernels for CPUs without AVX2, AVX-512, FMA or VNNI (the explicit-vector
-    intrinsics' generic branches, the plain integer loops) give the reference's results: compiled for LLVM's
+    intrinsics' generic branches, the plain integer loops, the int4 digits kernel's generic vpdpbusd) give the
+    reference's results: compiled for LLVM's
     generic x86-64 CPU in a subprocess (NUMBA_CPU_NAME=generic; its own kernel cache)."""
     import os
     import subprocess

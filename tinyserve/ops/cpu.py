@@ -401,6 +401,19 @@ class _Gen:
         fn = _llvm_fn(self.b, f"llvm.fma.v{vty.count}f32", vty, [vty, vty, vty])
         return self.b.call(fn, [a, b, c])
 
+    def dpbusd(self, acc, u8, s8):
+        """acc + (per int32 lane l: the sum of the 4 products of bytes 4l .. 4l + 3 of u8, unsigned, and of s8,
+        signed): one 512-bit vpdpbusd with AVX512-VNNI; elsewhere the same arithmetic in generic vectors
+        (widened to 64 int32 products, summed in fours), which LLVM lowers for any CPU. All three <16 x i32>."""
+        b, vi = self.b, acc.type
+        if VNNI and AVX512:
+            return b.call(_llvm_fn(b, "llvm.x86.avx512.vpdpbusd.512", vi, [vi, vi, vi]), [acc, u8, s8])
+        v64 = _vec(_I32, 64)
+        prod = b.mul(b.zext(b.bitcast(u8, _vec(_I8, 64)), v64), b.sext(b.bitcast(s8, _vec(_I8, 64)), v64))
+        for m in range(4):
+            acc = b.add(acc, b.shuffle_vector(prod, prod, ir.Constant(_vec(_I32, 16), [4 * i + m for i in range(16)])))
+        return acc
+
     def prefetch(self, base, at, nbytes, locality, far=0):
         """Prefetch the nbytes (a multiple of 64) from byte `at` of the int8 pointer base, every cache line:
         locality 3 into L1 (PREFETCHT0), 2 into L2 (PREFETCHT1); with far > 0, also each line `far` bytes
@@ -488,6 +501,20 @@ PREFETCH_Q8_LONG_ROWS = ZEN
 def _q8_ahead(Kp: int) -> int:
     """_gemv_q8's prefetch distance (bytes) for rows of Kp int8 values."""
     return 4 * Kp if PREFETCH_Q8_LONG_ROWS and Kp > 2048 else PREFETCH_Q8
+
+
+# The same for int4 on Zen (sixteenth session): the 1B shape's 2048 x 8192 from memory, 2 threads, GB/s best /
+# median of 3 rounds, float kernel / digits kernel: 2 KiB ahead 21.2 / 21.0 and 21.0 / 20.4, 8 KiB 24.9 /
+# 21.6 and 24.5 / 23.8, 16 KiB (a block of 4 rows) 24.6 / 21.5 and 24.3 / 24.0; 16384 x 2048 alike at 1-16 KiB.
+PREFETCH_Q4_LONG_ROWS = ZEN
+
+
+def _q4_call(w) -> tuple:
+    """_gemv_q4's last two arguments for an int4 weight: the prefetch distance (bytes) and `digits`."""
+    O, K = w.shape
+    Kp = w.padded_in
+    ahead = 2 * Kp if PREFETCH_Q4_LONG_ROWS and Kp > 2048 else PREFETCH_Q4  # 2 Kp bytes: 4 rows of Kp / 2
+    return ahead, Q4_DIGITS and w.group_size % 128 == 0 and O * K >= Q4_DIGITS_MIN_WEIGHTS
 
 
 @intrinsic
@@ -943,8 +970,133 @@ def _q4_tile4(typingctx, p, start, x, n0, s, z, asym, srow, ng, G, ahead):
     return types.UniTuple(types.float32, 16)(p, start, x, n0, s, z, asym, srow, ng, G, ahead), codegen
 
 
+# One row of x against int4 weights (G a multiple of 128) in integer digits through vpdpbusd (_q4_digits4)
+# where the CPU has AVX512-VNNI; False: in float32 (_q4_rows4). Both are exact dequantize(W) @ x up to float32
+# rounding; the digits count x's precision from each group's largest value (_x_digits).
+Q4_DIGITS = VNNI and AVX512 and os.environ.get("TINYSERVE_Q4_DIGITS", "") != "0"
+# ... for matrices of at least this many weights: x's digits cost ~1 ns a value on the calling thread before
+# the parallel part starts, too much for the smallest (stories110M's 768 x 768: 1.20x the time, 2304 x 768
+# 1.17x; 4096 x 768 0.97x, the 1B shape's 0.84-0.88x; sixteenth session).
+Q4_DIGITS_MIN_WEIGHTS = 2**21
+# x as three signed int8 digits per group (_x_digits): the largest integer they hold, 127 * (1 + 256 + 65536).
+X_DIGITS_MAX = 8355711
+F32_MAX = f32(np.finfo(np.float32).max)
+
+
+@njit(cache=True, fastmath=REDUCE, error_model="numpy")
+def _x_digits(x, n, G, xd, xs, xc):
+    """Row n of x (padded to whole groups) as _q4_digits4 takes it, or False where it holds inf or nan.
+
+    Per group g: scale xs[g] = max|x| / X_DIGITS_MAX (float32); the integers v = x / xs[g] rounded to the
+    nearest (|v| <= X_DIGITS_MAX; 0 where the scale is 0), as three signed base-256 digits, v = d0 + 256 d1 +
+    65536 d2 (xd[t, k] = d_t of x[n, k], each in -128..127); and xc[g] = xs[g] * sum(v), from which the
+    kernel takes the zero points off. x's values become xs[g] * v: each within xs[g] / 2 (~2^-24 of the
+    group's largest |x|, half a float32 ulp of that value) of the original, a float32 precision counted from
+    the group's largest value.
+    """
+    for g in range(x.shape[1] // G):
+        at = g * G  # slices, indexed from 0: LLVM then knows no index is negative, and vectorizes the loops
+        xg, d0, d1, d2 = x[n, at:at + G], xd[0, at:at + G], xd[1, at:at + G], xd[2, at:at + G]
+        m = f32(0)
+        bad = f32(0)
+        for j in range(G):
+            m = max(m, abs(xg[j]))
+            bad += xg[j] * f32(0)  # nan where a value is inf or nan
+        if bad != 0 or not m <= F32_MAX:
+            return False
+        sg = f32(np.float64(m) / X_DIGITS_MAX)
+        inv = 1.0 / np.float64(sg) if sg > 0 else 0.0
+        t = 0
+        for j in range(G):  # no branches, so that it vectorizes
+            y = np.float64(xg[j]) * inv
+            v = min(max(np.int32(y + (0.5 if y >= 0 else -0.5)), -X_DIGITS_MAX), X_DIGITS_MAX)  # nearest
+            t += v
+            u = np.uint32(v + 8421504)  # + 128 * (1 + 256 + 65536): byte k of u is digit k + 128
+            d0[j] = np.int8(np.int32(u & np.uint32(255)) - 128)
+            d1[j] = np.int8(np.int32((u >> np.uint32(8)) & np.uint32(255)) - 128)
+            d2[j] = np.int8(np.int32(u >> np.uint32(16)) - 128)
+        xs[g] = sg
+        xc[g] = f32(np.float64(sg) * t)
+    return True
+
+
+@intrinsic
+def _q4_digits4(typingctx, p, start, xd, xs, xc, s, z, asym, srow, ng, G, ahead):
+    """Four int4 weight rows (as _q4_rows4's; G a multiple of 128) against one row of x in _x_digits' form
+    (xd flat, 3 * Kp int8 digits; xs, xc per group): UniTuple(float32, 4), row r = sum_g s[o, g] * (xs[g] *
+    sum_j n_j v_j - zero * xc[g]), with the nibbles n_j as stored and zero = z[o, g] (asym) or 8. That is
+    dequantize(W) @ x~, x~ = x rounded to xs[g] * v (_x_digits: within half a float32 ulp of the group's
+    largest |x|); the group's sum_j n_j v_j is exact (integers), then converted to float32 once.
+
+    Why: the float kernel (_q4_rows4) needs three vector instructions per 16 weights (a widening or shift,
+    a table lookup or conversion, a multiply-add), and Zen 4 runs two 512-bit instructions a cycle whatever
+    they are (docs/performance.md, "Sixteenth session"): ~25 G weights/s a thread, under what memory
+    delivers at batch 1. Here one vpdpbusd multiplies 64 nibbles with 64 digits and sums them in fours into
+    16 int32 lanes: per 64 bytes of a row (128 weights) a load, three instructions that split the nibbles
+    (low: the first 64 weights of a 128-block, high: the next 64), six vpdpbusd (a digit each); at the
+    group's end the three digits' lanes are combined (a0 + a1 << 8 + a2 << 16: at most 16 * 15 * 8421504 <
+    2^31 for G <= 256), converted and multiply-added with s[o, g] * xs[g]; the zero point's part, a scalar.
+    (Starting each digit's lanes at -zero * its lane sums of x's digits, to take the zero point off in the
+    integers, was slower: a second copy of the group loop for zero points, or a vector multiply per digit.)
+    """
+    V = 16
+
+    def codegen(context, builder, sig, args):
+        pa, st, xa, xsa, xca, sa, za, asy, sr, ngv, Gv, ah = args
+        gen = _Gen(context, builder, st.type)
+        pty, xty, xsty, xcty, sty, zty = (sig.args[i] for i in (0, 2, 3, 4, 5, 6))
+        vi, vf = _vec(_I32, V), _vec(_F32, V)
+        H = builder.udiv(Gv, gen.const(2))
+        Kb = builder.mul(ngv, H)
+        Kp = builder.mul(ngv, Gv)
+        sums = [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(4)]
+        zero_parts = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(4)]
+        ints = [[cgutils.alloca_once(builder, vi) for _ in range(3)] for _ in range(4)]  # [row][digit]
+        zero = cgutils.alloca_once(builder, _F32)
+        rows, srows = gen.block_rows(st, Kb, sr, ngv)
+        four_groups = builder.mul(H, gen.const(4))
+        nibble = ir.Constant(vi, [0x0F0F0F0F] * V)
+        with cgutils.for_range(builder, ngv) as group:
+            g = group.index
+            gen.prefetch_ahead(pty, pa, st, g, four_groups, ah, 3, PREFETCH_FAR)  # 4 G/2 bytes per group
+            for r in range(4):
+                for t in range(3):
+                    builder.store(ir.Constant(vi, None), ints[r][t])
+            xg = builder.mul(g, Gv)
+            with cgutils.for_range(builder, builder.udiv(H, gen.const(64))) as step:
+                o = builder.mul(step.index, gen.const(64))
+                lo_at = [builder.add(builder.add(builder.mul(gen.const(t), Kp), xg), o) for t in range(3)]
+                xl = [gen.load(xty, xa, a, vi) for a in lo_at]  # digit t of the values facing the low nibbles
+                xh = [gen.load(xty, xa, builder.add(a, H), vi) for a in lo_at]  # ... the high ones
+                for r in range(4):
+                    b = gen.load(pty, pa, builder.add(builder.add(rows[r], builder.mul(g, H)), o), vi)
+                    lo = builder.and_(b, nibble)
+                    hi = builder.and_(builder.lshr(b, ir.Constant(vi, [4] * V)), nibble)
+                    for t in range(3):
+                        builder.store(gen.dpbusd(gen.dpbusd(builder.load(ints[r][t]), lo, xl[t]), hi, xh[t]),
+                                      ints[r][t])
+            sx = gen.load(xsty, xsa, g, _F32, 4)
+            cg = gen.load(xcty, xca, g, _F32, 4)
+            for r in range(4):
+                a0, a1, a2 = (builder.load(ints[r][t]) for t in range(3))
+                total = builder.add(builder.add(a0, builder.shl(a1, ir.Constant(vi, [8] * V))),
+                                    builder.shl(a2, ir.Constant(vi, [16] * V)))
+                sw = gen.load(sty, sa, builder.add(srows[r], g), _F32, 4)
+                builder.store(gen.muladd(builder.sitofp(total, vf), gen.splat(builder.fmul(sw, sx), vf),
+                                         builder.load(sums[r])), sums[r])
+                builder.store(ir.Constant(_F32, 8.0), zero)
+                with builder.if_then(asy):
+                    builder.store(builder.uitofp(gen.load(zty, za, builder.add(srows[r], g), _I8), _F32), zero)
+                part = builder.fmul(builder.fmul(builder.load(zero), cg), sw)
+                builder.store(builder.fadd(builder.load(zero_parts[r]), part), zero_parts[r])
+        return context.make_tuple(builder, sig.return_type, [
+            builder.fsub(gen.total(builder.load(sums[r])), builder.load(zero_parts[r])) for r in range(4)])
+
+    return types.UniTuple(types.float32, 4)(p, start, xd, xs, xc, s, z, asym, srow, ng, G, ahead), codegen
+
+
 @parallel_kernel(fastmath=REDUCE)
-def _gemv_q4(x, p, s, z, asym, y, ahead):
+def _gemv_q4(x, p, s, z, asym, y, ahead, digits):
     """int4 weights (split halves per group), few rows: y[n, o] = sum_g s[o,g] * (sum_j n_j x_j - zero * xsum[n,g]).
 
     Byte j of a group holds nibble j (low) and nibble j + G/2 (high), so one pass over the G/2 bytes
@@ -952,9 +1104,12 @@ def _gemv_q4(x, p, s, z, asym, y, ahead):
     half: two contiguous runs, no shuffling. The zero point (8, or z[o, g] when asym) is not subtracted
     per value: sum (n - zero) x = sum n x - zero * xsum[n, g], with xsum (the group sums of x) computed
     once per call, here on the calling thread (in NumPy it cost more than a small layer's kernel: 1.4 us).
-    The 4 rows of a block go through each group together (_q4_rows4), as in _gemv_q8, and the weights
-    `ahead` bytes further on are prefetched; rows of x four at a time go through the register tile
-    _q4_tile4 (which subtracts the zero point per value, in its table). The last O mod 4 rows take _q4_dot.
+    The 4 rows of a block go through each group together, as in _gemv_q8, and the weights `ahead` bytes
+    further on are prefetched; rows of x four at a time go through the register tile _q4_tile4 (which
+    subtracts the zero point per value, in its table), the others one at a time: with `digits` (the caller
+    passes Q4_DIGITS, and G a multiple of 128) through _q4_digits4 on x in _x_digits' form, made here once
+    per call (x's values rounded to a float32 precision counted from each group's largest value), else, or
+    where x holds inf or nan, through _q4_rows4 in float32. The last O mod 4 rows take _q4_dot.
     p: (O, Kp/2) uint8, x: (N, Kp) padded with zeros, z: (O, ng) uint8, or a dummy (1, 1) when not asym.
     """
     N, Kp = x.shape
@@ -965,6 +1120,13 @@ def _gemv_q4(x, p, s, z, asym, y, ahead):
     for n in range(N):
         for g in range(ng):
             xsum[n, g] = _sum(x[n, g * G:(g + 1) * G], G)
+    xd = np.empty((N - N4, 3, Kp), np.int8)  # the last N mod 4 rows of x in digits, where they can be
+    xs = np.empty((N - N4, ng), np.float32)
+    xc = np.empty((N - N4, ng), np.float32)
+    in_digits = np.zeros(N - N4, np.bool_)
+    if digits and G % 128 == 0:
+        for n in range(N4, N):
+            in_digits[n - N4] = _x_digits(x, n, G, xd[n - N4], xs[n - N4], xc[n - N4])
     flat, sf, zf = p.reshape(-1), s.reshape(-1), z.reshape(-1)
     for blk in prange((O + 3) // 4):
         o0 = 4 * blk
@@ -977,8 +1139,13 @@ def _gemv_q4(x, p, s, z, asym, y, ahead):
             t = _q4_tile4(flat, o0 * (Kp // 2), x, n, sf, zf, asym, o0, ng, G, ahead if n == 0 else 0)
             _put_block(y, n, o0, t, 4)
         for n in range(N4, N):
-            y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _q4_rows4(
-                flat, o0 * (Kp // 2), x[n], xsum[n], sf, zf, asym, o0, ng, G, ahead if n == 0 else 0)
+            if in_digits[n - N4]:
+                y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _q4_digits4(
+                    flat, o0 * (Kp // 2), xd[n - N4].reshape(-1), xs[n - N4], xc[n - N4], sf, zf, asym, o0, ng, G,
+                    ahead if n == 0 else 0)
+            else:
+                y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _q4_rows4(
+                    flat, o0 * (Kp // 2), x[n], xsum[n], sf, zf, asym, o0, ng, G, ahead if n == 0 else 0)
 
 
 # ============================================================ linear: int8 activations (an option, off by default)
@@ -2484,7 +2651,7 @@ def _one_row(x, w, bias):
             _run(_gemv_q8, M * w.shape[1], x, _weight(w.data), _weight(w.scales), y, _q8_ahead(w.padded_in))
         else:
             z, asym = _quant_zeros(w)
-            _run(_gemv_q4, M * w.shape[1] // 2, x, _weight(w.data), _weight(w.scales), z, asym, y, PREFETCH_Q4)
+            _run(_gemv_q4, M * w.shape[1] // 2, x, _weight(w.data), _weight(w.scales), z, asym, y, *_q4_call(w))
     elif t is np.ndarray and w.dtype == np.float32 and w.ndim == 2 and x.shape[1] == w.shape[1]:
         M = w.shape[0]
         y = np.empty((1, M), np.float32)
@@ -2552,7 +2719,7 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
             elif ACTIVATIONS == "int8":
                 _linear_int8_activations(xp, w, y, data, scales, z, asym)
             else:
-                _run(_gemv_q4, N * out_f * in_f // 2, xp, data, scales, z, asym, y, PREFETCH_Q4)
+                _run(_gemv_q4, N * out_f * in_f // 2, xp, data, scales, z, asym, y, *_q4_call(w))
     else:
         w2 = _weight(np.asarray(w, dtype=np.float32))
         if w2.ndim != 2:
