@@ -190,21 +190,27 @@ def test_int4_digits_kernel_computes_dequantized_w_times_x_rounded_per_group(out
     np.testing.assert_array_equal(y[:n - n % 4], y32[:n - n % 4])
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_int4_digits_kernel_leaves_rows_with_inf_or_nan_to_the_float_kernel(bad):
-    """A row of x holding inf or nan has no integer form: _x_digits says so and that row takes _q4_rows4, which
-    gives what the reference gives (inf / nan where IEEE arithmetic puts them); the other rows keep the digits."""
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e-33])
+def test_int4_digits_kernel_leaves_rows_it_cannot_hold_to_the_float_kernel(bad):
+    """A row of x holding inf or nan has no integer form, and one with a group of values all below ~1e-31 would
+    need a subnormal scale: _x_digits says so and that row takes _q4_rows4, which gives what the reference
+    gives (inf / nan where IEEE arithmetic puts them); the other rows keep the digits."""
     rng = rng_for("int4 digits bad", str(bad))
     w = quant.quantize(_weights(rng, 12, 256), 4, 128)
     x = rng.standard_normal((3, 256)).astype(np.float32)
-    x[1, 200] = bad
+    if bad == 1e-33:
+        x[1, 128:] *= np.float32(bad)
+    else:
+        x[1, 200] = bad
     args = (cpu._weight(w.data), cpu._weight(w.scales), cpu._NO_ZEROS, False)
     y, y32 = np.empty((3, 12), np.float32), np.empty((3, 12), np.float32)
     cpu._gemv_q4(x, *args, y, 0, True)
     cpu._gemv_q4(x, *args, y32, 0, False)
     np.testing.assert_array_equal(y[1], y32[1])
-    assert not np.all(np.isfinite(y[1]))
+    assert not np.array_equal(y[[0, 2]], y32[[0, 2]])  # the digits
     assert np.all(np.isfinite(y[[0, 2]]))
+    if bad != 1e-33:
+        assert not np.all(np.isfinite(y[1]))
 
 
 def test_int4_linear_takes_the_digits_kernel_for_large_matrices_only(monkeypatch):

@@ -981,11 +981,13 @@ Q4_DIGITS_MIN_WEIGHTS = 2**21
 # x as three signed int8 digits per group (_x_digits): the largest integer they hold, 127 * (1 + 256 + 65536).
 X_DIGITS_MAX = 8355711
 F32_MAX = f32(np.finfo(np.float32).max)
+F32_TINY = f32(np.finfo(np.float32).tiny)  # the smallest normal float32
 
 
 @njit(cache=True, fastmath=REDUCE, error_model="numpy")
 def _x_digits(x, n, G, xd, xs, xc):
-    """Row n of x (padded to whole groups) as _q4_digits4 takes it, or False where it holds inf or nan.
+    """Row n of x (padded to whole groups) as _q4_digits4 takes it, or False where it holds inf or nan, or a
+    group whose largest |x| is below X_DIGITS_MAX smallest normal floats (~1e-31: its scale would be subnormal).
 
     Per group g: scale xs[g] = max|x| / X_DIGITS_MAX (float32); the integers v = x / xs[g] rounded to the
     nearest (|v| <= X_DIGITS_MAX; 0 where the scale is 0), as three signed base-256 digits, v = d0 + 256 d1 +
@@ -1005,6 +1007,8 @@ def _x_digits(x, n, G, xd, xs, xc):
         if bad != 0 or not m <= F32_MAX:
             return False
         sg = f32(np.float64(m) / X_DIGITS_MAX)
+        if m > 0 and sg < F32_TINY:  # a scale below float32's normal range would lose its own precision
+            return False
         inv = 1.0 / np.float64(sg) if sg > 0 else 0.0
         t = 0
         for j in range(G):  # no branches, so that it vectorizes
@@ -1109,7 +1113,7 @@ def _gemv_q4(x, p, s, z, asym, y, ahead, digits):
     subtracts the zero point per value, in its table), the others one at a time: with `digits` (the caller
     passes Q4_DIGITS, and G a multiple of 128) through _q4_digits4 on x in _x_digits' form, made here once
     per call (x's values rounded to a float32 precision counted from each group's largest value), else, or
-    where x holds inf or nan, through _q4_rows4 in float32. The last O mod 4 rows take _q4_dot.
+    where a row cannot be held so (inf, nan, a group all below ~1e-31), through _q4_rows4 in float32. The last O mod 4 rows take _q4_dot.
     p: (O, Kp/2) uint8, x: (N, Kp) padded with zeros, z: (O, ng) uint8, or a dummy (1, 1) when not asym.
     """
     N, Kp = x.shape
