@@ -971,8 +971,8 @@ def _q4_tile4(typingctx, p, start, x, n0, s, z, asym, srow, ng, G, ahead):
 
 
 # One row of x against int4 weights (G a multiple of 128) in integer digits through vpdpbusd (_q4_digits4)
-# where the CPU has AVX512-VNNI; False: in float32 (_q4_rows4). Both are exact dequantize(W) @ x up to float32
-# rounding; the digits count x's precision from each group's largest value (_x_digits).
+# where the CPU has AVX512-VNNI; False: in float32 (_q4_rows4). Both compute dequantize(W) @ x to about float32
+# rounding; the digits count x's precision from each group's largest value (_x_digits; docs/tolerances.md).
 Q4_DIGITS = VNNI and AVX512 and os.environ.get("TINYSERVE_Q4_DIGITS", "") != "0"
 # ... for matrices of at least this many weights: x's digits cost ~1 ns a value on the calling thread before
 # the parallel part starts, too much for the smallest (stories110M's 768 x 768: 1.20x the time, 2304 x 768
@@ -1113,7 +1113,8 @@ def _gemv_q4(x, p, s, z, asym, y, ahead, digits):
     subtracts the zero point per value, in its table), the others one at a time: with `digits` (the caller
     passes Q4_DIGITS, and G a multiple of 128) through _q4_digits4 on x in _x_digits' form, made here once
     per call (x's values rounded to a float32 precision counted from each group's largest value), else, or
-    where a row cannot be held so (inf, nan, a group all below ~1e-31), through _q4_rows4 in float32. The last O mod 4 rows take _q4_dot.
+    where a row cannot be held so (inf, nan, a group all below ~1e-31), through _q4_rows4 in float32. The
+    last O mod 4 rows take _q4_dot.
     p: (O, Kp/2) uint8, x: (N, Kp) padded with zeros, z: (O, ng) uint8, or a dummy (1, 1) when not asym.
     """
     N, Kp = x.shape
