@@ -3085,8 +3085,16 @@ ATTENTION_PREFETCH = not ZEN
 # trees alternating (fifteenth session): stories110M int8 batch 16 (int8 activations) float16 cache 0.919
 # [0.866, 0.978] and 0.857 [0.834, 0.903] the time, float32 cache 0.970 [0.933, 0.992]; batch 1 0.989
 # [0.953, 1.021]; llama-1b int8 batch 1 at position 512 1.001 [0.971, 1.025]. Not measured elsewhere: off.
+# Each task asks for the next ATTENTION_NEXT_TASKS tasks' rows, so a task's rows are asked for 3 times on their
+# way (like the weights' PREFETCH_FAR, a request that does not stay pending ahead is asked for again). Copies of
+# _attention with other constants, called in turns in one process on layers' caches past L3 (sixteenth session;
+# median of ratios over 1440 calls): stories110M's batch 16 at ~80 positions, float16 cache, the next task
+# once 1.0, twice 0.887, the next two 0.787-0.818, the next three **0.744**, 0.754, four 0.738, the second /
+# third / fourth task alone 1.0 / 1.02 / 1.02; llama-1b batch 1 at 512 positions: the next three 1.008 [0.916,
+# 1.087] (4 tasks a thread: the third is often the other thread's).
 ATTENTION_NEXT = ZEN
 ATTENTION_NEXT_ROWS = 128
+ATTENTION_NEXT_TASKS = 3
 
 
 def _cache_rows(context, builder, aty, arr, t0):
@@ -3277,16 +3285,17 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
         K = k_cache[slot, kvh, lo:pos + 1]  # (L, hd)
         V = v_cache[slot, kvh, lo:pos + 1]
         S = scores[task]  # (G, >= L + 1)
-        if ATTENTION_NEXT:  # the next task's first keys and values, into L2 (see ATTENTION_NEXT)
-            nt = min(task + 1, N * KVH - 1)
-            nn = nt // KVH
-            npos = positions[nn]
-            nlo = 0
-            if window > 0 and npos - window + 1 > 0:
-                nlo = npos - window + 1
-            nL = min(npos + 1 - nlo, ATTENTION_NEXT_ROWS)
-            _prefetch_rows_l2(k_cache[slots[nn], nt % KVH], nlo, nlo + nL)
-            _prefetch_rows_l2(v_cache[slots[nn], nt % KVH], nlo, nlo + nL)
+        if ATTENTION_NEXT:  # the next tasks' first keys and values, into L2 (see ATTENTION_NEXT)
+            for ahead in range(1, ATTENTION_NEXT_TASKS + 1):
+                nt = min(task + ahead, N * KVH - 1)
+                nn = nt // KVH
+                npos = positions[nn]
+                nlo = 0
+                if window > 0 and npos - window + 1 > 0:
+                    nlo = npos - window + 1
+                nL = min(npos + 1 - nlo, ATTENTION_NEXT_ROWS)
+                _prefetch_rows_l2(k_cache[slots[nn], nt % KVH], nlo, nlo + nL)
+                _prefetch_rows_l2(v_cache[slots[nn], nt % KVH], nlo, nlo + nL)
         if ATTENTION_PREFETCH:
             _prefetch_rows(K, 0, min(ATTENTION_AHEAD, L))  # the first keys, which the loops below do not ask for ahead
         for t in range(0, Lv, KEYS):  # scores, KEYS keys at a time, every head of the group
