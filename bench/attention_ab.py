@@ -57,6 +57,7 @@ def main() -> int:
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=VALUE[,NAME=VALUE]: constants of ops/cpu.py for one copy (repeatable)")
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--layers", type=int, default=0, help="how many layers' caches (default: ~3x a 32 MiB L3)")
     args = p.parse_args()
     cfg = shape_config(args.shape)
     N, H, KVH = args.batch, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -64,7 +65,7 @@ def main() -> int:
     ctx = args.position + 4
     dtype = np.float16 if args.kv_dtype == "float16" else np.float32
     per_layer = 2 * N * KVH * ctx * hd * np.dtype(dtype).itemsize
-    layers = max(8, int(96 * 2**20 // per_layer) + 1)  # past a 32 MiB L3 three times over
+    layers = args.layers or max(8, int(96 * 2**20 // per_layer) + 1)  # past a 32 MiB L3 three times over
     rng = np.random.default_rng(0)
 
     def cache():

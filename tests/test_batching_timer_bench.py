@@ -300,6 +300,31 @@ def test_step_linears_script_runs():
     assert "linears" in r.stdout and "the rest" in r.stdout and "replayed back to back" in r.stdout
 
 
+@pytest.mark.parametrize("script, args, want", [
+    ("ab_steps.py", ["--switch", "Q4_DIGITS", "--shape", "stories260K", "--quant", "int4", "--batch", "1",
+                     "--position", "4", "--steps", "3"], "(cpu.Q4_DIGITS off = old, on = new)"),
+    ("attention_ab.py", ["--shape", "stories260K", "--batch", "2", "--position", "20", "--layers", "4", "--rounds",
+                         "1", "--variant", "ATTENTION_NEXT_TASKS=1"], "ATTENTION_NEXT_TASKS=1"),
+])
+def test_ab_scripts_run(script, args, want):
+    """bench/ab_steps.py --switch and bench/attention_ab.py on a tiny shape: they run and print their ratios."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / script
+    r = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert want in r.stdout and ("new / old" in r.stdout or "/ as in ops/cpu.py" in r.stdout)
+
+
+def test_ab_steps_refuses_an_unknown_switch():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "ab_steps.py"
+    r = subprocess.run([sys.executable, str(path), "--switch", "NO_SUCH_THING", "--shape", "stories260K"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no boolean 'NO_SUCH_THING'" in r.stderr
+
+
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "tinyserve", *map(str, args)], capture_output=True, text=True)
 
