@@ -1125,11 +1125,12 @@ def _gemv_q4(x, p, s, z, asym, y, ahead, digits):
     for n in range(N):
         for g in range(ng):
             xsum[n, g] = _sum(x[n, g * G:(g + 1) * G], G)
-    xd = np.empty((N - N4, 3, Kp), np.int8)  # the last N mod 4 rows of x in digits, where they can be
-    xs = np.empty((N - N4, ng), np.float32)
-    xc = np.empty((N - N4, ng), np.float32)
+    nd = N - N4 if digits and G % 128 == 0 else 0  # the last N mod 4 rows of x in digits, where they can be
+    xd = np.empty((nd, 3, Kp), np.int8)
+    xs = np.empty((nd, ng), np.float32)
+    xc = np.empty((nd, ng), np.float32)
     in_digits = np.zeros(N - N4, np.bool_)
-    if digits and G % 128 == 0:
+    if nd > 0:
         for n in range(N4, N):
             in_digits[n - N4] = _x_digits(x, n, G, xd[n - N4], xs[n - N4], xc[n - N4])
     flat, sf, zf = p.reshape(-1), s.reshape(-1), z.reshape(-1)
