@@ -143,8 +143,8 @@ def _x_in_digits(x: np.ndarray, G: int) -> tuple:
 
 
 def _outliers(rng, n, k):
-    """Rows of x with a large value in some groups (as real activations have), one group all zeros and one of
-    values far below float32's normal range relative to the rest: what rounding x per group must survive."""
+    """Rows of x with a large value in some groups (as real activations have), a group of zeros, and values of
+    ~1e-30 beside a large one in a group: what rounding x per group must survive."""
     x = rng.standard_normal((n, k)).astype(np.float32)
     x[:, 3] = 3e5
     x[:, min(k - 1, 130)] *= -1e3
@@ -160,7 +160,7 @@ def test_int4_digits_kernel_computes_dequantized_w_times_x_rounded_per_group(out
     """int4, one row of x at a time through vpdpbusd (_q4_digits4): x is first rounded per group to a 24-bit
     integer times a scale (_x_digits: within half a float32 ulp of the group's largest |x|), then the product
     is exact integers, converted once per group. The kernel's result is dequantize(W) @ x~ up to float32
-    rounding, and so within that rounding plus sum_g (scale_g / 2) sum|w_g| of dequantize(W) @ x. x has
+    rounding, and so within that rounding plus sum_g (x's scale_g / 2) sum|w_g| of dequantize(W) @ x. x has
     large values, zeros and tiny values. (Both bounds are worst cases of float32 sums, loose enough to hold the
     float kernel's result too, so the last check is that the result is not the float kernel's.)"""
     rng = rng_for("int4 digits", out, k, G, zp, n)
@@ -1024,8 +1024,8 @@ print(worst)
 def test_portable_kernels_on_a_cpu_without_avx(tmp_path):
     """The forms of the matrix-vector kernels for CPUs without AVX2, AVX-512, FMA or VNNI (the explicit-vector
     intrinsics' generic branches, the plain integer loops, the int4 digits kernel's generic vpdpbusd) give the
-    reference's results: compiled for LLVM's
-    generic x86-64 CPU in a subprocess (NUMBA_CPU_NAME=generic; its own kernel cache)."""
+    reference's results: compiled for LLVM's generic x86-64 CPU in a subprocess (NUMBA_CPU_NAME=generic; its
+    own kernel cache)."""
     import os
     import subprocess
     import sys
