@@ -991,8 +991,8 @@ def _x_digits(x, n, G, xd, xs, xc):
 
     Per group g: scale xs[g] = max|x| / X_DIGITS_MAX (float32); the integers v = x / xs[g] rounded to the
     nearest (|v| <= X_DIGITS_MAX; 0 where the scale is 0), as three signed base-256 digits, v = d0 + 256 d1 +
-    65536 d2 (xd[t, k] = d_t of x[n, k], each in -128..127); and xc[g] = xs[g] * sum(v), from which the
-    kernel takes the zero points off. x's values become xs[g] * v: each within xs[g] / 2 (~2^-24 of the
+    65536 d2 (xd[t, k] = d_t of x[n, k], each in -128..127); and xc[g] = xs[g] * sum(v), with which the
+    zero points come off (_zero_part). x's values become xs[g] * v: each within xs[g] / 2 (~2^-24 of the
     group's largest |x|, half a float32 ulp of that value) of the original, a float32 precision counted from
     the group's largest value.
     """
@@ -1025,12 +1025,13 @@ def _x_digits(x, n, G, xd, xs, xc):
 
 
 @intrinsic
-def _q4_digits4(typingctx, p, start, xd, xs, xc, s, z, asym, srow, ng, G, ahead):
+def _q4_digits4(typingctx, p, start, xd, xs, s, srow, ng, G, ahead):
     """Four int4 weight rows (as _q4_rows4's; G a multiple of 128) against one row of x in _x_digits' form
-    (xd flat, 3 * Kp int8 digits; xs, xc per group): UniTuple(float32, 4), row r = sum_g s[o, g] * (xs[g] *
-    sum_j n_j v_j - zero * xc[g]), with the nibbles n_j as stored and zero = z[o, g] (asym) or 8. That is
-    dequantize(W) @ x~, x~ = x rounded to xs[g] * v (_x_digits: within half a float32 ulp of the group's
-    largest |x|); the group's sum_j n_j v_j is exact (integers), then converted to float32 once.
+    (xd flat, 3 * Kp int8 digits; xs per group): UniTuple(float32, 4), row r = sum_g s[o, g] * xs[g] *
+    sum_j n_j v_j, with the nibbles n_j as stored (0..15). The caller takes the zero point's part off
+    (_zero_part: sum_g zero * s[o, g] * xc[g]), which leaves dequantize(W) @ x~, x~ = x rounded to xs[g] * v
+    (_x_digits: within half a float32 ulp of the group's largest |x|); each group's sum_j n_j v_j is exact
+    (integers), then converted to float32 once.
 
     Why: the float kernel (_q4_rows4) needs three vector instructions per 16 weights (a widening or shift,
     a table lookup or conversion, a multiply-add), and Zen 4 runs two 512-bit instructions a cycle whatever
@@ -1039,24 +1040,23 @@ def _q4_digits4(typingctx, p, start, xd, xs, xc, s, z, asym, srow, ng, G, ahead)
     16 int32 lanes: per 64 bytes of a row (128 weights) a load, three instructions that split the nibbles
     (low: the first 64 weights of a 128-block, high: the next 64), six vpdpbusd (a digit each); at the
     group's end the three digits' lanes are combined (a0 + a1 << 8 + a2 << 16: at most 16 * 15 * 8421504 <
-    2^31 for G <= 256), converted and multiply-added with s[o, g] * xs[g]; the zero point's part, a scalar.
-    (Starting each digit's lanes at -zero * its lane sums of x's digits, to take the zero point off in the
-    integers, was slower: a second copy of the group loop for zero points, or a vector multiply per digit.)
+    2^31 for G <= 256), converted and multiply-added with s[o, g] * xs[g]. (The zero point's part, a scalar
+    per group and row in here, cost 5% of the speed; starting each digit's lanes at -zero * its lane sums of
+    x's digits, to take it off in the integers, was slower: a second copy of the group loop for zero
+    points, or a vector multiply per digit.)
     """
     V = 16
 
     def codegen(context, builder, sig, args):
-        pa, st, xa, xsa, xca, sa, za, asy, sr, ngv, Gv, ah = args
+        pa, st, xa, xsa, sa, sr, ngv, Gv, ah = args
         gen = _Gen(context, builder, st.type)
-        pty, xty, xsty, xcty, sty, zty = (sig.args[i] for i in (0, 2, 3, 4, 5, 6))
+        pty, xty, xsty, sty = (sig.args[i] for i in (0, 2, 3, 4))
         vi, vf = _vec(_I32, V), _vec(_F32, V)
         H = builder.udiv(Gv, gen.const(2))
         Kb = builder.mul(ngv, H)
         Kp = builder.mul(ngv, Gv)
         sums = [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(4)]
-        zero_parts = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(4)]
         ints = [[cgutils.alloca_once(builder, vi) for _ in range(3)] for _ in range(4)]  # [row][digit]
-        zero = cgutils.alloca_once(builder, _F32)
         rows, srows = gen.block_rows(st, Kb, sr, ngv)
         four_groups = builder.mul(H, gen.const(4))
         nibble = ir.Constant(vi, [0x0F0F0F0F] * V)
@@ -1080,7 +1080,6 @@ def _q4_digits4(typingctx, p, start, xd, xs, xc, s, z, asym, srow, ng, G, ahead)
                         builder.store(gen.dpbusd(gen.dpbusd(builder.load(ints[r][t]), lo, xl[t]), hi, xh[t]),
                                       ints[r][t])
             sx = gen.load(xsty, xsa, g, _F32, 4)
-            cg = gen.load(xcty, xca, g, _F32, 4)
             for r in range(4):
                 a0, a1, a2 = (builder.load(ints[r][t]) for t in range(3))
                 total = builder.add(builder.add(a0, builder.shl(a1, ir.Constant(vi, [8] * V))),
@@ -1088,15 +1087,24 @@ def _q4_digits4(typingctx, p, start, xd, xs, xc, s, z, asym, srow, ng, G, ahead)
                 sw = gen.load(sty, sa, builder.add(srows[r], g), _F32, 4)
                 builder.store(gen.muladd(builder.sitofp(total, vf), gen.splat(builder.fmul(sw, sx), vf),
                                          builder.load(sums[r])), sums[r])
-                builder.store(ir.Constant(_F32, 8.0), zero)
-                with builder.if_then(asy):
-                    builder.store(builder.uitofp(gen.load(zty, za, builder.add(srows[r], g), _I8), _F32), zero)
-                part = builder.fmul(builder.fmul(builder.load(zero), cg), sw)
-                builder.store(builder.fadd(builder.load(zero_parts[r]), part), zero_parts[r])
-        return context.make_tuple(builder, sig.return_type, [
-            builder.fsub(gen.total(builder.load(sums[r])), builder.load(zero_parts[r])) for r in range(4)])
+        return context.make_tuple(builder, sig.return_type, [gen.total(builder.load(a)) for a in sums])
 
-    return types.UniTuple(types.float32, 4)(p, start, xd, xs, xc, s, z, asym, srow, ng, G, ahead), codegen
+    return types.UniTuple(types.float32, 4)(p, start, xd, xs, s, srow, ng, G, ahead), codegen
+
+
+@njit(cache=True, fastmath=REDUCE, inline="always")
+def _zero_part(s, z, asym, o, xc, ng):
+    """What the zero points add to row o of _q4_digits4's result: sum_g zero * s[o, g] * xc[g], zero = z[o, g]
+    (asym) or 8. A loop LLVM vectorizes, once per row, where the kernel would take a few scalar operations
+    per group and row."""
+    acc = f32(0)
+    if asym:
+        for g in range(ng):
+            acc += f32(z[o, g]) * s[o, g] * xc[g]
+        return acc
+    for g in range(ng):
+        acc += s[o, g] * xc[g]
+    return f32(8) * acc
 
 
 @parallel_kernel(fastmath=REDUCE)
@@ -1146,9 +1154,10 @@ def _gemv_q4(x, p, s, z, asym, y, ahead, digits):
             _put_block(y, n, o0, t, 4)
         for n in range(N4, N):
             if in_digits[n - N4]:
-                y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _q4_digits4(
-                    flat, o0 * (Kp // 2), xd[n - N4].reshape(-1), xs[n - N4], xc[n - N4], sf, zf, asym, o0, ng, G,
-                    ahead if n == 0 else 0)
+                t = _q4_digits4(flat, o0 * (Kp // 2), xd[n - N4].reshape(-1), xs[n - N4], sf, o0, ng, G,
+                                ahead if n == 0 else 0)
+                for r in range(4):
+                    y[n, o0 + r] = t[r] - _zero_part(s, z, asym, o0 + r, xc[n - N4], ng)
             else:
                 y[n, o0], y[n, o0 + 1], y[n, o0 + 2], y[n, o0 + 3] = _q4_rows4(
                     flat, o0 * (Kp // 2), x[n], xsum[n], sf, zf, asym, o0, ng, G, ahead if n == 0 else 0)
