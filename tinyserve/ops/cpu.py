@@ -980,7 +980,6 @@ Q4_DIGITS = VNNI and AVX512 and os.environ.get("TINYSERVE_Q4_DIGITS", "") != "0"
 Q4_DIGITS_MIN_WEIGHTS = 2**21
 # x as three signed int8 digits per group (_x_digits): the largest integer they hold, 127 * (1 + 256 + 65536).
 X_DIGITS_MAX = 8355711
-F32_MAX = f32(np.finfo(np.float32).max)
 F32_TINY = f32(np.finfo(np.float32).tiny)  # the smallest normal float32
 
 
@@ -1004,7 +1003,7 @@ def _x_digits(x, n, G, xd, xs, xc):
         for j in range(G):
             m = max(m, abs(xg[j]))
             bad += xg[j] * f32(0)  # nan where a value is inf or nan
-        if bad != 0 or not m <= F32_MAX:
+        if bad != 0:  # inf and nan (whatever max made of them) made bad nan
             return False
         sg = f32(np.float64(m) / X_DIGITS_MAX)
         if m > 0 and sg < F32_TINY:  # a scale below float32's normal range would lose its own precision
@@ -3259,6 +3258,12 @@ def _max(a, L):
     return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
 
 
+@njit(cache=True, inline="always")
+def _first_visible(pos, window):
+    """The first cache position a token at `pos` attends to: 0, or pos - window + 1 with a sliding window."""
+    return max(pos - window + 1, 0) if window > 0 else 0
+
+
 @parallel_kernel(fastmath=REDUCE)
 def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
     """Causal grouped-query attention. Parallel over (token, kv head) pairs.
@@ -3286,9 +3291,7 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
         kvh = task % KVH
         slot = slots[n]
         pos = positions[n]
-        lo = 0
-        if window > 0 and pos - window + 1 > 0:
-            lo = pos - window + 1
+        lo = _first_visible(pos, window)
         L = pos - lo + 1
         Lv = L - L % KEYS if hd % KEYS == 0 else 0  # keys through the vector intrinsics
         L4 = Lv + (L - Lv) // 4 * 4  # then 4 at a time
@@ -3300,9 +3303,7 @@ def _attention(q, k_cache, v_cache, slots, positions, window, out, scores):
                 nt = min(task + ahead, N * KVH - 1)
                 nn = nt // KVH
                 npos = positions[nn]
-                nlo = 0
-                if window > 0 and npos - window + 1 > 0:
-                    nlo = npos - window + 1
+                nlo = _first_visible(npos, window)
                 nL = min(npos + 1 - nlo, ATTENTION_NEXT_ROWS)
                 _prefetch_rows_l2(k_cache[slots[nn], nt % KVH], nlo, nlo + nL)
                 _prefetch_rows_l2(v_cache[slots[nn], nt % KVH], nlo, nlo + nL)
