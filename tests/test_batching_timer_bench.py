@@ -289,13 +289,17 @@ def test_bench_reports_the_activation_mode(capsys):
     assert cpu.ACTIVATIONS == before
 
 
-def test_step_linears_script_runs():
-    """bench/step_linears.py (a step split into its products and the rest) on a tiny shape: figures present."""
+def bench_script(name, *args):
+    """Run bench/<name> with args in a subprocess (the scripts are not a package)."""
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "step_linears.py"
-    r = subprocess.run([sys.executable, str(script), "--shape", "stories260K", "--quant", "int8", "--position", "8",
-                        "--steps", "3"], capture_output=True, text=True)
+    path = Path(__file__).resolve().parents[1] / "bench" / name
+    return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True)
+
+
+def test_step_linears_script_runs():
+    """bench/step_linears.py (a step split into its products and the rest) on a tiny shape: figures present."""
+    r = bench_script("step_linears.py", "--shape", "stories260K", "--quant", "int8", "--position", "8", "--steps", "3")
     assert r.returncode == 0, r.stderr
     assert "linears" in r.stdout and "the rest" in r.stdout and "replayed back to back" in r.stdout
 
@@ -308,20 +312,13 @@ def test_step_linears_script_runs():
 ])
 def test_ab_scripts_run(script, args, want):
     """bench/ab_steps.py --switch and bench/attention_ab.py on a tiny shape: they run and print their ratios."""
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / script
-    r = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True)
+    r = bench_script(script, *args)
     assert r.returncode == 0, r.stderr
     assert want in r.stdout and ("new / old" in r.stdout or "/ as in ops/cpu.py" in r.stdout)
 
 
 def test_ab_steps_refuses_an_unknown_switch():
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "ab_steps.py"
-    r = subprocess.run([sys.executable, str(path), "--switch", "NO_SUCH_THING", "--shape", "stories260K"],
-                       capture_output=True, text=True)
+    r = bench_script("ab_steps.py", "--switch", "NO_SUCH_THING", "--shape", "stories260K")
     assert r.returncode == 2 and "no boolean 'NO_SUCH_THING'" in r.stderr
 
 
