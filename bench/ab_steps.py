@@ -99,16 +99,6 @@ def main() -> int:
                 return 2
             llm = importlib.import_module("tinyserve.bench").load_for_bench(None, args.shape, "cpu", args.quant, **kv)[1]
             models = {"old": llm, "new": llm}
-
-            def switched(k, fn):
-                def run(i):
-                    saved = getattr(cpu, args.switch)
-                    setattr(cpu, args.switch, k == "new")
-                    try:
-                        fn(i)
-                    finally:
-                        setattr(cpu, args.switch, saved)
-                return run
         else:
             try:
                 export_old(args.old, Path(tmp))
@@ -121,8 +111,20 @@ def main() -> int:
             models = {"old": old_bench.load_for_bench(None, args.shape, "cpu", args.quant, **kv)[1],
                       "new": new_bench.load_for_bench(None, args.shape, "cpu", args.quant, **kv)[1]}
 
-            def switched(k, fn):
+        def switched(k, fn):
+            """fn, run with cpu.<switch> off for "old" and on for "new" (as it is without --switch)."""
+            if not args.switch:
                 return fn
+
+            def run(i):
+                saved = getattr(cpu, args.switch)
+                setattr(cpu, args.switch, k == "new")
+                try:
+                    fn(i)
+                finally:
+                    setattr(cpu, args.switch, saved)
+            return run
+
         B = args.batch
         if args.linears:
             step = {k: switched(k, _linear_pass(m, B)) for k, m in models.items()}
