@@ -219,7 +219,7 @@ def test_bench_holds_each_repetition_against_the_passes_around_it(monkeypatch):
     assert "| 40.0 |" in bench.markdown_table(rep)
 
     calls = iter([(100.0, 10.0, 20e9), (100.0, 30.0, 40e9)])  # (prefill, decode, ceiling) per repetition
-    monkeypatch.setattr(bench, "measure_once", lambda llm, batch, p, g, c, bandwidth: next(calls))
+    monkeypatch.setattr(bench, "measure_once", lambda llm, batch, p, g, c, bandwidth, depth: next(calls))
     rep = bench.run_bench(shape="stories260K", backends=("numpy",), quants=("none",), batches=(1,),
                           prompt_tokens=8, gen_tokens=4, repetitions=2, progress=False)
     (r,) = rep["results"]
@@ -237,7 +237,7 @@ def test_bench_batches_take_turns_and_the_ratio_is_of_their_means(monkeypatch):
     order = []
     rates = {1: iter([(100.0, 10.0), (100.0, 30.0)]), 4: iter([(100.0, 50.0), (100.0, 70.0)])}
 
-    def fake(llm, batch, prompt_tokens, gen_tokens, context, bandwidth):
+    def fake(llm, batch, prompt_tokens, gen_tokens, context, bandwidth, depth):
         order.append(batch)
         return (*next(rates[batch]), 1e9)
 
@@ -259,6 +259,57 @@ def test_bench_batches_take_turns_and_the_ratio_is_of_their_means(monkeypatch):
                           prompt_tokens=8, gen_tokens=4, repetitions=1, progress=False)
     assert order == [4, 1] and [r["batch"] for r in rep["results"]] == [4, 1]
     assert rep["results"][0]["decode_vs_batch1"] == 4.0
+
+
+def test_bench_decodes_from_the_depth_asked_for():
+    """--decode-depth d: the decode steps run at positions d, d + 1, ... after the whole prompt's prefill (0: an
+    empty context, as llama-bench's tg tests); the default is the prompt's length. The figure is named in the
+    JSON (per configuration and for the run) and in the table's first line."""
+    from tinyserve import bench
+
+    name, llm = bench.load_for_bench(None, "stories260K", "numpy", "none")
+    seen = []
+    forward = llm.forward
+
+    def spy(tokens, positions, slots, cache, **kw):
+        if kw.get("phase") == "decode":
+            seen.append(list(positions))
+        return forward(tokens, positions, slots, cache, **kw)
+
+    llm.forward = spy
+    for depth, want in ((0, [[0, 0], [1, 1], [2, 2]]), (5, [[5, 5], [6, 6], [7, 7]]), (None, [[8, 8], [9, 9], [10, 10]])):
+        seen.clear()
+        bench.measure_once(llm, 2, 8, 3, 12, depth=depth)
+        assert seen == want
+    with pytest.raises(bench.TinyserveError, match="depth 9"):
+        bench.measure_once(llm, 1, 8, 3, 12, depth=9)
+    rep = bench.run_bench(shape="stories260K", backends=("numpy",), quants=("none",), batches=(1,), prompt_tokens=8,
+                          gen_tokens=4, repetitions=1, progress=False, depth=0)
+    assert rep["decode_depth"] == 0 and rep["results"][0]["decode_depth"] == 0
+    assert "decode from position 0" in bench.markdown_table(rep).splitlines()[0]
+    rep = bench.run_bench(shape="stories260K", backends=("numpy",), quants=("none",), batches=(1,), prompt_tokens=8,
+                          gen_tokens=4, repetitions=1, progress=False)
+    assert rep["decode_depth"] == 8 and rep["results"][0]["decode_depth"] == 8
+
+
+def test_decoding_at_depth_d_after_a_longer_prompt_is_decoding_after_its_first_d_tokens():
+    """Why --decode-depth may reuse the prefilled cache: a step at position d attends to rows 0..d only (the
+    row it writes, d, replaces the prompt's), and rows 0..d-1 depend on the first d tokens only (causal).
+    Tolerance: the two prefills run matrix products of 12 and of 5 rows, which NumPy's BLAS may block
+    differently (float32 rounding, ~1e-6 relative)."""
+    import numpy as np
+
+    from tinyserve import bench
+
+    _, llm = bench.load_for_bench(None, "stories260K", "numpy", "none")
+    prompt = np.random.default_rng(1).integers(3, llm.config.vocab_size, 12)
+    d, token = 5, np.array([7])
+    logits = []
+    for n in (12, d):
+        cache = llm.new_cache(1, 16)
+        llm.forward(prompt[:n], np.arange(n), np.zeros(n, np.int64), cache, rows=[n - 1])
+        logits.append(llm.forward(token, np.array([d]), np.zeros(1, np.int64), cache))
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
 
 
 def test_bench_cli_json():

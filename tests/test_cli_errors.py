@@ -151,6 +151,12 @@ def test_unknown_backend(stories_dir):
     assert_user_error(run("generate", "--model", stories_dir, "--backend", "tpu"), "backend")
 
 
+@pytest.mark.parametrize("depth", ["-1", "9"])
+def test_bench_decode_depth_out_of_range(depth):
+    r = run("bench", "--shape", "stories260K", "--backend", "numpy", "--prompt-tokens", "8", "--decode-depth", depth)
+    assert_user_error(r, "--decode-depth", "--prompt-tokens")
+
+
 def test_bench_plot_with_the_cuda_backend_is_refused_before_any_run(tmp_path):
     """The roofline plot draws the CPU's ceilings; with --backend cuda it is refused at once (no GPU needed)."""
     r = run("bench", "--shape", "stories260K", "--backend", "cuda", "--plot", tmp_path / "p.png")

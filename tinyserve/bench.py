@@ -3,7 +3,9 @@
 For each configuration (model or shape, backend, quantization, batch) it measures, in one run:
 - prefill: one prompt of `prompt_tokens` tokens through one forward call -> tokens/s and GFLOP/s;
 - decode: `batch` sequences that each hold the prompt in their KV cache, stepping `gen_tokens` times
-  together (greedy) -> aggregate tokens/s, mean and standard deviation over the repetitions, and where
+  together (greedy) from position `depth` (default: the prompt's length; 0 decodes from an empty context,
+  as llama-bench's tg tests do: each step at position p attends to cache rows 0..p only, so steps from
+  position d after the prompt are steps after a d-token prompt, its first d tokens) -> aggregate tokens/s, mean and standard deviation over the repetitions, and where
   batch 1 is measured too, the aggregate over batch 1's (decode_vs_batch1). The batch sizes of a model take
   turns repetition by repetition (1, 16, 1, 16, ...), so a shared machine's drift falls on all of them;
 - the weight bytes one decode step reads (every linear weight once, plus the norms), divided by the batch:
@@ -199,6 +201,7 @@ class BenchResult:
     decode_vs_batch1: float | None = None  # decode tok/s / the batch-1 decode tok/s of the same run (if measured)
     bandwidth_by_repetition_gb_s: list | None = None  # each repetition's: the better pass around its decode steps
     decode_tok_s_by_repetition: list | None = None  # and its decode rate
+    decode_depth: int | None = None  # the position the decode steps start from (the context they attend to)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -224,11 +227,15 @@ def _context(llm, name: str, prompt_tokens: int, gen_tokens: int) -> int:
     return context
 
 
-def measure_once(llm, batch: int, prompt_tokens: int, gen_tokens: int, context: int, bandwidth=None
-                 ) -> tuple[float, float, float | None]:
-    """One repetition: (prefill tokens/s of one prompt, aggregate decode tokens/s of `batch` sequences, the
-    read bandwidth in bytes/s around the decode steps: the better of a pass by `bandwidth` (a function, e.g.
-    bandwidth_meter's) right before them and one right after; None without it)."""
+def measure_once(llm, batch: int, prompt_tokens: int, gen_tokens: int, context: int, bandwidth=None,
+                 depth: int | None = None) -> tuple[float, float, float | None]:
+    """One repetition: (prefill tokens/s of one prompt, aggregate decode tokens/s of `batch` sequences
+    stepping from position `depth` (default prompt_tokens; at most that), the read bandwidth in bytes/s around
+    the decode steps: the better of a pass by `bandwidth` (a function, e.g. bandwidth_meter's) right before
+    them and one right after; None without it)."""
+    start = prompt_tokens if depth is None else depth
+    if not 0 <= start <= prompt_tokens:
+        raise TinyserveError(f"decode depth {start}: must be between 0 and the prompt's {prompt_tokens} tokens")
     prompt = np.random.default_rng(0).integers(3, llm.config.vocab_size, prompt_tokens)
     cache = llm.new_cache(batch, context)
     t0 = time.perf_counter()
@@ -243,13 +250,13 @@ def measure_once(llm, batch: int, prompt_tokens: int, gen_tokens: int, context: 
     before = bandwidth() if bandwidth is not None else None
     t0 = time.perf_counter()
     for t in range(gen_tokens):
-        logits = llm.forward(tokens, np.full(batch, prompt_tokens + t), slots, cache, phase="decode")
+        logits = llm.forward(tokens, np.full(batch, start + t), slots, cache, phase="decode")
         tokens = np.argmax(logits, axis=1)  # greedy: the sampling cost of temperature 0
     decode = batch * gen_tokens / (time.perf_counter() - t0)
     return prefill, decode, max(before, bandwidth()) if bandwidth is not None else None
 
 
-def _result(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, rates: list) -> BenchResult:
+def _result(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, rates: list, depth: int) -> BenchResult:
     """A configuration's figures from its repetitions' (prefill rate, decode rate, bandwidth around the
     decode steps). The floor fraction is the mean of the repetitions' own: each one's decode steps against
     the bandwidth measured right around them."""
@@ -267,6 +274,7 @@ def _result(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, rat
         floor_fraction=float(np.mean(fractions)), compile_s=llm.compile_seconds,
         kv_dtype=llm.kv_dtype, activations=llm.activations,
         bandwidth_by_repetition_gb_s=[bw / 1e9 for bw in ceilings], decode_tok_s_by_repetition=list(decode_rates),
+        decode_depth=depth,
     )
 
 
@@ -293,8 +301,13 @@ def load_for_bench(model: str | None, shape: str | None, backend: str, quant: st
 
 
 def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batches=(1,), prompt_tokens=512,
-              gen_tokens=128, repetitions=3, group_size=128, progress=True, kv_dtype="float32") -> dict:
-    """Every combination; returns {"bandwidth_gb_s": [first pass, last pass], "results": [BenchResult dicts]}."""
+              gen_tokens=128, repetitions=3, group_size=128, progress=True, kv_dtype="float32",
+              depth: int | None = None) -> dict:
+    """Every combination; returns {"bandwidth_gb_s": [first pass, last pass], "results": [BenchResult dicts]}.
+    depth: the position decode starts from (default: the prompt's length; see the module's docstring)."""
+    depth = prompt_tokens if depth is None else depth
+    if not 0 <= depth <= prompt_tokens:
+        raise TinyserveError(f"--decode-depth {depth}: must be between 0 and --prompt-tokens ({prompt_tokens})")
     combos = [(b, q) for b in backends for q in quants]
     batches = tuple(dict.fromkeys(batches))  # each size once (its repetitions are pooled by size)
     total = len(combos) * len(batches) * repetitions
@@ -321,9 +334,9 @@ def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batch
         for _ in range(repetitions):  # the batch sizes take turns: the machine's drift falls on all of them
             for b in batches:  # each with the memory's read bandwidth measured right around its decode steps
                 rates[b].append(measure_once(llm, b, prompt_tokens, gen_tokens, context,
-                                              functools.partial(read_pass, backend)))
+                                              functools.partial(read_pass, backend), depth))
                 tick(f"{backend}/{quant}/b{b}")
-        ours = [_result(llm, name, b, prompt_tokens, gen_tokens, rates[b]) for b in batches]
+        ours = [_result(llm, name, b, prompt_tokens, gen_tokens, rates[b], depth) for b in batches]
         one = next((r for r in ours if r.batch == 1), None)
         for r in ours:  # aggregate decode against one sequence's, both measured in this run
             r.decode_vs_batch1 = r.decode_tok_s / one.decode_tok_s if one is not None else None
@@ -336,6 +349,7 @@ def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batch
         "bandwidth_by_backend": {b: [x / 1e9 for x in bw] for b, bw in first_last.items()},
         "threads": _threads(),
         "kv_dtype": kv_dtype,
+        "decode_depth": depth,
         "results": [r.as_dict() for r in results],
     }
 
@@ -358,7 +372,7 @@ def markdown_table(report: dict) -> str:
     lines = [
         f"read bandwidth, first / last pass: {where} (each repetition's decode steps against the better pass "
         f"right before or after them; read GB/s: their mean), {report['threads']} CPU threads, "
-        f"KV cache {report.get('kv_dtype', 'float32')}{a8}",
+        f"KV cache {report.get('kv_dtype', 'float32')}{a8}, decode from position {report.get('decode_depth')}",
         "",
         "| model | backend | quant | batch | prefill tok/s | decode tok/s | vs batch 1 | weight MB/token | "
         "read GB/s | floor fraction | prefill GFLOP/s | decode GFLOP/s |",
@@ -440,14 +454,15 @@ def roofline_plot(path: str, timer_report: dict, bandwidth: float, peak_flops: f
     plt.close(fig)
 
 
-def profile_ops(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int) -> dict:
+def profile_ops(llm, name: str, batch: int, prompt_tokens: int, gen_tokens: int, depth: int | None = None) -> dict:
     """One timed run with the instrumented timer attached: per-op seconds, bytes and FLOPs."""
     from .timer import Timer
 
     timer = Timer()
     llm.timer, llm._timed_ops = timer, None
     try:
-        measure_once(llm, batch, prompt_tokens, gen_tokens, _context(llm, name, prompt_tokens, gen_tokens))
+        measure_once(llm, batch, prompt_tokens, gen_tokens, _context(llm, name, prompt_tokens, gen_tokens),
+                     depth=depth)
     finally:
         llm.timer, llm._timed_ops = None, None
     return timer.report().as_dict()

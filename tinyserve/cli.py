@@ -211,16 +211,20 @@ def cmd_bench(args) -> int:
                     ("repetitions", args.repetitions)):
         if v <= 0:
             raise TinyserveError(f"--{name} must be positive, got {v}")
+    depth = args.prompt_tokens if args.decode_depth is None else args.decode_depth
+    if not 0 <= depth <= args.prompt_tokens:
+        raise TinyserveError(f"--decode-depth {depth}: must be between 0 and --prompt-tokens ({args.prompt_tokens})")
     model = args.model
     if model is None and args.shape is None:
         model = str(engine.default_model_dir())
     report = bench.run_bench(model=model, shape=args.shape, backends=backends, quants=quants, batches=batches,
                              prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
-                             repetitions=args.repetitions, group_size=args.group_size, kv_dtype=args.kv_dtype)
+                             repetitions=args.repetitions, group_size=args.group_size, kv_dtype=args.kv_dtype,
+                             depth=depth)
     if args.plot:
         name, llm = bench.load_for_bench(model, args.shape, backends[0], quants[0], args.group_size,
                                          kv_dtype=args.kv_dtype)
-        prof = bench.profile_ops(llm, name, batches[0], args.prompt_tokens, min(args.gen_tokens, 16))
+        prof = bench.profile_ops(llm, name, batches[0], args.prompt_tokens, min(args.gen_tokens, 16), depth)
         bw = max(report["bandwidth_gb_s"]) * 1e9
         bench.roofline_plot(args.plot, prof, bw, bench.measure_gflops(), title=f"{name} {backends[0]} {quants[0]}")
         report["roofline_plot"] = args.plot
@@ -392,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "turns; with 1 among them, each is also reported as a multiple of batch 1's decode rate)")
     b.add_argument("--prompt-tokens", type=int, default=512)
     b.add_argument("--gen-tokens", type=int, default=128)
+    b.add_argument("--decode-depth", type=int, default=None, metavar="N",
+                   help="decode from position N, attending to the prompt's first N tokens (0: an empty context, "
+                   "as llama-bench's tg tests; default: the whole prompt); at most --prompt-tokens")
     b.add_argument("--repetitions", type=int, default=3)
     b.add_argument("--json", action="store_true", help="machine-readable results")
     b.add_argument("--plot", help="write a roofline picture of the ops of the first configuration to this file "
