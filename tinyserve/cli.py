@@ -38,7 +38,7 @@ def _add_model_args(p, quant=True, kv=False):
 def _add_activations_arg(p):
     p.add_argument("--activations", default=None, choices=["float32", "int8"],
                    help="cpu backend, quantized weights: int8 rounds each layer's input to int8 per group in decode "
-                        "(faster, a bounded error: docs/formats.md); default float32, or TINYSERVE_INT8_ACTIVATIONS=1")
+                        "(faster, a bounded error: docs/tolerances.md); default float32, or TINYSERVE_INT8_ACTIVATIONS=1")
 
 
 @contextlib.contextmanager
