@@ -211,9 +211,7 @@ def cmd_bench(args) -> int:
                     ("repetitions", args.repetitions)):
         if v <= 0:
             raise TinyserveError(f"--{name} must be positive, got {v}")
-    depth = args.prompt_tokens if args.decode_depth is None else args.decode_depth
-    if not 0 <= depth <= args.prompt_tokens:
-        raise TinyserveError(f"--decode-depth {depth}: must be between 0 and --prompt-tokens ({args.prompt_tokens})")
+    depth = args.prompt_tokens if args.decode_depth is None else args.decode_depth  # run_bench checks it first
     model = args.model
     if model is None and args.shape is None:
         model = str(engine.default_model_dir())
