@@ -289,7 +289,8 @@ def test_bench_decodes_from_the_depth_asked_for():
         return forward(tokens, positions, slots, cache, **kw)
 
     llm.forward = spy
-    for depth, want in ((0, [[0, 0], [1, 1], [2, 2]]), (5, [[5, 5], [6, 6], [7, 7]]), (None, [[8, 8], [9, 9], [10, 10]])):
+    for depth, first in ((0, 0), (5, 5), (None, 8)):  # batch 2, 3 steps: both sequences at each position
+        want = [[first + t, first + t] for t in range(3)]
         seen.clear()
         bench.measure_once(llm, 2, 8, 3, 12, depth=depth)
         assert seen == want

@@ -205,7 +205,7 @@ class LLM:
             if ops is None or ops._ops is not self.ops or ops._timer is not self.timer:  # a swapped-in ops or timer
                 ops = self._timed_ops = self.timer.wrap(self.ops, self.weights)
             # the phase holds the step's op calls (timer.TimedOps times each one), not the timer's own set-up
-            # above: wrapping the ops walks every weight once (a first step in a cold process took tens of ms)
+            # above (wrapping the ops walks every weight once: the timer's cost, not the step's)
             t0 = time.perf_counter()
             # a step's op calls follow from its number of tokens and of logit rows (see timer.TimedOps)
             ops.begin_step((ids.size, None if rows is None else len(rows)), slots, positions)
