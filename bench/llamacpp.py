@@ -8,7 +8,8 @@ llama.cpp is not a dependency: build its llama-bench and llama-quantize yourself
 source package on PyPI). The script writes a random-weight GGUF of the 1B shape in float32 (the `gguf`
 package; a placeholder vocabulary of 128256 tokens), quantizes it to Q8_0 and Q4_0 with `llama-quantize
 --pure` (every matrix, the tied head too, as tinyserve quantizes them), then runs, for `--rounds` rounds:
-the bandwidth pass, `llama-bench -p 0 -n 32 -t THREADS -r 3` on each file, `tinyserve bench --shape llama-1b`
+the bandwidth pass, `llama-bench -p 0 -n 32 -t THREADS -r 3` on each file, `tinyserve bench --shape llama-1b
+--decode-depth 0` (decode from an empty context, as llama-bench's tg test)
 for none,int8,int4 with float activations, then with int8 activations (TINYSERVE_INT8_ACTIVATIONS=1,
 llama.cpp's way). Each floor fraction is tokens/s times bytes per token (llama.cpp: its file's tensor bytes;
 tinyserve: bench's weight bytes per token) over the mean of the bandwidth measured before and after the
@@ -92,8 +93,8 @@ def tinyserve_bench(int8_activations: bool) -> dict:
     env = {**os.environ, "TINYSERVE_INT8_ACTIVATIONS": "1" if int8_activations else "0"}
     quants = "int8,int4" if int8_activations else "none,int8,int4"
     out = subprocess.run([sys.executable, "-m", "tinyserve", "bench", "--shape", "llama-1b", "--quant", quants,
-                          "--batch", "1", "--prompt-tokens", "16", "--gen-tokens", "24", "--repetitions", "1",
-                          "--json"], capture_output=True, text=True, check=True, env=env).stdout
+                          "--batch", "1", "--prompt-tokens", "16", "--gen-tokens", "24", "--decode-depth", "0",
+                          "--repetitions", "1", "--json"], capture_output=True, text=True, check=True, env=env).stdout
     return {c["quant"]: c for c in json.loads(out)["results"]}
 
 
