@@ -227,15 +227,21 @@ def _context(llm, name: str, prompt_tokens: int, gen_tokens: int) -> int:
     return context
 
 
+def decode_start(prompt_tokens: int, depth: int | None) -> int:
+    """The position decode steps start from: depth (0 .. prompt_tokens), or the prompt's length when None."""
+    start = prompt_tokens if depth is None else depth
+    if not 0 <= start <= prompt_tokens:
+        raise TinyserveError(f"--decode-depth {start}: must be between 0 and --prompt-tokens ({prompt_tokens})")
+    return start
+
+
 def measure_once(llm, batch: int, prompt_tokens: int, gen_tokens: int, context: int, bandwidth=None,
                  depth: int | None = None) -> tuple[float, float, float | None]:
     """One repetition: (prefill tokens/s of one prompt, aggregate decode tokens/s of `batch` sequences
     stepping from position `depth` (default prompt_tokens; at most that), the read bandwidth in bytes/s around
     the decode steps: the better of a pass by `bandwidth` (a function, e.g. bandwidth_meter's) right before
     them and one right after; None without it)."""
-    start = prompt_tokens if depth is None else depth
-    if not 0 <= start <= prompt_tokens:
-        raise TinyserveError(f"decode depth {start}: must be between 0 and the prompt's {prompt_tokens} tokens")
+    start = decode_start(prompt_tokens, depth)
     prompt = np.random.default_rng(0).integers(3, llm.config.vocab_size, prompt_tokens)
     cache = llm.new_cache(batch, context)
     t0 = time.perf_counter()
@@ -305,9 +311,7 @@ def run_bench(model=None, shape=None, backends=("cpu",), quants=("none",), batch
               depth: int | None = None) -> dict:
     """Every combination; returns {"bandwidth_gb_s": [first pass, last pass], "results": [BenchResult dicts]}.
     depth: the position decode starts from (default: the prompt's length; see the module's docstring)."""
-    depth = prompt_tokens if depth is None else depth
-    if not 0 <= depth <= prompt_tokens:
-        raise TinyserveError(f"--decode-depth {depth}: must be between 0 and --prompt-tokens ({prompt_tokens})")
+    depth = decode_start(prompt_tokens, depth)  # checked before any model loads
     combos = [(b, q) for b in backends for q in quants]
     batches = tuple(dict.fromkeys(batches))  # each size once (its repetitions are pooled by size)
     total = len(combos) * len(batches) * repetitions

@@ -211,18 +211,18 @@ def cmd_bench(args) -> int:
                     ("repetitions", args.repetitions)):
         if v <= 0:
             raise TinyserveError(f"--{name} must be positive, got {v}")
-    depth = args.prompt_tokens if args.decode_depth is None else args.decode_depth  # run_bench checks it first
     model = args.model
     if model is None and args.shape is None:
         model = str(engine.default_model_dir())
     report = bench.run_bench(model=model, shape=args.shape, backends=backends, quants=quants, batches=batches,
                              prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                              repetitions=args.repetitions, group_size=args.group_size, kv_dtype=args.kv_dtype,
-                             depth=depth)
+                             depth=args.decode_depth)
     if args.plot:
         name, llm = bench.load_for_bench(model, args.shape, backends[0], quants[0], args.group_size,
                                          kv_dtype=args.kv_dtype)
-        prof = bench.profile_ops(llm, name, batches[0], args.prompt_tokens, min(args.gen_tokens, 16), depth)
+        prof = bench.profile_ops(llm, name, batches[0], args.prompt_tokens, min(args.gen_tokens, 16),
+                                 args.decode_depth)
         bw = max(report["bandwidth_gb_s"]) * 1e9
         bench.roofline_plot(args.plot, prof, bw, bench.measure_gflops(), title=f"{name} {backends[0]} {quants[0]}")
         report["roofline_plot"] = args.plot
