@@ -381,6 +381,49 @@ def test_ab_scripts_run(script, args, want):
     assert want in r.stdout and ("new / old" in r.stdout or "/ as in ops/cpu.py" in r.stdout)
 
 
+def _fake_llama_cpp(tmp_path, tok_s):
+    """Stand-ins for llama.cpp's llama-bench (reports tok_s for any model) and llama-quantize (copies the file)."""
+    bench, quantize = tmp_path / "llama-bench", tmp_path / "llama-quantize"
+    bench.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo 'version: fake'; exit 0; }\n"
+                     f"echo '[{{\"avg_ts\": {tok_s}}}]'\n")
+    quantize.write_text('#!/bin/sh\ncp "$2" "$3"\n')  # --pure IN OUT TYPE THREADS
+    for f in (bench, quantize):
+        f.chmod(0o755)
+    return ["--llama-bench", str(bench), "--llama-quantize", str(quantize), "--dir", str(tmp_path / "models"),
+            "--shape", "stories260K"]
+
+
+def test_llamacpp_script_alternates_pairs_and_divides_tokens_per_second(tmp_path):
+    """bench/llamacpp.py --alternate, with stand-ins for llama.cpp's binaries (1000 tok/s, whatever the file) on
+    a tiny shape: the GGUF files written and "quantized", a summary row per format and activation mode, and a
+    row per pair whose ratio is tinyserve's tokens/s over llama-bench's; then --rounds on the same files."""
+    pytest.importorskip("gguf")
+    r = bench_script("llamacpp.py", *_fake_llama_cpp(tmp_path, 1000.0), "--alternate", "2")
+    assert r.returncode == 0, r.stderr
+    assert sorted(f.name for f in (tmp_path / "models").iterdir()) == [
+        "stories260K-Q4_0.gguf", "stories260K-Q8_0.gguf", "stories260K-f32.gguf"]
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    summary = [c for c in rows if len(c) == 9 and c[0].strip() != "format"]
+    pairs = [c for c in rows if len(c) == 6 and c[0].strip() != "format"]
+    assert [(c[0].strip(), c[1].strip()) for c in summary] == [
+        ("f32", "float32"), ("Q8_0", "float32"), ("Q8_0", "int8"), ("Q4_0", "float32"), ("Q4_0", "int8")]
+    assert len(pairs) == 10
+    for c in pairs:
+        assert float(c[2]) == 1000.0
+        assert float(c[4]) == pytest.approx(float(c[3]) / 1000.0, abs=1e-3)
+    r = bench_script("llamacpp.py", *_fake_llama_cpp(tmp_path, 1000.0), "--rounds", "1")  # the files reused
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| 1 |")]
+    assert [c[1].strip() for c in rows] == ["f32", "Q8_0", "Q4_0"]
+    assert all(float(c[2]) == 1000.0 and len(c) == 11 for c in rows)
+
+
+def test_llamacpp_script_refuses_a_missing_binary(tmp_path):
+    r = bench_script("llamacpp.py", "--llama-bench", str(tmp_path / "nothing"), "--llama-quantize",
+                     str(tmp_path / "nothing"))
+    assert r.returncode == 2 and "is not an executable file" in r.stderr
+
+
 def test_ab_steps_refuses_an_unknown_switch():
     r = bench_script("ab_steps.py", "--switch", "NO_SUCH_THING", "--shape", "stories260K")
     assert r.returncode == 2 and "no boolean 'NO_SUCH_THING'" in r.stderr
