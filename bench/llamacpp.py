@@ -13,8 +13,8 @@ the bandwidth pass, `llama-bench -p 0 -n 32 -t THREADS -r 3` on each file, `tiny
 --decode-depth 0` (decode from an empty context, as llama-bench's tg test)
 for none,int8,int4 with float activations, then with int8 activations (TINYSERVE_INT8_ACTIVATIONS=1,
 llama.cpp's way). Each floor fraction is tokens/s times bytes per token (llama.cpp: its file's tensor bytes;
-tinyserve: bench's weight bytes per token) over the mean of read passes taken right before and right after
-that run (tinyserve bench's own passes around its decode steps). The GGUF files (~7 GB for the 1B shape) stay in --dir for later runs.
+tinyserve: bench's weight bytes per token) over the better of two read passes taken right before and right
+after that run, as tinyserve bench holds its decode steps (its own passes). The GGUF files (~7 GB for the 1B shape) stay in --dir for later runs.
 
 `--alternate N` compares tokens/s directly instead, which holds whatever the machine's memory does: for each
 format (and each of tinyserve's activation modes) one process loads the tinyserve model once, then N times
@@ -121,7 +121,7 @@ def alternate_worker(binary: str, path: Path, shape: str, quant: str, pairs: int
         theirs = llama_bench(binary, path, threads, repetitions=1)
         mid = meter()
         _, ours, after = measure_once(llm, 1, 16, 32, 64, bandwidth=meter, depth=0)
-        print(json.dumps({"llama_tok_s": theirs, "llama_fraction": theirs * nbytes / ((before + mid) / 2),
+        print(json.dumps({"llama_tok_s": theirs, "llama_fraction": theirs * nbytes / max(before, mid),
                           "ours_tok_s": ours, "ours_fraction": ours * ours_bytes / after,
                           "gb_s": [before / 1e9, mid / 1e9, after / 1e9]}), flush=True)
 
@@ -150,7 +150,8 @@ def alternate(args, files: dict, nbytes: dict) -> None:
                   f"{med('ours_tok_s'):.2f} | {np.median(ratio):.3f} [{min(ratio):.3f}, {max(ratio):.3f}] | "
                   f"{med('llama_fraction'):.2f} | {med('ours_fraction'):.2f} | {min(gb):.1f}-{max(gb):.1f} |",
                   flush=True)
-    print("\nEach pair, in the order run (GB/s: the passes before llama.cpp, between the two, after tinyserve):\n")
+    print("\nEach pair, in the order run (GB/s: the passes before llama.cpp, between the two, and the better of "
+          "tinyserve bench's two around its steps):\n")
     print("| format | tinyserve activations | llama.cpp tok/s | tinyserve tok/s | ratio | GB/s |")
     print("|---|---|---:|---:|---:|---|")
     for q, a8, r in pairs:
@@ -170,6 +171,17 @@ def main() -> int:
                     help="instead of rounds: N alternating pairs of llama.cpp and tinyserve runs per format")
     ap.add_argument("--worker", choices=list(FORMATS), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    try:
+        return run(args)
+    except subprocess.CalledProcessError as e:  # one line, not a traceback
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        last = err.strip().splitlines()[-1:]
+        print(f"error: {' '.join(map(str, e.cmd[:4]))} ... exited with {e.returncode}"
+              f"{': ' + last[0] if last else ''}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
     for binary in (args.llama_bench, args.llama_quantize):
         if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
             print(f"error: {binary} is not an executable file (build llama.cpp first, see the docstring)",
@@ -205,7 +217,7 @@ def main() -> int:
         for q, p in files.items():
             before = measure_bandwidth()
             tok_s = llama_bench(args.llama_bench, p, args.threads)
-            theirs[q] = (tok_s, (before + measure_bandwidth()) / 2)
+            theirs[q] = (tok_s, max(before, measure_bandwidth()))  # as bench's: the better pass around it
         ours, ours_a8 = tinyserve_bench(False, args.shape), tinyserve_bench(True, args.shape)
 
         def cells(c):

@@ -424,6 +424,16 @@ def test_llamacpp_script_refuses_a_missing_binary(tmp_path):
     assert r.returncode == 2 and "is not an executable file" in r.stderr
 
 
+def test_llamacpp_script_says_in_one_line_that_llama_bench_failed(tmp_path):
+    pytest.importorskip("gguf")
+    args = _fake_llama_cpp(tmp_path, 1000.0)
+    (tmp_path / "llama-bench").write_text("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\n"
+                                          "echo 'error: failed to load model' >&2; exit 1\n")
+    r = bench_script("llamacpp.py", *args, "--rounds", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "failed to load model" in r.stderr
+
+
 def test_ab_steps_refuses_an_unknown_switch():
     r = bench_script("ab_steps.py", "--switch", "NO_SUCH_THING", "--shape", "stories260K")
     assert r.returncode == 2 and "no boolean 'NO_SUCH_THING'" in r.stderr
