@@ -14,7 +14,8 @@ the bandwidth pass, `llama-bench -p 0 -n 32 -t THREADS -r 3` on each file, `tiny
 for none,int8,int4 with float activations, then with int8 activations (TINYSERVE_INT8_ACTIVATIONS=1,
 llama.cpp's way). Each floor fraction is tokens/s times bytes per token (llama.cpp: its file's tensor bytes;
 tinyserve: bench's weight bytes per token) over the better of two read passes taken right before and right
-after that run, as tinyserve bench holds its decode steps (its own passes). The GGUF files (~7 GB for the 1B shape) stay in --dir for later runs.
+after that run, as tinyserve bench holds its decode steps (its own passes). The GGUF files (~7 GB for the 1B
+shape) stay in --dir for later runs.
 
 `--alternate N` compares tokens/s directly instead, which holds whatever the machine's memory does: for each
 format (and each of tinyserve's activation modes) one process loads the tinyserve model once, then N times
@@ -35,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinyserve.bench import SHAPES, measure_bandwidth, random_weights, shape_config  # noqa: E402
+from tinyserve.bench import SHAPES, bandwidth_meter, random_weights, shape_config  # noqa: E402
 
 FORMATS = {"f32": "none", "Q8_0": "int8", "Q4_0": "int4"}  # llama.cpp file type -> tinyserve --quant
 
@@ -110,7 +111,7 @@ def tinyserve_bench(int8_activations: bool, shape: str) -> dict:
 def alternate_worker(binary: str, path: Path, shape: str, quant: str, pairs: int, threads: int, nbytes: int) -> None:
     """One format: the tinyserve model loaded once, then `pairs` times llama-bench and tinyserve's decode steps,
     each between read passes; a JSON line per pair on stdout."""
-    from tinyserve.bench import bandwidth_meter, load_for_bench, measure_once, weight_bytes_per_step
+    from tinyserve.bench import load_for_bench, measure_once, weight_bytes_per_step
 
     _, llm = load_for_bench(None, shape, "cpu", quant)
     ours_bytes = weight_bytes_per_step(llm.weights)
@@ -196,11 +197,12 @@ def run(args) -> int:
         if not files[q].exists():
             subprocess.run([args.llama_quantize, "--pure", str(files["f32"]), str(files[q]), q, str(args.threads)],
                            capture_output=True, check=True)
-    nbytes = {q: tensor_bytes(p) for q, p in files.items()}
-    if args.worker:
-        alternate_worker(args.llama_bench, files[args.worker], args.shape, FORMATS[args.worker], args.alternate,
-                         args.threads, nbytes[args.worker])
+    if args.worker:  # one format's pairs (alternate() starts one such process per format and activation mode)
+        path = files[args.worker]
+        alternate_worker(args.llama_bench, path, args.shape, FORMATS[args.worker], args.alternate, args.threads,
+                         tensor_bytes(path))
         return 0
+    nbytes = {q: tensor_bytes(p) for q, p in files.items()}
     v = subprocess.run([args.llama_bench, "--version"], capture_output=True, text=True)
     version = " ".join((v.stdout + v.stderr).split())
     print(f"llama.cpp: {version}; {args.threads} threads")
@@ -212,12 +214,13 @@ def run(args) -> int:
     print("| round | format | llama.cpp tok/s | GB/s around it | floor fraction | tinyserve tok/s | GB/s | floor fraction "
           "| tinyserve, int8 activations | GB/s | floor fraction |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    meter = bandwidth_meter("cpu")  # its buffer allocated once
     for r in range(args.rounds):
         theirs = {}
         for q, p in files.items():
-            before = measure_bandwidth()
+            before = meter()
             tok_s = llama_bench(args.llama_bench, p, args.threads)
-            theirs[q] = (tok_s, max(before, measure_bandwidth()))  # as bench's: the better pass around it
+            theirs[q] = (tok_s, max(before, meter()))  # as bench's: the better pass around it
         ours, ours_a8 = tinyserve_bench(False, args.shape), tinyserve_bench(True, args.shape)
 
         def cells(c):

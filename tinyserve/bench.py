@@ -6,8 +6,9 @@ For each configuration (model or shape, backend, quantization, batch) it measure
   together (greedy) from position `depth` (default: the prompt's length; 0 decodes from an empty context,
   as llama-bench's tg tests do: each step at position p attends to cache rows 0..p only, so steps from
   position d after the prompt are steps after a d-token prompt, its first d tokens) -> aggregate tokens/s,
-  mean and standard deviation over the repetitions, and where batch 1 is measured too, the aggregate over batch 1's (decode_vs_batch1). The batch sizes of a model take
-  turns repetition by repetition (1, 16, 1, 16, ...), so a shared machine's drift falls on all of them;
+  mean and standard deviation over the repetitions, and where batch 1 is measured too, the aggregate over
+  batch 1's (decode_vs_batch1). The batch sizes of a model take turns repetition by repetition (1, 16, 1, 16,
+  ...), so a shared machine's drift falls on all of them;
 - the weight bytes one decode step reads (every linear weight once, plus the norms), divided by the batch:
   bytes per token; and the floor: (weight bytes per step) / (measured read bandwidth) is the least time a
   step can take when it is limited by memory. floor_fraction = floor / measured step time: 1.0 would mean
